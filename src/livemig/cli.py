@@ -1,0 +1,244 @@
+"""``livemig``: the command line. Arguments in, library calls, human or JSON output out.
+
+No policy lives here. Every failure that livemig foresaw is a ``LivemigError`` and ends as
+one sentence on stderr with exit status 1; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from livemig.errors import LivemigError, SetupError
+from livemig.experiments import demo
+from livemig.image import builder
+from livemig.net import testbed
+from livemig.probes.cli import add_probe_commands
+from livemig.vm import qemu
+from livemig.vm.spec import DEFAULT_MEM_MIB, VMSpec, Workload
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2))
+
+
+# -- image ------------------------------------------------------------------------------
+
+
+def cmd_image_build(args: argparse.Namespace) -> int:
+    recipe = builder.Recipe(
+        name=args.name,
+        additions=tuple(builder.Addition.parse(spec) for spec in args.add),
+        run=args.run,
+    )
+    result = builder.build(recipe, force=args.force, log=lambda m: print(m, file=sys.stderr))
+    image = result.image
+    if args.json:
+        _print_json(
+            {
+                "name": image.name,
+                "directory": str(image.directory),
+                "digest": image.digest,
+                "cache_hit": result.cache_hit,
+                "seconds": round(result.seconds, 3),
+            }
+        )
+    else:
+        how = "cached" if result.cache_hit else "built"
+        print(f"image {image.name!r} {how} in {result.seconds:.1f} s: {image.directory}")
+    return 0
+
+
+# -- vm ---------------------------------------------------------------------------------
+
+
+def _parse_options(pairs: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    options = []
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.replace("_", "").isalnum() or not key.islower() or " " in value:
+            raise LivemigError(f"--opt takes key=value (lower-case key, no spaces), not {pair!r}")
+        options.append((key, value))
+    return tuple(options)
+
+
+def cmd_vm_start(args: argparse.Namespace) -> int:
+    if not 64 <= args.mem <= 16384:
+        raise LivemigError(f"--mem must be between 64 and 16384 MiB, not {args.mem}")
+    image = builder.Image.load(args.image)
+    if args.workload == Workload.CUSTOM and image.run is None:
+        raise SetupError(f"image {image.name!r} has no custom workload; build it with --run")
+    testbed.require_host(args.host)
+
+    async def start() -> dict[str, Any]:
+        spec = VMSpec(
+            name=args.name,
+            ip=qemu.free_ip(),
+            mem_mib=args.mem,
+            workload=Workload(args.workload),
+            image=image.name,
+            kernel=image.kernel,
+            initrd=image.initrd,
+            options=_parse_options(args.opt),
+        )
+        vm = await qemu.VM.start(spec, args.host)
+        try:
+            return qemu.describe(vm.record, await vm.status())
+        finally:
+            await vm.close()
+
+    info = asyncio.run(start())
+    if args.json:
+        _print_json(info)
+    else:
+        print(info["ip"])
+    return 0
+
+
+def cmd_vm_stop(args: argparse.Namespace) -> int:
+    record = asyncio.run(qemu.stop(args.name))
+    print(f"stopped {record.spec.name} on {record.host}", file=sys.stderr)
+    return 0
+
+
+def cmd_vm_list(args: argparse.Namespace) -> int:
+    vms = asyncio.run(qemu.list_vms())
+    if args.json:
+        _print_json(vms)
+        return 0
+    print(f"{'NAME':<12} {'HOST':<7} {'IP':<13} {'STATE':<12} {'WORKLOAD':<9} {'PID':>7}")
+    for vm in vms:
+        print(
+            f"{vm['name']:<12} {vm['host']:<7} {vm['ip']:<13} {vm['state']:<12} "
+            f"{vm['workload']:<9} {vm['pid']:>7}"
+        )
+    return 0
+
+
+def _vm_action(action: str) -> Any:
+    def run(args: argparse.Namespace) -> int:
+        async def act() -> None:
+            vm = await qemu.VM.attach(qemu.find(args.name))
+            try:
+                await getattr(vm, action)()
+            finally:
+                await vm.close()
+
+        asyncio.run(act())
+        return 0
+
+    return run
+
+
+# -- testbed ----------------------------------------------------------------------------
+
+
+def cmd_testbed_up(args: argparse.Namespace) -> int:
+    nodes = testbed.up(args.hosts)
+    for node in nodes:
+        print(f"{node.name:<8} {node.ip}  (netns {node.netns})")
+    return 0
+
+
+def cmd_testbed_down(args: argparse.Namespace) -> int:
+    stopped = asyncio.run(qemu.stop_all())
+    removed = testbed.down()
+    print(
+        f"stopped {len(stopped)} VMs, ended {len(removed.processes)} processes, "
+        f"removed {len(removed.namespaces)} namespaces and {len(removed.ram_files)} RAM files",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_testbed_status(args: argparse.Namespace) -> int:
+    status = testbed.status()
+    if args.json:
+        _print_json(status)
+    elif not status["up"]:
+        print("the test bed is down")
+    else:
+        for node in status["nodes"]:  # type: ignore[attr-defined]
+            print(f"{node['name']:<8} {node['ip']}  (netns {node['netns']})")
+    return 0
+
+
+# -- parser -----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="livemig", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    image = commands.add_parser("image", help="the guest image").add_subparsers(
+        dest="action", required=True
+    )
+    build = image.add_parser("build", help="build (or find cached) the guest image")
+    build.add_argument("--name", default=builder.DEFAULT_IMAGE, help="image name")
+    build.add_argument("--add", action="append", default=[], metavar="SRC:DEST",
+                       help="put a file or static program into the image (repeatable)")
+    build.add_argument("--run", metavar="CMD", help="command of the 'custom' workload")
+    build.add_argument("--force", action="store_true", help="rebuild even if cached")
+    build.add_argument("--json", action="store_true")
+    build.set_defaults(func=cmd_image_build)
+
+    vm = commands.add_parser("vm", help="virtual machines").add_subparsers(
+        dest="action", required=True
+    )
+    start = vm.add_parser("start", help="boot a VM on a host; prints its IP when ready")
+    start.add_argument("name")
+    start.add_argument("--host", required=True)
+    start.add_argument("--workload", required=True, choices=[w.value for w in Workload])
+    start.add_argument("--mem", type=int, default=DEFAULT_MEM_MIB, metavar="MiB")
+    start.add_argument("--image", default=builder.DEFAULT_IMAGE)
+    start.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
+                       help="workload option, e.g. web_kb=512, mm_mib=64, mm_rate=100")
+    start.add_argument("--json", action="store_true")
+    start.set_defaults(func=cmd_vm_start)
+    stop = vm.add_parser("stop", help="stop a VM and remove its files")
+    stop.add_argument("name")
+    stop.set_defaults(func=cmd_vm_stop)
+    listing = vm.add_parser("list", help="list VMs")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(func=cmd_vm_list)
+    for action in ("pause", "resume"):
+        act = vm.add_parser(action, help=f"{action} a VM")
+        act.add_argument("name")
+        act.set_defaults(func=_vm_action(action))
+
+    bed = commands.add_parser("testbed", help="hosts and a client on one LAN").add_subparsers(
+        dest="action", required=True
+    )
+    bed_up = bed.add_parser("up", help="create the test bed (idempotent)")
+    bed_up.add_argument("--hosts", type=int, default=3)
+    bed_up.set_defaults(func=cmd_testbed_up)
+    bed.add_parser("down", help="remove everything livemig made").set_defaults(
+        func=cmd_testbed_down
+    )
+    bed_status = bed.add_parser("status", help="what is up")
+    bed_status.add_argument("--json", action="store_true")
+    bed_status.set_defaults(func=cmd_testbed_status)
+
+    add_probe_commands(commands)
+    demo.add_demo_command(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except LivemigError as exc:
+        print(f"livemig: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("livemig: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

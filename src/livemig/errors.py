@@ -1,0 +1,75 @@
+"""The one root of every error livemig raises on purpose.
+
+    LivemigError
+     ├── SetupError          the host lacks something livemig needs (a package, an image)
+     ├── TestbedError        the test bed is missing, half-built, or asked for an unknown host
+     ├── VMError             about one VM (carries .vm)
+     │    ├── VMNotFound
+     │    ├── VMExists
+     │    ├── QEMUCrashed    carries QEMU's stderr and the console's tail
+     │    └── GuestTimeout   the guest did not reach a state in time
+     └── AgentError          the guest agent answered with an error, or not at all
+
+Every error says in its message what a person can do about it; the fields carry the same
+facts for programs. Foreign exceptions are translated at the boundary with ``raise ... from``.
+"""
+
+from __future__ import annotations
+
+
+class LivemigError(Exception):
+    """Root of livemig's errors. ``str(err)`` is one sentence an operator can act on."""
+
+
+class SetupError(LivemigError):
+    """The host is missing something: run ``make setup``."""
+
+
+class TestbedError(LivemigError):
+    """The test bed is not up, or a named host is not part of it."""
+
+    __test__ = False  # not a pytest test class, despite the name
+
+
+class VMError(LivemigError):
+    def __init__(self, vm: str, message: str) -> None:
+        super().__init__(message)
+        self.vm = vm
+
+
+class VMNotFound(VMError):
+    def __init__(self, vm: str) -> None:
+        super().__init__(vm, f"no VM named {vm!r}; 'livemig vm list' shows the VMs there are")
+
+
+class VMExists(VMError):
+    def __init__(self, vm: str, host: str) -> None:
+        super().__init__(vm, f"a VM named {vm!r} already runs on {host}; choose another name")
+        self.host = host
+
+
+class QEMUCrashed(VMError):
+    def __init__(self, vm: str, returncode: int | None, stderr: str, console_tail: str) -> None:
+        detail = stderr.strip().splitlines()[-1] if stderr.strip() else "no message on stderr"
+        super().__init__(vm, f"QEMU for VM {vm!r} exited (status {returncode}): {detail}")
+        self.returncode = returncode
+        self.stderr = stderr
+        self.console_tail = console_tail
+
+
+class GuestTimeout(VMError):
+    def __init__(self, vm: str, what: str, seconds: float, console_tail: str = "") -> None:
+        super().__init__(
+            vm, f"VM {vm!r}: {what} did not happen within {seconds:g} s; see its console log"
+        )
+        self.what = what
+        self.seconds = seconds
+        self.console_tail = console_tail
+
+
+class AgentError(LivemigError):
+    def __init__(self, vm: str, request: str, reply: str) -> None:
+        super().__init__(f"guest agent of VM {vm!r} refused {request!r}: {reply}")
+        self.vm = vm
+        self.request = request
+        self.reply = reply

@@ -1,0 +1,1 @@
+"""Experiments: the demo, the paper's measurements and the baselines, on the layers below."""

@@ -1,0 +1,338 @@
+"""A switched LAN of hosts on one machine, made of network namespaces.
+
+    lm-client               lm-switch                     lm-hostA
+    eth0 10.77.0.2 ---- sw-client [lan] sw-hostA ---- uplink [br0 10.77.0.11] tap100 -- VM
+                                       sw-hostB ---- uplink [br0 10.77.0.12] ...  (lm-hostB)
+
+Every bridge learns MAC addresses as a real switch does. That is the point: after a
+migration, frames for the VM reach its new port only once the VM itself has sent a frame
+from there (the unsolicited ARP). Learning is never turned off to make a test pass.
+
+The test bed keeps no state file: what exists is read back from the kernel (namespaces
+named ``lm-*``), so ``up`` and ``down`` are idempotent and survive a crash half-way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ipaddress
+import os
+import shutil
+import signal
+import string
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Interface
+from pathlib import Path
+
+from pyroute2 import IPRoute, netns
+from pyroute2.netlink.exceptions import NetlinkError
+
+from livemig import paths
+from livemig.errors import TestbedError
+
+NETNS_PREFIX = "lm-"
+SWITCH_NETNS = "lm-switch"
+LAN = ipaddress.IPv4Network("10.77.0.0/24")
+CLIENT_IP = IPv4Address("10.77.0.2")
+FIRST_HOST_IP = IPv4Address("10.77.0.11")
+VM_IPS = [IPv4Address(f"10.77.0.{n}") for n in range(100, 200)]
+HOST_BRIDGE = "br0"
+HOST_UPLINK = "uplink"
+CLIENT_NIC = "eth0"
+MAX_HOSTS = 26
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+@dataclass(frozen=True)
+class Node:
+    """A machine on the LAN: a host that runs VMs, or the client that probes them."""
+
+    name: str
+    ip: IPv4Address
+
+    @property
+    def netns(self) -> str:
+        return NETNS_PREFIX + self.name
+
+    @property
+    def switch_port(self) -> str:
+        return f"sw-{self.name}"[:15]
+
+    def exec_argv(self, argv: list[str]) -> list[str]:
+        """``argv`` run inside this node. ``ip netns exec`` execs, so the PID stays argv's."""
+        return ["ip", "netns", "exec", self.netns, *argv]
+
+
+def host_name(index: int) -> str:
+    return "host" + string.ascii_uppercase[index]
+
+
+def host_node(name: str) -> Node:
+    suffix = name.removeprefix("host")
+    if not name.startswith("host") or len(suffix) != 1 or suffix not in string.ascii_uppercase:
+        raise TestbedError(f"{name!r} is not a test bed host name; hosts are hostA, hostB, ...")
+    return Node(name, FIRST_HOST_IP + string.ascii_uppercase.index(suffix))
+
+
+CLIENT = Node("client", CLIENT_IP)
+
+
+def existing_namespaces() -> list[str]:
+    return sorted(ns for ns in netns.listnetns() if ns.startswith(NETNS_PREFIX))
+
+
+def hosts() -> list[Node]:
+    """The hosts that are up, in order."""
+    names = [ns.removeprefix(NETNS_PREFIX) for ns in existing_namespaces()]
+    return [host_node(n) for n in names if n.startswith("host")]
+
+
+def require_host(name: str) -> Node:
+    node = host_node(name)
+    if node.netns not in existing_namespaces():
+        up = ", ".join(h.name for h in hosts()) or "none"
+        raise TestbedError(
+            f"host {name!r} is not up (hosts up: {up}); run 'livemig testbed up' first"
+        )
+    return node
+
+
+def require_client() -> Node:
+    if CLIENT.netns not in existing_namespaces():
+        raise TestbedError("the test bed is not up; run 'livemig testbed up' first")
+    return CLIENT
+
+
+def _same_netns(a: str, b: str) -> bool:
+    sa, sb = os.stat(a), os.stat(b)
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def enter_client_namespace() -> None:
+    """Move this (single-threaded) process into the client's namespace, if not there yet.
+
+    Probes measure what the client sees, and must never send from the machine's own
+    namespace: there, an address of the test bed's LAN would leave for the real network.
+    """
+    client = require_client()
+    target = f"/run/netns/{client.netns}"
+    if _same_netns("/proc/self/ns/net", target):
+        return
+    fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if _libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise TestbedError(f"cannot enter {client.netns}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+    # Fail closed: a probe that stayed outside would send to the real network.
+    if not _same_netns("/proc/self/ns/net", target):
+        raise TestbedError(f"entering {client.netns} did not take effect; not probing")
+
+
+@contextlib.contextmanager
+def _ipr(ns: str) -> Iterator[IPRoute]:
+    ipr = IPRoute(netns=ns)
+    try:
+        yield ipr
+    finally:
+        ipr.close()
+
+
+def _ensure_netns(name: str) -> None:
+    if name not in netns.listnetns():
+        netns.create(name)
+    with _ipr(name) as ipr:
+        ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+
+
+def _link_index(ipr: IPRoute, ifname: str) -> int | None:
+    found = ipr.link_lookup(ifname=ifname)
+    return found[0] if found else None
+
+
+def _ensure_bridge(ipr: IPRoute, ifname: str) -> int:
+    index = _link_index(ipr, ifname)
+    if index is None:
+        # STP off and no forward delay: a port forwards as soon as it is up. Learning and
+        # ageing stay at the kernel's defaults, like an ordinary switch.
+        ipr.link("add", ifname=ifname, kind="bridge", br_stp_state=0, br_forward_delay=0)
+        index = _link_index(ipr, ifname)
+    assert index is not None
+    ipr.link("set", index=index, state="up")
+    return index
+
+
+def _ensure_address(ipr: IPRoute, index: int, ip: IPv4Address) -> None:
+    have = {a.get("IFA_ADDRESS") for a in ipr.get_addr(index=index)}
+    if str(ip) not in have:
+        ipr.addr("add", index=index, address=str(ip), prefixlen=LAN.prefixlen)
+
+
+def _plug_into_switch(node: Node, inner_ifname: str) -> int:
+    """Cable ``node`` to the LAN switch; returns the index of the node's end of the cable."""
+    with _ipr(SWITCH_NETNS) as sw:
+        lan = _ensure_bridge(sw, "lan")
+        port = _link_index(sw, node.switch_port)
+        if port is None:
+            with _ipr(node.netns) as inner:
+                stale = _link_index(inner, inner_ifname)
+                if stale is not None:  # a half-made cable from an interrupted 'up'
+                    inner.link("del", index=stale)
+            sw.link(
+                "add",
+                ifname=node.switch_port,
+                kind="veth",
+                peer={"ifname": inner_ifname, "net_ns_fd": node.netns},
+            )
+            port = _link_index(sw, node.switch_port)
+        assert port is not None
+        sw.link("set", index=port, master=lan, state="up")
+    with _ipr(node.netns) as inner:
+        index = _link_index(inner, inner_ifname)
+        assert index is not None
+        inner.link("set", index=index, state="up")
+        return index
+
+
+def _ensure_host(node: Node) -> None:
+    _ensure_netns(node.netns)
+    uplink = _plug_into_switch(node, HOST_UPLINK)
+    with _ipr(node.netns) as ipr:
+        bridge = _ensure_bridge(ipr, HOST_BRIDGE)
+        ipr.link("set", index=uplink, master=bridge)
+        _ensure_address(ipr, bridge, node.ip)
+
+
+def _ensure_client() -> None:
+    _ensure_netns(CLIENT.netns)
+    nic = _plug_into_switch(CLIENT, CLIENT_NIC)
+    with _ipr(CLIENT.netns) as ipr:
+        _ensure_address(ipr, nic, CLIENT.ip)
+
+
+def up(n_hosts: int = 3) -> list[Node]:
+    """Build (or complete) the LAN with ``n_hosts`` hosts and the client. Idempotent."""
+    if not 1 <= n_hosts <= MAX_HOSTS:
+        raise TestbedError(f"--hosts must be between 1 and {MAX_HOSTS}, not {n_hosts}")
+    if os.geteuid() != 0:
+        raise TestbedError("the test bed needs root (network namespaces); run as root")
+    try:
+        _ensure_netns(SWITCH_NETNS)
+        _ensure_client()
+        for index in range(n_hosts):
+            _ensure_host(host_node(host_name(index)))
+    except NetlinkError as exc:
+        raise TestbedError(
+            f"could not build the test bed: {exc}; try 'livemig testbed down' first"
+        ) from exc
+    return [CLIENT, *hosts()]
+
+
+def add_tap(host: Node, tap: str) -> None:
+    """A tap for a VM's NIC, a port of the host's bridge. QEMU opens it by name."""
+    with _ipr(host.netns) as ipr:
+        stale = _link_index(ipr, tap)
+        if stale is not None:
+            ipr.link("del", index=stale)
+        ipr.link("add", ifname=tap, kind="tuntap", mode="tap")
+        bridge = _link_index(ipr, HOST_BRIDGE)
+        if bridge is None:
+            raise TestbedError(f"host {host.name} has no bridge; run 'livemig testbed up'")
+        index = _link_index(ipr, tap)
+        ipr.link("set", index=index, master=bridge, state="up")
+
+
+def del_tap(host: Node, tap: str) -> None:
+    if host.netns not in existing_namespaces():
+        return
+    with _ipr(host.netns) as ipr:
+        index = _link_index(ipr, tap)
+        if index is not None:
+            ipr.link("del", index=index)
+
+
+def _ancestry() -> set[int]:
+    """This process and its ancestors: never ours to end, wherever they stand."""
+    pids, pid = set(), os.getpid()
+    while pid > 1:
+        pids.add(pid)
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return pids
+
+
+def _pids_in(ns: str) -> list[int]:
+    """Processes inside one of our namespaces: by construction, ones livemig started."""
+    pids = []
+    spared = _ancestry()
+    target = os.stat(f"/run/netns/{ns}")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            st = os.stat(f"/proc/{entry}/ns/net")
+        except OSError:
+            continue  # gone meanwhile, or a kernel thread
+        if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino) and int(entry) not in spared:
+            pids.append(int(entry))
+    return pids
+
+
+def _end_processes(pids: list[int], grace_s: float = 3.0) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    alive = list(pids)
+    while alive and time.monotonic() < deadline:
+        alive = [pid for pid in alive if os.path.exists(f"/proc/{pid}")]
+        time.sleep(0.05)
+    for pid in alive:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@dataclass(frozen=True)
+class Teardown:
+    namespaces: list[str]
+    processes: list[int]
+    ram_files: list[str]
+
+
+def down() -> Teardown:
+    """Remove every namespace, link, process and RAM file the test bed holds.
+
+    Links die with their namespace. Processes still inside a namespace (QEMU, daemons,
+    probes) were started by livemig, so ending them by PID is safe.
+    """
+    namespaces = existing_namespaces()
+    pids = [pid for ns in namespaces for pid in _pids_in(ns)]
+    _end_processes(pids)
+    for ns in namespaces:
+        netns.remove(ns)
+    ram_files = sorted(str(p) for p in paths.SHM_DIR.glob(paths.RAM_FILE_PREFIX + "*"))
+    for path in ram_files:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    shutil.rmtree(paths.run_dir() / "hosts", ignore_errors=True)
+    return Teardown(namespaces, pids, ram_files)
+
+
+def status() -> dict[str, object]:
+    nodes = ([CLIENT] if CLIENT.netns in existing_namespaces() else []) + hosts()
+    return {
+        "up": bool(nodes),
+        "lan": str(LAN),
+        "nodes": [{"name": n.name, "netns": n.netns, "ip": str(n.ip)} for n in nodes],
+    }
+
+
+def vm_interface(ip: IPv4Address) -> IPv4Interface:
+    return IPv4Interface(f"{ip}/{LAN.prefixlen}")

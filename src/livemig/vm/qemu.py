@@ -1,0 +1,354 @@
+"""A QEMU virtual machine on one host: start, find again, pause, resume, stop.
+
+QEMU runs under TCG (no working KVM here) with ``-nodefaults``, its RAM a shared file in
+/dev/shm, its NIC virtio-net on a tap of the host's bridge, its console in a log file,
+the guest agent on virtio-serial and QMP on a Unix socket (spoken through qemu.qmp).
+
+QEMU runs in its own session, so it outlives the process that started it; its
+``VMRecord`` on the host's disk lets any later process attach to it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import QMPClient, QMPError
+
+from livemig import paths
+from livemig.errors import GuestTimeout, LivemigError, QEMUCrashed, VMError, VMExists, VMNotFound
+from livemig.net import testbed
+from livemig.vm.agent import AgentClient
+from livemig.vm.memory import GuestMemory
+from livemig.vm.spec import VMRecord, VMSpec
+
+QEMU_BINARY = "qemu-system-x86_64"
+BOOT_TIMEOUT_S = 90.0
+AGENT_PORT_NAME = "org.livemig.agent"
+
+
+def qemu_argv(record: VMRecord) -> list[str]:
+    spec = record.spec
+    argv = [
+        QEMU_BINARY,
+        "-name", spec.name,
+        "-accel", "tcg",
+        "-nodefaults",
+        "-no-user-config",
+        "-display", "none",
+        "-no-reboot",
+        "-machine", "pc,memory-backend=ram0",
+        "-m", f"{spec.mem_mib}M",
+        "-object",
+        f"memory-backend-file,id=ram0,size={spec.mem_mib}M,mem-path={record.ram_file},share=on",
+        "-kernel", str(spec.kernel),
+        "-initrd", str(spec.initrd),
+        "-append", spec.kernel_cmdline(),
+        "-chardev", f"file,id=console,path={record.console_log}",
+        "-serial", "chardev:console",
+        "-netdev", f"tap,id=net0,ifname={spec.tap},script=no,downscript=no",
+        # romfile= leaves out the PXE option ROM: less non-shared RAM for QEMU to migrate.
+        "-device", f"virtio-net-pci,netdev=net0,mac={spec.mac},romfile=",
+        "-device", "virtio-serial-pci,id=vser0",
+        "-chardev", f"socket,id=agent,path={record.agent_socket},server=on,wait=off",
+        "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
+        "-qmp", f"unix:{record.qmp_socket},server=on,wait=off",
+    ]  # fmt: skip
+    if record.incoming:
+        argv += ["-incoming", "defer"]
+    return argv
+
+
+def _tail(path: Path, max_bytes: int = 4000) -> str:
+    try:
+        with path.open("rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - max_bytes))
+            return f.read().decode(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+@contextlib.contextmanager
+def _registry_lock() -> Iterator[None]:
+    """Serialises name and IP allocation between concurrent ``vm start`` calls."""
+    paths.run_dir().mkdir(parents=True, exist_ok=True)
+    with (paths.run_dir() / "registry.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def records() -> list[VMRecord]:
+    """Every VM copy recorded on any host of this machine, in name order."""
+    found = []
+    for path in sorted((paths.run_dir() / "hosts").glob("*/vms/*/vm.json")):
+        try:
+            found.append(VMRecord.load(path))
+        except (OSError, ValueError, KeyError):
+            continue  # written half-way by a crashed process; 'testbed down' sweeps it
+    return found
+
+
+def find(name: str) -> VMRecord:
+    matches = [r for r in records() if r.spec.name == name]
+    if not matches:
+        raise VMNotFound(name)
+    # During a migration two copies exist; the running one (not -incoming) is the VM.
+    return next((r for r in matches if not r.incoming), matches[0])
+
+
+def free_ip() -> IPv4Address:
+    used = {r.spec.ip for r in records()}
+    for ip in testbed.VM_IPS:
+        if ip not in used:
+            return ip
+    raise LivemigError(f"all {len(testbed.VM_IPS)} VM addresses are in use; stop a VM first")
+
+
+class VM:
+    """One QEMU process and our handles on it: QMP, the agent, and the RAM mapping."""
+
+    def __init__(self, record: VMRecord, process: subprocess.Popen[bytes] | None = None) -> None:
+        self.record = record
+        self._process = process  # only when we started it: then we must reap it
+        self.qmp = QMPClient(record.spec.name)
+        self.agent = AgentClient(record.spec.name, record.agent_socket)
+        self._memory: GuestMemory | None = None
+
+    @property
+    def name(self) -> str:
+        return self.record.spec.name
+
+    @property
+    def pid(self) -> int:
+        return self.record.pid
+
+    # -- life cycle -------------------------------------------------------------------
+
+    @classmethod
+    async def start(
+        cls, spec: VMSpec, host: str, *, incoming: bool = False, wait_ready: bool = True
+    ) -> VM:
+        """Start QEMU for ``spec`` on ``host``; unless ``incoming``, wait for the workload."""
+        # pyroute2's sync API runs its own event loop, so netlink work goes to a thread.
+        node = await asyncio.to_thread(testbed.require_host, host)
+        with _registry_lock():
+            for other in records():
+                if other.spec.name == spec.name and other.host == host:
+                    raise VMExists(spec.name, host)
+                if other.spec.name == spec.name and not incoming:
+                    raise VMExists(spec.name, other.host)
+            record = VMRecord(spec=spec, host=host, pid=0, incoming=incoming)
+            record.directory.mkdir(parents=True, exist_ok=True)
+            record.save()  # reserves the name and IP before QEMU exists
+        try:
+            await asyncio.to_thread(testbed.add_tap, node, spec.tap)
+            with record.stderr_log.open("wb") as stderr:
+                process = subprocess.Popen(
+                    node.exec_argv(qemu_argv(record)),
+                    stdin=subprocess.DEVNULL,
+                    stdout=stderr,
+                    stderr=stderr,
+                    start_new_session=True,  # Ctrl-C in the CLI must not reach QEMU
+                )
+            record = VMRecord(spec=spec, host=host, pid=process.pid, incoming=incoming)
+            record.save()
+            vm = cls(record, process)
+            await vm._connect_qmp(timeout=15.0)
+            if wait_ready and not incoming:
+                await vm.wait_ready(BOOT_TIMEOUT_S)
+        except BaseException:
+            await cls(record)._destroy(kill_pid=record.pid or None)
+            raise
+        return vm
+
+    @classmethod
+    async def attach(cls, record: VMRecord) -> VM:
+        """Take hold of a VM that a previous process started."""
+        vm = cls(record)
+        vm._check_alive()
+        await vm._connect_qmp(timeout=5.0)
+        return vm
+
+    async def close(self) -> None:
+        """Let go of the VM without stopping it."""
+        await self.agent.close()
+        with contextlib.suppress(QMPError, OSError):
+            await self.qmp.disconnect()
+        if self._memory is not None:
+            self._memory.close()
+            self._memory = None
+
+    async def stop(self) -> None:
+        """End QEMU and remove everything this copy of the VM had on its host."""
+        await self._destroy(kill_pid=self.pid)
+
+    async def _destroy(self, kill_pid: int | None) -> None:
+        await self.close()
+        if kill_pid and (self.record.process_alive() or self._process is not None):
+            _end_process(kill_pid, self._process)
+        node = testbed.host_node(self.record.host)
+        await asyncio.to_thread(testbed.del_tap, node, self.record.spec.tap)
+        with contextlib.suppress(FileNotFoundError):
+            self.record.ram_file.unlink()
+        # The logs go too: a stopped VM leaves nothing behind. (Fixtures copy them first.)
+        shutil.rmtree(self.record.directory, ignore_errors=True)
+
+    # -- QMP ----------------------------------------------------------------------------
+
+    async def _connect_qmp(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            self._check_alive()
+            if time.monotonic() > deadline:
+                raise GuestTimeout(self.name, "QMP connection", timeout)
+            if self.record.qmp_socket.exists():  # QEMU makes it early in its start-up
+                try:
+                    await self.qmp.connect(str(self.record.qmp_socket))
+                    return
+                except QMPError:
+                    if time.monotonic() > deadline:
+                        raise
+            await asyncio.sleep(0.05)
+
+    async def qmp_command(self, command: str, **arguments: Any) -> Any:
+        self._check_alive()
+        try:
+            return await self.qmp.execute(command, arguments or None)
+        except QMPError as exc:
+            self._check_alive()  # a crash explains the failure better than QMP can
+            raise VMError(self.name, f"QMP {command} failed on VM {self.name!r}: {exc}") from exc
+
+    async def status(self) -> str:
+        """QEMU's run state: ``running``, ``paused``, ``inmigrate``, ``postmigrate``, ..."""
+        result = await self.qmp_command("query-status")
+        return str(result["status"])
+
+    async def pause(self) -> None:
+        await self.qmp_command("stop")
+
+    async def resume(self) -> None:
+        await self.qmp_command("cont")
+
+    # -- guest --------------------------------------------------------------------------
+
+    async def wait_ready(self, timeout: float) -> dict[str, Any]:
+        """Wait until the guest's workload serves; returns the agent's status."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise GuestTimeout(
+                    self.name, "workload ready", timeout, _tail(self.record.console_log)
+                )
+            self._check_alive()
+            try:
+                status = await self.agent.status(timeout=min(remaining, 2.0))
+            except GuestTimeout:
+                continue  # still booting: the agent has not opened its port yet
+            if status.get("ready"):
+                return status
+            await asyncio.sleep(0.1)
+
+    @property
+    def memory(self) -> GuestMemory:
+        """The guest's RAM, mapped on first use and kept: writable only on a destination."""
+        if self._memory is None:
+            spec = self.record.spec
+            self._memory = GuestMemory(
+                self.record.ram_file, spec.ram_bytes, writable=self.record.incoming
+            )
+        return self._memory
+
+    def console(self) -> str:
+        return self.record.console_log.read_text(errors="replace")
+
+    def _check_alive(self) -> None:
+        if self._process is not None:
+            returncode = self._process.poll()
+            alive = returncode is None
+        else:
+            returncode = None
+            alive = self.record.process_alive()
+        if not alive:
+            raise QEMUCrashed(
+                self.name,
+                returncode,
+                _tail(self.record.stderr_log),
+                _tail(self.record.console_log),
+            )
+
+
+def _end_process(pid: int, process: subprocess.Popen[bytes] | None, grace_s: float = 5.0) -> None:
+    """SIGTERM (QEMU then exits cleanly), SIGKILL after ``grace_s``; reaps our own child."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        if process is not None:
+            if process.poll() is not None:
+                return
+        elif not Path(f"/proc/{pid}").exists():
+            return
+        time.sleep(0.02)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    if process is not None:
+        process.wait()
+
+
+async def stop(name: str) -> VMRecord:
+    """Stop every copy of VM ``name`` on this machine."""
+    first = find(name)
+    for record in [r for r in records() if r.spec.name == name]:
+        await VM(record)._destroy(kill_pid=record.pid)
+    return first
+
+
+async def stop_all() -> list[str]:
+    names = sorted({r.spec.name for r in records()})
+    for name in names:
+        await stop(name)
+    return names
+
+
+def describe(record: VMRecord, state: str) -> dict[str, Any]:
+    return {
+        "name": record.spec.name,
+        "host": record.host,
+        "ip": str(record.spec.ip),
+        "mac": record.spec.mac,
+        "state": state,
+        "workload": str(record.spec.workload),
+        "mem_mib": record.spec.mem_mib,
+        "pid": record.pid,
+        "ram_file": str(record.ram_file),
+    }
+
+
+async def list_vms() -> list[dict[str, Any]]:
+    """Every VM copy with its live state from QMP (``dead`` if QEMU is gone)."""
+    listed = []
+    for record in records():
+        if not record.process_alive():
+            listed.append(describe(record, "dead"))
+            continue
+        try:
+            vm = await VM.attach(record)
+        except LivemigError:
+            listed.append(describe(record, "unreachable"))
+            continue
+        try:
+            listed.append(describe(record, await vm.status()))
+        finally:
+            await vm.close()
+    return listed

@@ -1,0 +1,165 @@
+"""What a VM is, independent of where it runs.
+
+A ``VMSpec`` holds everything needed to start the VM's QEMU on any host: a migration's
+destination starts an identical QEMU from the same spec, with ``-incoming``. A
+``VMRecord`` adds where one copy runs (host, PID, files); it is saved as JSON so that
+any later process (the CLI, a restarted daemon) can find the VM again.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+
+from livemig import paths
+from livemig.net.testbed import vm_interface
+
+PAGE_SIZE = 4096
+DEFAULT_MEM_MIB = 256
+
+
+class Workload(enum.StrEnum):
+    """The guest's built-in workloads (``guest/init/init``), and ``custom`` for the user's own."""
+
+    IDLE = "idle"
+    ECHO = "echo"
+    WEB = "web"
+    GAME = "game"
+    MMUNCHER = "mmuncher"
+    CUSTOM = "custom"
+
+
+@dataclass(frozen=True)
+class VMSpec:
+    name: str
+    ip: IPv4Address
+    mem_mib: int
+    workload: Workload
+    image: str
+    kernel: Path
+    initrd: Path
+    # Workload parameters, passed as lm.KEY=VALUE on the kernel command line.
+    options: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def mac(self) -> str:
+        # 52:54:00 is QEMU's locally administered prefix; the rest follows the IP, so a
+        # VM keeps its MAC wherever it runs (the switch then learns the move).
+        a, b, c, d = self.ip.packed
+        return f"52:54:00:{b:02x}:{c:02x}:{d:02x}"
+
+    @property
+    def tap(self) -> str:
+        return f"tap{self.ip.packed[3]}"
+
+    @property
+    def ram_bytes(self) -> int:
+        return self.mem_mib << 20
+
+    @property
+    def npages(self) -> int:
+        return self.ram_bytes // PAGE_SIZE
+
+    def kernel_cmdline(self) -> str:
+        params = [
+            "console=ttyS0",
+            "quiet",
+            "panic=-1",  # with QEMU's -no-reboot, a guest panic ends QEMU: a visible crash
+            "mitigations=off",  # speculative-execution defences only slow TCG down
+            f"lm.ip={vm_interface(self.ip)}",
+            f"lm.workload={self.workload}",
+        ]
+        params += [f"lm.{key}={value}" for key, value in self.options]
+        return " ".join(params)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(ip=str(self.ip), kernel=str(self.kernel), initrd=str(self.initrd))
+        data["options"] = [list(pair) for pair in self.options]
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> VMSpec:
+        return cls(
+            name=data["name"],
+            ip=IPv4Address(data["ip"]),
+            mem_mib=int(data["mem_mib"]),
+            workload=Workload(data["workload"]),
+            image=data["image"],
+            kernel=Path(data["kernel"]),
+            initrd=Path(data["initrd"]),
+            options=tuple((str(k), str(v)) for k, v in data.get("options", [])),
+        )
+
+
+@dataclass(frozen=True)
+class VMRecord:
+    """One copy of a VM on one host: what a host's disk would remember about it."""
+
+    spec: VMSpec
+    host: str
+    pid: int
+    incoming: bool = False
+    files: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def directory(self) -> Path:
+        return paths.vm_dir(self.host, self.spec.name)
+
+    @property
+    def ram_file(self) -> Path:
+        return paths.ram_file(self.host, self.spec.name)
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self.directory / "qmp.sock"
+
+    @property
+    def agent_socket(self) -> Path:
+        return self.directory / "agent.sock"
+
+    @property
+    def console_log(self) -> Path:
+        return self.directory / "console.log"
+
+    @property
+    def stderr_log(self) -> Path:
+        return self.directory / "qemu.stderr"
+
+    @property
+    def record_file(self) -> Path:
+        return self.directory / "vm.json"
+
+    def save(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tmp = self.record_file.with_suffix(".tmp")
+        data = {"spec": self.spec.to_json(), "host": self.host, "pid": self.pid}
+        data["incoming"] = self.incoming
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, self.record_file)
+
+    @classmethod
+    def load(cls, path: Path) -> VMRecord:
+        data = json.loads(path.read_text())
+        return cls(
+            spec=VMSpec.from_json(data["spec"]),
+            host=data["host"],
+            pid=int(data["pid"]),
+            incoming=bool(data.get("incoming", False)),
+        )
+
+    def process_alive(self) -> bool:
+        """True while our QEMU runs; a recycled PID running something else does not count."""
+        try:
+            cmdline = Path(f"/proc/{self.pid}/cmdline").read_bytes()
+            stat = Path(f"/proc/{self.pid}/stat").read_text()
+        except OSError:
+            return False
+        if stat.rsplit(")", 1)[1].split()[0] == "Z":
+            return False
+        return str(self.ram_file).encode() in cmdline

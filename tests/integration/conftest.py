@@ -1,0 +1,105 @@
+"""Fixtures that boot real QEMU guests on a real test bed of network namespaces.
+
+The test bed is built once per session and torn down at the end, whatever happens. Each
+VM a test starts is stopped after the test; when a test fails, the consoles and QEMU's
+stderr of its VMs are attached to the report, as Firecracker's fixtures do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from livemig.image import builder
+from livemig.net import testbed
+from livemig.vm import qemu
+from livemig.vm.spec import VMSpec, Workload
+
+if os.geteuid() != 0 or shutil.which(qemu.QEMU_BINARY) is None:
+    pytest.skip("integration tests need root and QEMU (run 'make test')", allow_module_level=True)
+
+
+@pytest.fixture(scope="session")
+def image() -> builder.Image:
+    return builder.build(log=lambda _: None).image
+
+
+@pytest.fixture(scope="session")
+def _session_bed() -> Iterator[None]:
+    testbed.up(3)
+    yield
+    asyncio.run(qemu.stop_all())
+    testbed.down()
+
+
+@pytest.fixture
+def bed(_session_bed: None) -> list[testbed.Node]:
+    """The test bed, up. Idempotent, so a test that tore it down leaves no gap behind."""
+    return testbed.up(3)
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    """One event loop per test: VM handles (QMP, agent) are bound to the loop that made them."""
+    event_loop = asyncio.new_event_loop()
+    yield event_loop
+    event_loop.close()
+
+
+@pytest.fixture
+def start_vm(
+    request: pytest.FixtureRequest,
+    bed: list[testbed.Node],
+    image: builder.Image,
+    loop: asyncio.AbstractEventLoop,
+) -> Iterator[Callable[..., qemu.VM]]:
+    """``start_vm(name, workload, host=..., mem_mib=..., options=...)`` boots a VM and
+    waits for its workload; every VM is stopped when the test ends."""
+    started: list[qemu.VM] = []
+
+    def start(
+        name: str,
+        workload: Workload,
+        *,
+        host: str = "hostA",
+        mem_mib: int = 128,
+        options: tuple[tuple[str, str], ...] = (),
+        image_: builder.Image | None = None,
+    ) -> qemu.VM:
+        img = image_ or image
+        spec = VMSpec(
+            name=name,
+            ip=qemu.free_ip(),
+            mem_mib=mem_mib,
+            workload=workload,
+            image=img.name,
+            kernel=img.kernel,
+            initrd=img.initrd,
+            options=options,
+        )
+        vm = loop.run_until_complete(qemu.VM.start(spec, host))
+        started.append(vm)
+        return vm
+
+    yield start
+    failed = getattr(request.node, "rep_call", None)
+    for vm in started:
+        if failed is not None and failed.failed:
+            for label, path in (("console", vm.record.console_log),
+                                ("stderr", vm.record.stderr_log)):
+                if path.exists():
+                    text = path.read_text(errors="replace")[-6000:]
+                    request.node.add_report_section("call", f"{vm.name} {label}", text)
+        loop.run_until_complete(vm.stop())
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report

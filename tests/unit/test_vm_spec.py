@@ -1,0 +1,120 @@
+"""VMSpec, VMRecord and the RAM mapping: pure logic and files, no QEMU."""
+
+from __future__ import annotations
+
+import os
+from ipaddress import IPv4Address
+from pathlib import Path
+
+import pytest
+
+from livemig.errors import SetupError, TestbedError
+from livemig.image.builder import Addition
+from livemig.net import testbed
+from livemig.vm.memory import GuestMemory
+from livemig.vm.spec import PAGE_SIZE, VMRecord, VMSpec, Workload
+
+
+def make_spec(**overrides: object) -> VMSpec:
+    fields: dict[str, object] = dict(
+        name="v1",
+        ip=IPv4Address("10.77.0.123"),
+        mem_mib=256,
+        workload=Workload.WEB,
+        image="default",
+        kernel=Path("/k"),
+        initrd=Path("/i"),
+        options=(("web_kb", "64"),),
+    )
+    fields.update(overrides)
+    return VMSpec(**fields)  # type: ignore[arg-type]
+
+
+def test_mac_and_tap_follow_the_ip() -> None:
+    spec = make_spec()
+    assert spec.mac == "52:54:00:4d:00:7b"
+    assert spec.tap == "tap123"
+    assert make_spec(ip=IPv4Address("10.77.0.124")).mac != spec.mac
+
+
+def test_kernel_cmdline_carries_workload_and_options() -> None:
+    cmdline = make_spec().kernel_cmdline().split()
+    assert "lm.workload=web" in cmdline
+    assert "lm.ip=10.77.0.123/24" in cmdline
+    assert "lm.web_kb=64" in cmdline
+    assert "console=ttyS0" in cmdline
+
+
+def test_spec_round_trips_through_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LIVEMIG_RUN", str(tmp_path))
+    record = VMRecord(spec=make_spec(), host="hostB", pid=4242, incoming=True)
+    record.save()
+    loaded = VMRecord.load(record.record_file)
+    assert loaded.spec == record.spec
+    assert (loaded.host, loaded.pid, loaded.incoming) == ("hostB", 4242, True)
+    assert loaded.ram_file.name == "livemig-hostB-v1.ram"
+
+
+def test_a_recycled_pid_is_not_our_qemu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LIVEMIG_RUN", str(tmp_path))
+    # Our own PID is alive, but its command line does not name the VM's RAM file.
+    assert not VMRecord(spec=make_spec(), host="hostA", pid=os.getpid()).process_alive()
+
+
+def test_host_names() -> None:
+    assert testbed.host_node("hostC").ip == IPv4Address("10.77.0.13")
+    assert testbed.host_name(1) == "hostB"
+    for bad in ("hosta", "hostAB", "client", "host"):
+        with pytest.raises(TestbedError):
+            testbed.host_node(bad)
+
+
+def test_addition_parsing(tmp_path: Path) -> None:
+    src = tmp_path / "prog"
+    src.write_text("x")
+    assert Addition.parse(f"{src}:/usr/bin/prog").dest == "/usr/bin/prog"
+    for bad in (f"{src}", f"{src}:relative", f"{tmp_path / 'missing'}:/x", f"{src}:/init"):
+        with pytest.raises(SetupError):
+            Addition.parse(bad)
+
+
+@pytest.fixture
+def ram_file(tmp_path: Path) -> Path:
+    path = tmp_path / "ram"
+    with path.open("wb") as f:
+        f.truncate(64 * PAGE_SIZE)
+        f.seek(10 * PAGE_SIZE)
+        f.write(b"\x01" * PAGE_SIZE * 2)
+        f.seek(40 * PAGE_SIZE + 100)
+        f.write(b"\x02")
+    return path
+
+
+def test_data_ranges_find_written_pages_without_touching_holes(ram_file: Path) -> None:
+    with GuestMemory(ram_file, 64 * PAGE_SIZE, writable=False) as mem:
+        ranges = mem.data_ranges()
+        assert ranges == [(10, 12), (40, 41)]
+        # The scan allocated nothing: the file still has exactly its three data pages.
+        assert os.stat(ram_file).st_blocks * 512 == 3 * PAGE_SIZE
+        assert mem.pages[10].sum() == PAGE_SIZE
+        assert mem.npages == 64
+
+
+def test_source_mapping_is_read_only(ram_file: Path) -> None:
+    with GuestMemory(ram_file, 64 * PAGE_SIZE, writable=False) as mem:
+        assert not mem.pages.flags.writeable
+        with pytest.raises(ValueError):
+            mem.pages[0, 0] = 1
+
+
+def test_destination_mapping_writes_through_to_the_file(ram_file: Path) -> None:
+    with GuestMemory(ram_file, 64 * PAGE_SIZE, writable=True) as mem:
+        mem.pages[5, :4] = [1, 2, 3, 4]
+    with ram_file.open("rb") as f:
+        f.seek(5 * PAGE_SIZE)
+        assert f.read(4) == b"\x01\x02\x03\x04"
+
+
+def test_mapping_refuses_a_short_file(ram_file: Path) -> None:
+    with pytest.raises(ValueError):
+        GuestMemory(ram_file, 128 * PAGE_SIZE, writable=False)

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs the Debian packages livemig needs (Debian 12, as root). Idempotent: when
+# everything is there it only checks, which takes a fraction of a second.
+set -euo pipefail
+
+packages=(
+    qemu-system-x86   # the VMM (TCG)
+    busybox-static    # the guest's user space
+    kmod cpio         # building the initramfs
+    gcc libc6-dev make  # static guest programs
+    iproute2 nftables iputils-ping  # the test bed and its faults
+    python3 python3-venv
+    ca-certificates
+)
+
+if [ "$(id -u)" != 0 ]; then
+    echo "setup: run as root (apt-get, network namespaces)" >&2
+    exit 1
+fi
+
+missing=()
+for pkg in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \
+        || missing+=("$pkg")
+done
+
+# The image builder resolves and downloads the guest kernel through apt's lists.
+if [ ${#missing[@]} -gt 0 ] || ! apt-cache show linux-image-amd64 >/dev/null 2>&1; then
+    apt-get update -qq
+fi
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup: installing ${missing[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
