@@ -279,11 +279,23 @@ static void do_announce(struct buf *out)
     buf_printf(out, "ok announced");
 }
 
+static int is_token(const char *s, size_t len)
+{
+    for (size_t i = 0; i < len; i++)
+        if (!((s[i] >= '0' && s[i] <= '9') || (s[i] >= 'a' && s[i] <= 'f')))
+            return 0;
+    return 1;
+}
+
 static void handle_request(const char *line, size_t len, struct buf *out)
 {
 #define IS(cmd) (len == sizeof(cmd) - 1 && memcmp(line, cmd, len) == 0)
     if (IS("ping"))
         buf_printf(out, "ok pong");
+    else if (len > 5 && len <= 69 && memcmp(line, "ping ", 5) == 0 && is_token(line + 5, len - 5))
+        /* The host's resynchronisation after a timeout: a fresh token tells this pong
+         * apart from the replies to requests the host has given up on. */
+        buf_printf(out, "ok pong %.*s", (int)(len - 5), line + 5);
     else if (IS("status"))
         reply_status(out);
     else if (IS("verify"))

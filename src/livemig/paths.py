@@ -2,8 +2,11 @@
 
 Run-time state (sockets, logs, VM records) lives under ``/run/livemig`` and vanishes at
 reboot, like the QEMU processes it describes. Built images and the cached kernel package
-live under ``/var/lib/livemig`` so that a rebuild is a cache hit. Both can be moved with
-environment variables, which the tests use to stay out of an operator's way.
+live under ``/var/lib/livemig`` so that a rebuild is a cache hit.
+
+``LIVEMIG_INSTANCE=NAME`` gives a whole separate set of everything a test bed makes (its
+namespaces, RAM files and run-time state), so that two test beds, say a developer's and
+a test run, never touch each other. Built images are shared: they are only ever read.
 """
 
 from __future__ import annotations
@@ -12,11 +15,32 @@ import os
 from pathlib import Path
 
 SHM_DIR = Path("/dev/shm")
-RAM_FILE_PREFIX = "livemig-"
+
+
+def instance() -> str:
+    """'' for the default instance, else a short name of letters and digits."""
+    name = os.environ.get("LIVEMIG_INSTANCE", "")
+    if not (name.isalnum() and name.isascii() and len(name) <= 4) and name:
+        raise ValueError(f"LIVEMIG_INSTANCE must be up to 4 letters or digits, not {name!r}")
+    return name
+
+
+def netns_prefix() -> str:
+    return f"lm{instance()}-"
+
+
+def ram_file_prefix() -> str:
+    return f"livemig-{instance()}-" if instance() else "livemig-"
+
+
+def ram_file_glob() -> str:
+    """Matches this instance's RAM files and no other's (host names start with 'host')."""
+    return ram_file_prefix() + "host*"
 
 
 def run_dir() -> Path:
-    return Path(os.environ.get("LIVEMIG_RUN", "/run/livemig"))
+    default = f"/run/livemig-{instance()}" if instance() else "/run/livemig"
+    return Path(os.environ.get("LIVEMIG_RUN", default))
 
 
 def data_dir() -> Path:
@@ -33,7 +57,7 @@ def vm_dir(host: str, vm: str) -> Path:
 
 
 def ram_file(host: str, vm: str) -> Path:
-    return SHM_DIR / f"{RAM_FILE_PREFIX}{host}-{vm}.ram"
+    return SHM_DIR / f"{ram_file_prefix()}{host}-{vm}.ram"
 
 
 def images_dir() -> Path:

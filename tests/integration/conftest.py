@@ -20,6 +20,9 @@ from livemig.net import testbed
 from livemig.vm import qemu
 from livemig.vm.spec import VMSpec, Workload
 
+# The tests build a test bed of their own, apart from any an operator may have up.
+os.environ.setdefault("LIVEMIG_INSTANCE", "t")
+
 if os.geteuid() != 0 or shutil.which(qemu.QEMU_BINARY) is None:
     pytest.skip("integration tests need root and QEMU (run 'make test')", allow_module_level=True)
 

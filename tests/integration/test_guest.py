@@ -153,7 +153,7 @@ def test_testbed_down_leaves_nothing_behind(
     assert testbed.existing_namespaces() == []
     # Exited: QEMU is this test's child, so it stays a zombie until the fixture reaps it.
     assert not vm.record.process_alive()
-    assert list(paths.SHM_DIR.glob(paths.RAM_FILE_PREFIX + "*")) == []
+    assert list(paths.SHM_DIR.glob(paths.ram_file_glob())) == []
     assert not (paths.run_dir() / "hosts").exists()
     # Nothing of ours answers on the LAN address any more: the client namespace is gone.
     with pytest.raises(subprocess.CalledProcessError):

@@ -475,6 +475,8 @@ def test_agent_framing(spawn: Spawner, agent_port: AgentPort) -> None:
     assert agent_port.request("hello").startswith("err ")
     assert agent_port.request("").startswith("err ")
     assert agent_port.request("ping ").startswith("err ")
+    assert agent_port.request("ping 0a1b2c") == "ok pong 0a1b2c"
+    assert agent_port.request("ping XYZ").startswith("err ")
     assert agent_port.request("ping\0").startswith("err ")
     assert agent_port.request("x" * 256) == "err unknown request"  # the longest allowed
     assert agent_port.request("x" * 257) == "err line too long"

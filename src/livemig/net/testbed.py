@@ -1,6 +1,6 @@
 """A switched LAN of hosts on one machine, made of network namespaces.
 
-    lm-client               lm-switch                     lm-hostA
+    lm-client               lm-switch                     lm-hostA   (namespaces)
     eth0 10.77.0.2 ---- sw-client [lan] sw-hostA ---- uplink [br0 10.77.0.11] tap100 -- VM
                                        sw-hostB ---- uplink [br0 10.77.0.12] ...  (lm-hostB)
 
@@ -10,6 +10,7 @@ from there (the unsolicited ARP). Learning is never turned off to make a test pa
 
 The test bed keeps no state file: what exists is read back from the kernel (namespaces
 named ``lm-*``), so ``up`` and ``down`` are idempotent and survive a crash half-way.
+With ``LIVEMIG_INSTANCE=x`` the namespaces are ``lmx-*`` instead: a separate test bed.
 """
 
 from __future__ import annotations
@@ -33,8 +34,6 @@ from pyroute2.netlink.exceptions import NetlinkError
 from livemig import paths
 from livemig.errors import TestbedError
 
-NETNS_PREFIX = "lm-"
-SWITCH_NETNS = "lm-switch"
 LAN = ipaddress.IPv4Network("10.77.0.0/24")
 CLIENT_IP = IPv4Address("10.77.0.2")
 FIRST_HOST_IP = IPv4Address("10.77.0.11")
@@ -56,7 +55,7 @@ class Node:
 
     @property
     def netns(self) -> str:
-        return NETNS_PREFIX + self.name
+        return paths.netns_prefix() + self.name
 
     @property
     def switch_port(self) -> str:
@@ -79,15 +78,16 @@ def host_node(name: str) -> Node:
 
 
 CLIENT = Node("client", CLIENT_IP)
+SWITCH = Node("switch", LAN.network_address)  # the LAN's switch: a namespace, no address
 
 
 def existing_namespaces() -> list[str]:
-    return sorted(ns for ns in netns.listnetns() if ns.startswith(NETNS_PREFIX))
+    return sorted(ns for ns in netns.listnetns() if ns.startswith(paths.netns_prefix()))
 
 
 def hosts() -> list[Node]:
     """The hosts that are up, in order."""
-    names = [ns.removeprefix(NETNS_PREFIX) for ns in existing_namespaces()]
+    names = [ns.removeprefix(paths.netns_prefix()) for ns in existing_namespaces()]
     return [host_node(n) for n in names if n.startswith("host")]
 
 
@@ -175,7 +175,7 @@ def _ensure_address(ipr: IPRoute, index: int, ip: IPv4Address) -> None:
 
 def _plug_into_switch(node: Node, inner_ifname: str) -> int:
     """Cable ``node`` to the LAN switch; returns the index of the node's end of the cable."""
-    with _ipr(SWITCH_NETNS) as sw:
+    with _ipr(SWITCH.netns) as sw:
         lan = _ensure_bridge(sw, "lan")
         port = _link_index(sw, node.switch_port)
         if port is None:
@@ -222,7 +222,7 @@ def up(n_hosts: int = 3) -> list[Node]:
     if os.geteuid() != 0:
         raise TestbedError("the test bed needs root (network namespaces); run as root")
     try:
-        _ensure_netns(SWITCH_NETNS)
+        _ensure_netns(SWITCH.netns)
         _ensure_client()
         for index in range(n_hosts):
             _ensure_host(host_node(host_name(index)))
@@ -317,7 +317,7 @@ def down() -> Teardown:
     _end_processes(pids)
     for ns in namespaces:
         netns.remove(ns)
-    ram_files = sorted(str(p) for p in paths.SHM_DIR.glob(paths.RAM_FILE_PREFIX + "*"))
+    ram_files = sorted(str(p) for p in paths.SHM_DIR.glob(paths.ram_file_glob()))
     for path in ram_files:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)

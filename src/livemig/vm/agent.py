@@ -4,8 +4,8 @@ See ``docs/guest-protocols.md``. QEMU exposes the port as a Unix socket. It hold
 write until the guest opens the port, so a request sent while the guest still boots is
 answered once the agent starts. Only one request is in flight at a time. A request that
 times out closes the connection, but the guest may still deliver its late reply to the
-next connection, so that connection first resynchronises: it sends ``ping`` and drops
-every line before ``ok pong``.
+next connection, so that connection first resynchronises: it sends ``ping TOKEN`` with a
+fresh token and drops every line before ``ok pong TOKEN``.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +37,11 @@ class AgentClient:
             )
             if self._maybe_stale:
                 reader, writer = self._streams
-                writer.write(b"ping\n")
+                token = secrets.token_hex(8).encode()
+                writer.write(b"ping " + token + b"\n")
                 await writer.drain()
                 async with asyncio.timeout(timeout):
-                    while (stale := await reader.readline()) != b"ok pong\n":
+                    while (stale := await reader.readline()) != b"ok pong " + token + b"\n":
                         if not stale:
                             raise ConnectionError("the agent closed the connection")
                 self._maybe_stale = False

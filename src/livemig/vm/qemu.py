@@ -28,6 +28,7 @@ from qemu.qmp import QMPClient, QMPError
 from livemig import paths
 from livemig.errors import GuestTimeout, LivemigError, QEMUCrashed, VMError, VMExists, VMNotFound
 from livemig.net import testbed
+from livemig.vm import dirtylog
 from livemig.vm.agent import AgentClient
 from livemig.vm.memory import GuestMemory
 from livemig.vm.spec import VMRecord, VMSpec
@@ -150,24 +151,29 @@ class VM:
             record = VMRecord(spec=spec, host=host, pid=0, incoming=incoming)
             record.directory.mkdir(parents=True, exist_ok=True)
             record.save()  # reserves the name and IP before QEMU exists
+        vm = cls(record)
         try:
             await asyncio.to_thread(testbed.add_tap, node, spec.tap)
+            env = dict(os.environ)
+            shim = dirtylog.preload_library()
+            if shim is not None:  # every QEMU may become a migration source, even a destination
+                env["LD_PRELOAD"] = str(shim)
             with record.stderr_log.open("wb") as stderr:
                 process = subprocess.Popen(
                     node.exec_argv(qemu_argv(record)),
+                    env=env,
                     stdin=subprocess.DEVNULL,
                     stdout=stderr,
                     stderr=stderr,
                     start_new_session=True,  # Ctrl-C in the CLI must not reach QEMU
                 )
-            record = VMRecord(spec=spec, host=host, pid=process.pid, incoming=incoming)
-            record.save()
-            vm = cls(record, process)
+            vm = cls(VMRecord(spec=spec, host=host, pid=process.pid, incoming=incoming), process)
+            vm.record.save()
             await vm._connect_qmp(timeout=15.0)
             if wait_ready and not incoming:
                 await vm.wait_ready(BOOT_TIMEOUT_S)
         except BaseException:
-            await cls(record)._destroy(kill_pid=record.pid or None)
+            await vm._destroy(kill_pid=vm.record.pid or None)
             raise
         return vm
 
