@@ -149,7 +149,7 @@ def test_testbed_down_leaves_nothing_behind(
     loop.run_until_complete(vm.close())
     loop.run_until_complete(qemu.stop_all())
     removed = testbed.down()
-    assert "lm-hostB" in removed.namespaces
+    assert testbed.host_node("hostB").netns in removed.namespaces
     assert testbed.existing_namespaces() == []
     # Exited: QEMU is this test's child, so it stays a zombie until the fixture reaps it.
     assert not vm.record.process_alive()
