@@ -11,8 +11,11 @@ import asyncio
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+from livemig import reporting
+from livemig.daemon import control, launch, server
 from livemig.errors import LivemigError, SetupError
 from livemig.experiments import demo
 from livemig.image import builder
@@ -139,6 +142,7 @@ def _vm_action(action: str) -> Any:
 
 def cmd_testbed_up(args: argparse.Namespace) -> int:
     nodes = testbed.up(args.hosts)
+    launch.ensure_daemons()
     for node in nodes:
         print(f"{node.name:<8} {node.ip}  (netns {node.netns})")
     return 0
@@ -165,6 +169,68 @@ def cmd_testbed_status(args: argparse.Namespace) -> int:
         for node in status["nodes"]:  # type: ignore[attr-defined]
             print(f"{node['name']:<8} {node['ip']}  (netns {node['netns']})")
     return 0
+
+
+# -- migrate ----------------------------------------------------------------------------
+
+
+def _rate(text: str) -> float:
+    """A rate in Mbit/s: '500', '500M', '1G' or '1g'."""
+    scale = {"k": 1e-3, "m": 1.0, "g": 1e3}.get(text[-1:].lower(), None)
+    try:
+        value = float(text[:-1]) * scale if scale is not None else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a rate (e.g. 500, 500M, 1G)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"a rate must be positive, not {text!r}")
+    return value
+
+
+def _show_progress(update: dict[str, Any]) -> None:
+    tty = sys.stderr.isatty()
+    line = reporting.progress_line(update)
+    print(("\r" + line) if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    record = qemu.find(args.name)
+    testbed.require_host(args.to)
+    if args.min_rate > args.max_rate:
+        raise LivemigError(f"--min-rate {args.min_rate:g} is above --max-rate {args.max_rate:g}")
+    request = {
+        "op": "migrate", "vm": args.name, "to": args.to, "mode": args.mode,
+        "min_rate_mbps": args.min_rate, "max_rate_mbps": args.max_rate,
+        "tracker": args.tracker, "verify": not args.no_verify,
+    }
+    report = asyncio.run(
+        control.migrate(record.host, request, None if args.quiet else _show_progress)
+    )
+    if not args.quiet and sys.stderr.isatty():
+        print(file=sys.stderr)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    print(reporting.report_text(report))
+    return 0 if report["verified"] is not False else 1
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    record = qemu.find(args.name)
+
+    async def cancel() -> dict[str, Any]:
+        async for reply in control.call(record.host, {"op": "cancel", "vm": args.name}):
+            return reply
+        raise AssertionError("unreachable")
+
+    reply = asyncio.run(cancel())
+    if reply.get("type") != "result":
+        raise LivemigError(str(reply.get("message")))
+    print(f"cancelled the migration of {args.name}", file=sys.stderr)
+    return 0
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    argv = ["--host", args.host] + (["--key-file", str(args.key_file)] if args.key_file else [])
+    return server.main(argv)
 
 
 # -- parser -----------------------------------------------------------------------------
@@ -222,6 +288,28 @@ def build_parser() -> argparse.ArgumentParser:
     bed_status = bed.add_parser("status", help="what is up")
     bed_status.add_argument("--json", action="store_true")
     bed_status.set_defaults(func=cmd_testbed_status)
+
+    mig = commands.add_parser("migrate", help="live-migrate a VM to another host")
+    mig.add_argument("name")
+    mig.add_argument("--to", required=True, metavar="HOST")
+    mig.add_argument("--min-rate", type=_rate, default=100.0, metavar="R",
+                     help="Mbit/s of round 1 and the floor (default 100)")
+    mig.add_argument("--max-rate", type=_rate, default=500.0, metavar="R",
+                     help="Mbit/s ceiling and the stop-and-copy's rate (default 500)")
+    mig.add_argument("--mode", choices=["precopy", "stop-and-copy"], default="precopy")
+    mig.add_argument("--tracker", choices=["auto", "uffd", "shadow"], default="auto")
+    mig.add_argument("--no-verify", action="store_true",
+                     help="skip the checksum of both images (it costs downtime)")
+    mig.add_argument("--json", type=Path, metavar="FILE", help="write the report here")
+    mig.add_argument("--quiet", action="store_true", help="no live progress")
+    mig.set_defaults(func=cmd_migrate)
+    cancel = commands.add_parser("cancel", help="cancel a running migration")
+    cancel.add_argument("name")
+    cancel.set_defaults(func=cmd_cancel)
+    daemon = commands.add_parser("daemon", help="run a host's daemon (the test bed starts them)")
+    daemon.add_argument("--host", required=True)
+    daemon.add_argument("--key-file", type=Path)
+    daemon.set_defaults(func=cmd_daemon)
 
     add_probe_commands(commands)
     demo.add_demo_command(commands)

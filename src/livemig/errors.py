@@ -8,7 +8,22 @@
      │    ├── VMExists
      │    ├── QEMUCrashed    carries QEMU's stderr and the console's tail
      │    └── GuestTimeout   the guest did not reach a state in time
-     └── AgentError          the guest agent answered with an error, or not at all
+     ├── AgentError          the guest agent answered with an error, or not at all
+     ├── MigrationError      a migration did not complete (carries .vm, .stage, .vm_runs_on)
+     │    ├── ReservationRefused  the destination cannot hold the VM (memory, disk, name)
+     │    └── MigrationCancelled  an operator cancelled it
+     ├── IllegalTransition   (migration.stages) an event the current stage does not accept
+     ├── PlannerStateError   (migration.planner) the planner called out of order
+     ├── DirtyLogUnavailable (vm.dirtylog) the kernel dirty log cannot track this QEMU
+     └── WireError           (wire.frames) one connection to another daemon (carries .peer)
+          ├── LocalProtocolError   we broke the protocol: a bug
+          ├── RemoteProtocolError  the peer broke it (VersionMismatch, FrameTooLarge, ...)
+          ├── AuthenticationError  the peer does not hold our key
+          ├── PeerAborted          the peer gave up and said why
+          ├── PeerLost             the connection ended (PeerUnreachable: never began)
+          └── PeerTimeout          the peer did not do something in time
+
+The subclasses defined elsewhere live beside the code that raises them.
 
 Every error says in its message what a person can do about it; the fields carry the same
 facts for programs. Foreign exceptions are translated at the boundary with ``raise ... from``.
@@ -73,3 +88,21 @@ class AgentError(LivemigError):
         self.vm = vm
         self.request = request
         self.reply = reply
+
+
+class MigrationError(LivemigError):
+    """A migration stopped short. ``stage`` is where; ``vm_runs_on`` says where the VM is."""
+
+    def __init__(self, vm: str, stage: str, message: str, vm_runs_on: str | None) -> None:
+        super().__init__(message)
+        self.vm = vm
+        self.stage = stage
+        self.vm_runs_on = vm_runs_on
+
+
+class ReservationRefused(MigrationError):
+    pass
+
+
+class MigrationCancelled(MigrationError):
+    pass

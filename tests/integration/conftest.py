@@ -8,6 +8,7 @@ stderr of its VMs are attached to the report, as Firecracker's fixtures do.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -15,6 +16,8 @@ from typing import Any
 
 import pytest
 
+from livemig.daemon import launch
+from livemig.errors import VMNotFound
 from livemig.image import builder
 from livemig.net import testbed
 from livemig.vm import qemu
@@ -42,8 +45,11 @@ def _session_bed() -> Iterator[None]:
 
 @pytest.fixture
 def bed(_session_bed: None) -> list[testbed.Node]:
-    """The test bed, up. Idempotent, so a test that tore it down leaves no gap behind."""
-    return testbed.up(3)
+    """The test bed, up with a daemon per host. Idempotent, so a test that tore it down
+    leaves no gap behind."""
+    nodes = testbed.up(3)
+    launch.ensure_daemons()
+    return nodes
 
 
 @pytest.fixture
@@ -93,12 +99,18 @@ def start_vm(
     failed = getattr(request.node, "rep_call", None)
     for vm in started:
         if failed is not None and failed.failed:
-            for label, path in (("console", vm.record.console_log),
-                                ("stderr", vm.record.stderr_log)):
-                if path.exists():
-                    text = path.read_text(errors="replace")[-6000:]
-                    request.node.add_report_section("call", f"{vm.name} {label}", text)
+            # Every copy, wherever the VM has moved meanwhile.
+            for record in [vm.record, *(r for r in qemu.records() if r.spec.name == vm.name)]:
+                for label, path in (("console", record.console_log),
+                                    ("stderr", record.stderr_log)):
+                    if path.exists():
+                        text = path.read_text(errors="replace")[-6000:]
+                        request.node.add_report_section(
+                            "call", f"{vm.name} on {record.host}: {label}", text)
         loop.run_until_complete(vm.stop())
+        # A migrated VM has a copy elsewhere now: every copy goes.
+        with contextlib.suppress(VMNotFound):
+            loop.run_until_complete(qemu.stop(vm.name))
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

@@ -182,6 +182,33 @@ def test_echo_round_trips(spawn: Spawner, run_dir: Path) -> None:
     assert list(run_dir.iterdir()) == []
 
 
+def test_echo_serves_tcp_connections_too(spawn: Spawner) -> None:
+    port = free_udp_port()
+    spawn("lm-echo", "-p", str(port))
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            first = socket.create_connection(("127.0.0.1", port), timeout=1)
+            break
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                pytest.fail("lm-echo never listened on TCP")
+            time.sleep(0.02)
+    with first, socket.create_connection(("127.0.0.1", port), timeout=1) as second:
+        big = os.urandom(200_000)  # more than one read: echoed in pieces, in order
+        second.sendall(b"second")
+        first.sendall(big)
+        got = bytearray()
+        while len(got) < len(big):
+            got += first.recv(65536)
+        assert bytes(got) == big
+        assert second.recv(100) == b"second"
+    # A closed client leaves the server serving others.
+    with socket.create_connection(("127.0.0.1", port), timeout=1) as third:
+        third.sendall(b"again")
+        assert third.recv(100) == b"again"
+
+
 class GameClient:
     def __init__(self, port: int, client_id: int) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

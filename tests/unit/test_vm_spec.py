@@ -47,6 +47,7 @@ def test_kernel_cmdline_carries_workload_and_options() -> None:
 
 def test_spec_round_trips_through_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LIVEMIG_RUN", str(tmp_path))
+    monkeypatch.delenv("LIVEMIG_INSTANCE", raising=False)
     record = VMRecord(spec=make_spec(), host="hostB", pid=4242, incoming=True)
     record.save()
     loaded = VMRecord.load(record.record_file)
@@ -118,3 +119,25 @@ def test_destination_mapping_writes_through_to_the_file(ram_file: Path) -> None:
 def test_mapping_refuses_a_short_file(ram_file: Path) -> None:
     with pytest.raises(ValueError):
         GuestMemory(ram_file, 128 * PAGE_SIZE, writable=False)
+
+
+def test_checksum_sees_content_and_position_but_not_how_zeros_are_stored(ram_file: Path,
+                                                                          tmp_path: Path) -> None:
+    with GuestMemory(ram_file, 64 * PAGE_SIZE, writable=True) as mem:
+        before = mem.checksum()
+        mem.pages[30] = 0  # a zero page written explicitly: same contents, same checksum
+        assert mem.checksum() == before
+        mem.pages[10, 7] ^= 1  # one bit
+        flipped = mem.checksum()
+        assert flipped != before
+        mem.pages[10, 7] ^= 1
+        assert mem.checksum() == before
+        mem.pages[12] = mem.pages[11]  # page 11's bytes moved to page 12: another image
+        mem.pages[11] = 0
+        assert mem.checksum() != before
+        mem.pages[11] = mem.pages[12]
+        mem.pages[12] = 0
+        assert mem.checksum() == before
+        mem.pages[40, 100] = 0
+        mem.pages[41, 100] = 2
+        assert mem.checksum() != before

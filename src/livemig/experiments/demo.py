@@ -1,9 +1,9 @@
 """``livemig demo``: the main job, end to end on the built-in test bed.
 
-Today it brings up the test bed, boots a VM with the chosen workload on hostA, shows
-from the client's namespace that the VM serves (echo probe plus the workload's own
-probe), and tears everything down, also when something fails. Live migration joins
-here when the migration engine lands.
+It brings up the test bed (hosts, client, a daemon per host), boots a VM with the chosen
+workload on hostA, starts the client probes, migrates the VM live to hostB, prints the
+report and saves a chart of the rounds and the probes' timeline. Everything is torn down
+afterwards, also when something fails.
 """
 
 from __future__ import annotations
@@ -11,90 +11,94 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from livemig.experiments.probing import ProbeRun
+import numpy as np
+
+from livemig import reporting
+from livemig.daemon import launch
+from livemig.experiments import plots, scenario
 from livemig.image import builder
 from livemig.net import testbed
+from livemig.probes.timeseries import bucketize
 from livemig.vm import qemu
-from livemig.vm.spec import VMSpec, Workload
+from livemig.vm.spec import Workload
 
-DEMO_VM = "demo"
-DEMO_HOST = "hostA"
+SUMMARY_KEYS = ("downtime_ms", "client_downtime_ms", "tcp_stall_ms", "total_time_s",
+                "bytes_sent", "ram_bytes", "data_sent_ratio", "verified", "service_impact")
 
 
 def _say(message: str) -> None:
     print(f"[demo] {message}", file=sys.stderr, flush=True)
 
 
-def _workload_probe(workload: Workload, ip: str) -> ProbeRun | None:
-    if workload is Workload.WEB:
-        return ProbeRun(testbed.CLIENT, "http", f"http://{ip}/file.bin", "--clients", "4",
-                        "--duration", "3")
-    if workload is Workload.GAME:
-        return ProbeRun(testbed.CLIENT, "game", ip, "--players", "2", "--duration", "3")
-    return None
+def _progress(update: dict[str, Any]) -> None:
+    print(f"[demo] {reporting.progress_line(update)}", file=sys.stderr, flush=True)
 
 
-async def _exercise(workload: Workload, mem_mib: int) -> dict[str, Any]:
-    image = builder.build(log=_say).image
-    spec = VMSpec(
-        name=DEMO_VM,
-        ip=qemu.free_ip(),
-        mem_mib=mem_mib,
-        workload=workload,
-        image=image.name,
-        kernel=image.kernel,
-        initrd=image.initrd,
-    )
-    _say(f"booting VM {DEMO_VM!r} ({workload}, {mem_mib} MiB) on {DEMO_HOST}")
-    started = time.monotonic()
-    vm = await qemu.VM.start(spec, DEMO_HOST)
-    boot_s = time.monotonic() - started
-    try:
-        _say(f"workload ready after {boot_s:.1f} s at {spec.ip}; probing from the client")
-        ip = str(spec.ip)
-        workload_probe = _workload_probe(workload, ip)
-        with ProbeRun(testbed.CLIENT, "echo", ip, "--duration", "3") as echo:
-            echo_result = echo.wait()
-        report: dict[str, Any] = {
-            "vm": qemu.describe(vm.record, await vm.status()),
-            "boot_to_ready_s": round(boot_s, 2),
-            "echo": echo_result.get("summary", {}),
-        }
-        if workload_probe is not None:
-            with workload_probe:
-                report[str(workload)] = workload_probe.wait().get("summary", {})
-        if workload is Workload.MMUNCHER:
-            report["mmuncher"] = (await vm.agent.verify()).get("stats", {}).get("mmuncher", {})
-        return report
-    finally:
-        await vm.stop()
+def throughput_series(result: dict[str, Any]) -> tuple[str, Any, Any]:
+    unit, times, weights = scenario._service_events(Workload(result["workload"]),
+                                                    result["probes"])
+    start = result["probes"]["echo"]["started_ns"]
+    end = int(times.max()) + 1 if len(times) else start + 1
+    buckets = bucketize(times, start_ns=start, end_ns=end, width_ns=100_000_000,
+                        weights=weights)
+    per_s = buckets.totals * 10.0
+    if unit.startswith("HTTP"):
+        per_s = per_s / 1e6
+    return unit, np.arange(len(per_s)) * 0.1, per_s
 
 
-def run(workload: Workload, mem_mib: int, json_file: Path | None) -> int:
-    _say("bringing up the test bed (hostA, hostB, hostC, client)")
+def run(workload: Workload, mem_mib: int, json_file: Path | None, plot: Path) -> int:
+    _say("bringing up the test bed (hostA, hostB, hostC, client) and its daemons")
     testbed.up(3)
     try:
-        report = asyncio.run(_exercise(workload, mem_mib))
+        launch.ensure_daemons()
+        builder.build(log=_say)
+        _say(f"booting {workload} VM on hostA, probing from the client, then migrating "
+             f"it live to hostB")
+        result = asyncio.run(scenario.run(scenario.Scenario(workload=workload, mem_mib=mem_mib),
+                                          on_progress=_progress))
     finally:
         _say("tearing down")
         asyncio.run(qemu.stop_all())
         testbed.down()
-    print(json.dumps(report, indent=2))
+    print(reporting.report_text(result["report"]))
+    print(f"  client downtime    {result['client_downtime_ms']:.1f} ms (UDP echo every 1 ms)")
+    stall = result["tcp_stall_ms"]
+    print(f"  TCP stall          {stall:.1f} ms (one established flow; survived: "
+          f"{result['tcp_survived']})" if stall is not None else "  TCP stall          n/a")
+    impact = result["service_impact"]
+    print(f"  service impact     {impact:.2f} ({result['service_unit']} during migration over "
+          f"before)" if impact is not None else "  service impact     n/a")
+    if result["integrity"] is not None:
+        print(f"  mmuncher           {result['integrity']['errors']} integrity errors after "
+              f"{result['integrity']['full_verifies']} full verifications")
+    plots.migration_figure(plot, result["report"], echo=result["probes"]["echo"],
+                           throughput=throughput_series(result),
+                           migration_started_s=result["migration_started_s"])
+    print(f"  chart              {plot}")
     if json_file is not None:
-        json_file.write_text(json.dumps(report, indent=2) + "\n")
-    return 0
+        summary = {k: result[k] for k in SUMMARY_KEYS} | {
+            "rounds": result["rounds"], "workload": result["workload"],
+            "tcp_survived": result["tcp_survived"], "integrity": result["integrity"],
+            "report": result["report"],
+        }
+        json_file.write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"  JSON               {json_file}")
+    return 0 if result["verified"] is not False else 1
 
 
 def add_demo_command(commands: Any) -> None:
-    parser = commands.add_parser("demo", help="the main job on the built-in test bed")
+    parser = commands.add_parser("demo", help="the main job: a live migration on the test bed")
     parser.add_argument("--workload", default="web",
-                        choices=[w.value for w in Workload if w is not Workload.CUSTOM])
+                        choices=[w.value for w in Workload if w not in (Workload.CUSTOM,
+                                                                       Workload.ECHO)])
     parser.add_argument("--mem", type=int, default=256, metavar="MiB")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the report here")
+    parser.add_argument("--plot", type=Path, metavar="FILE.png", default=Path("demo.png"),
+                        help="chart of the rounds and the probes (default demo.png)")
     parser.set_defaults(
-        func=lambda args: run(Workload(args.workload), args.mem, args.json)
+        func=lambda args: run(Workload(args.workload), args.mem, args.json, args.plot)
     )

@@ -61,6 +61,11 @@ class Node:
     def switch_port(self) -> str:
         return f"sw-{self.name}"[:15]
 
+    @property
+    def mac(self) -> str:
+        """A fixed, locally administered MAC for the node's own interface."""
+        return f"02:4c:4d:00:00:{self.ip.packed[3]:02x}"
+
     def exec_argv(self, argv: list[str]) -> list[str]:
         """``argv`` run inside this node. ``ip netns exec`` execs, so the PID stays argv's."""
         return ["ip", "netns", "exec", self.netns, *argv]
@@ -136,7 +141,11 @@ def enter_client_namespace() -> None:
 
 @contextlib.contextmanager
 def _ipr(ns: str) -> Iterator[IPRoute]:
-    ipr = IPRoute(netns=ns)
+    # pyroute2 reaches another namespace through a forked child that it ends with
+    # SIGTERM; that child shares an asyncio process's signal wake-up fd, so the parent
+    # would take the signal for its own. A daemon already inside ``ns`` needs no child.
+    here = _same_netns("/proc/self/ns/net", f"/run/netns/{ns}")
+    ipr = IPRoute() if here else IPRoute(netns=ns)
     try:
         yield ipr
     finally:
@@ -155,13 +164,17 @@ def _link_index(ipr: IPRoute, ifname: str) -> int | None:
     return found[0] if found else None
 
 
-def _ensure_bridge(ipr: IPRoute, ifname: str) -> int:
+def _ensure_bridge(ipr: IPRoute, ifname: str, mac: str | None = None) -> int:
     index = _link_index(ipr, ifname)
     if index is None:
         # STP off and no forward delay: a port forwards as soon as it is up. Learning and
         # ageing stay at the kernel's defaults, like an ordinary switch.
         ipr.link("add", ifname=ifname, kind="bridge", br_stp_state=0, br_forward_delay=0)
         index = _link_index(ipr, ifname)
+        if mac is not None:
+            # A bridge without a MAC of its own takes its lowest port's, so adding a VM's
+            # tap would change the host's address under its neighbours' ARP caches.
+            ipr.link("set", index=index, address=mac)
     assert index is not None
     ipr.link("set", index=index, state="up")
     return index
@@ -203,7 +216,7 @@ def _ensure_host(node: Node) -> None:
     _ensure_netns(node.netns)
     uplink = _plug_into_switch(node, HOST_UPLINK)
     with _ipr(node.netns) as ipr:
-        bridge = _ensure_bridge(ipr, HOST_BRIDGE)
+        bridge = _ensure_bridge(ipr, HOST_BRIDGE, mac=node.mac)
         ipr.link("set", index=uplink, master=bridge)
         _ensure_address(ipr, bridge, node.ip)
 

@@ -31,7 +31,7 @@ from typing import Any
 
 from livemig.errors import LivemigError
 from livemig.net import testbed
-from livemig.probes import echo, game
+from livemig.probes import echo, game, tcpflow
 from livemig.probes import http as http_probe
 
 Handler = Callable[[argparse.Namespace], int]
@@ -112,7 +112,9 @@ def add_probe_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentP
         description="Client-side probes. Each runs for --duration or until SIGTERM/SIGINT, "
         "then writes a JSON result.",
     )
-    kinds = probe.add_subparsers(dest="probe_kind", required=True, metavar="{echo,http,game}")
+    kinds = probe.add_subparsers(
+        dest="probe_kind", required=True, metavar="{echo,http,game,tcp,download}"
+    )
 
     p = kinds.add_parser(
         "echo",
@@ -178,6 +180,23 @@ def add_probe_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentP
     p.add_argument("--first-id", type=_client_id, default=1, help="client id of the first player")
     _add_common(p)
     p.set_defaults(func=game_command)
+
+    p = kinds.add_parser(
+        "tcp",
+        help="one TCP echo connection, a message every 5 ms; its longest stall",
+    )
+    p.add_argument("target", help="host or IP address of the VM")
+    p.add_argument("--port", type=_port, default=7)
+    p.add_argument("--interval-ms", type=_positive_float, default=5.0)
+    _add_common(p)
+    p.set_defaults(func=tcp_command)
+
+    p = kinds.add_parser("download", help="one HTTP download, read at a fixed pace")
+    p.add_argument("url", type=_url, help="http://HOST[:PORT]/PATH")
+    p.add_argument("--rate-kbps", type=_positive_float, default=2000.0,
+                   help="kilobytes per second to read at (default 2000)")
+    p.add_argument("-o", "--output", metavar="FILE", default=None)
+    p.set_defaults(func=download_command)
 
 
 @contextmanager
@@ -268,6 +287,37 @@ def echo_command(args: argparse.Namespace) -> int:
             )
     except LivemigError as exc:
         return _fail(exc)
+    emit(result.to_json(), result.one_line(), args.output)
+    return 0
+
+
+def tcp_command(args: argparse.Namespace) -> int:
+    """``probe tcp``: one established TCP flow; its longest stall."""
+    try:
+        _measure_from_client(args.target)
+        with stop_on_signals() as stop:
+            result = tcpflow.run_tcp_echo(args.target, port=args.port,
+                                          interval_ms=args.interval_ms,
+                                          duration_s=args.duration, stop=stop)
+    except LivemigError as exc:
+        return _fail(exc)
+    except OSError as exc:
+        print(f"livemig probe: cannot connect to {args.target}:{args.port}: {exc}",
+              file=sys.stderr)
+        return 2
+    emit(result.to_json(), result.one_line(), args.output)
+    return 0
+
+
+def download_command(args: argparse.Namespace) -> int:
+    """``probe download``: a paced HTTP download that must arrive whole."""
+    target = http_probe.parse_url(args.url)
+    try:
+        _measure_from_client(target.host)
+    except LivemigError as exc:
+        return _fail(exc)
+    result = tcpflow.run_download(target.host, target.path, port=target.port,
+                                  rate_kbps=args.rate_kbps)
     emit(result.to_json(), result.one_line(), args.output)
     return 0
 

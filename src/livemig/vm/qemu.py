@@ -201,7 +201,7 @@ class VM:
     async def _destroy(self, kill_pid: int | None) -> None:
         await self.close()
         if kill_pid and (self.record.process_alive() or self._process is not None):
-            _end_process(kill_pid, self._process)
+            await _end_process(kill_pid, self.record, self._process)
         node = testbed.host_node(self.record.host)
         await asyncio.to_thread(testbed.del_tap, node, self.record.spec.tap)
         with contextlib.suppress(FileNotFoundError):
@@ -294,22 +294,29 @@ class VM:
             )
 
 
-def _end_process(pid: int, process: subprocess.Popen[bytes] | None, grace_s: float = 5.0) -> None:
-    """SIGTERM (QEMU then exits cleanly), SIGKILL after ``grace_s``; reaps our own child."""
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
-        if process is not None:
-            if process.poll() is not None:
-                return
-        elif not Path(f"/proc/{pid}").exists():
-            return
-        time.sleep(0.02)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
+def _exited(record: VMRecord, process: subprocess.Popen[bytes] | None) -> bool:
     if process is not None:
-        process.wait()
+        return process.poll() is not None
+    # A QEMU this process started in an earlier role (a daemon's destination VM) is our
+    # child: reap it, or it stays a zombie. Anyone else's child is reaped by its parent.
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(record.pid, os.WNOHANG)
+    return not record.process_alive()  # gone, or a zombie: either way it has exited
+
+
+async def _end_process(
+    pid: int, record: VMRecord, process: subprocess.Popen[bytes] | None, grace_s: float = 5.0
+) -> None:
+    """SIGTERM (QEMU then exits cleanly), SIGKILL after ``grace_s``, without blocking the
+    event loop: a daemon serves other migrations meanwhile."""
+    for signum, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, grace_s)):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            if _exited(record, process):
+                return
+            await asyncio.sleep(0.01)
 
 
 async def stop(name: str) -> VMRecord:

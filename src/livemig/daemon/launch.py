@@ -1,0 +1,68 @@
+"""Start one daemon per test bed host (idempotent), each inside its host's namespace.
+
+A daemon is detached (``setsid -f``): it belongs to no caller, outlives the command that
+started it, and is reaped by init when 'testbed down' ends it. It writes its own pid file.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from livemig import paths
+from livemig.daemon import control
+from livemig.daemon.control import DaemonUnavailable
+from livemig.net import testbed
+
+START_TIMEOUT_S = 15.0
+
+
+def ensure_key() -> None:
+    path = control.key_file()
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(secrets.token_bytes(32))
+
+
+def pid_file(host: str) -> Path:
+    return paths.host_dir(host) / "livemigd.pid"
+
+
+def _running(host: str) -> bool:
+    try:
+        pid = int(pid_file(host).read_text())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return False
+    return b"livemig.daemon.server" in cmdline and host.encode() in cmdline
+
+
+def ensure_daemons() -> None:
+    """A daemon on every host that is up; starts only the missing ones."""
+    ensure_key()
+    started = []
+    for node in testbed.hosts():
+        if _running(node.name):
+            continue
+        paths.host_dir(node.name).mkdir(parents=True, exist_ok=True)
+        control.socket_path(node.name).unlink(missing_ok=True)  # a dead daemon's
+        argv = ["setsid", "-f", sys.executable, "-m", "livemig.daemon.server",
+                "--host", node.name]
+        log = paths.host_dir(node.name) / "livemigd.log"
+        with log.open("ab") as out:
+            subprocess.run(node.exec_argv(argv), stdin=subprocess.DEVNULL, stdout=out,
+                           stderr=out, check=True)
+        started.append(node.name)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    for host in started:
+        while not (control.socket_path(host).exists() and _running(host)):
+            if time.monotonic() > deadline:
+                raise DaemonUnavailable(host, f"it did not start within {START_TIMEOUT_S:g} s; "
+                                        f"see {paths.host_dir(host) / 'livemigd.log'}")
+            time.sleep(0.05)

@@ -1,0 +1,192 @@
+"""``livemig daemon --host H``: the host daemon, run inside the host's namespace.
+
+It listens in two places. The CLI talks to it on a root-only Unix socket
+(``daemon.control``). Peer daemons reach it over TCP on the host's LAN address, and
+every peer connection must pass the HMAC handshake of ``wire.frames`` before any of its
+requests reaches a ``DestinationSession``. The migrations it drives as a source run as
+tasks, one per VM, so ``cancel`` can stop one at any stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from livemig.daemon import control
+from livemig.errors import LivemigError, MigrationError
+from livemig.migration.destination import DestinationSession
+from livemig.migration.planner import MBIT, Mode, RateLimits
+from livemig.migration.source import MigrationOptions, Progress, SourceMigration
+from livemig.net import testbed
+from livemig.vm import qemu
+from livemig.wire import channel
+from livemig.wire.channel import Channel
+
+log = logging.getLogger("livemigd")
+
+
+class Daemon:
+    def __init__(self, host: str, key: bytes) -> None:
+        self.host = host
+        self.key = key
+        self.ip = str(testbed.host_node(host).ip)
+        self.migrations: dict[str, asyncio.Task[Any]] = {}
+        self._sessions: set[asyncio.Task[None]] = set()
+
+    async def run(self) -> None:
+        path = control.socket_path(self.host)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(path.parent, 0o700)
+        path.unlink(missing_ok=True)
+        local = await asyncio.start_unix_server(self._on_cli, str(path),
+                                                limit=control.MAX_LINE_BYTES)
+        os.chmod(path, 0o600)
+        (path.parent / "livemigd.pid").write_text(str(os.getpid()))
+        peers = await channel.serve(self.ip, control.PEER_PORT, key=self.key, me=self.host,
+                                    handler=self._on_peer)
+        log.info("livemigd on %s: control %s, peers %s:%d", self.host, path, self.ip,
+                 control.PEER_PORT)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            local.close()
+            peers.close()
+            for task in [*self.migrations.values(), *self._sessions]:
+                task.cancel()
+            await asyncio.gather(*self.migrations.values(), *self._sessions,
+                                 return_exceptions=True)
+            path.unlink(missing_ok=True)
+
+    # -- peers ----------------------------------------------------------------------------
+
+    async def _on_peer(self, peer: Channel) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._sessions.add(task)
+        try:
+            await DestinationSession(self.host, peer).serve()
+        except LivemigError as exc:
+            log.warning("incoming migration ended: %s", exc)
+        except Exception:
+            log.exception("incoming migration failed")
+        finally:
+            self._sessions.discard(task)
+
+    # -- the CLI --------------------------------------------------------------------------
+
+    async def _on_cli(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await reader.readline()
+            request = control.decode(line)
+            op = request.get("op")
+            if op == "ping":
+                writer.write(control.encode({"type": "result", "host": self.host}))
+            elif op == "migrate":
+                await self._migrate(request, writer)
+            elif op == "cancel":
+                writer.write(control.encode(self._cancel(str(request.get("vm")))))
+            else:
+                writer.write(control.encode({"type": "error", "message": f"unknown op {op!r}"}))
+            await writer.drain()
+        except LivemigError as exc:
+            with contextlib.suppress(OSError):
+                writer.write(control.encode({"type": "error", "message": str(exc)}))
+                await writer.drain()
+        except OSError:
+            pass  # the CLI went away; a running migration goes on without it
+        finally:
+            writer.close()
+
+    def _cancel(self, vm: str) -> dict[str, Any]:
+        task = self.migrations.get(vm)
+        if task is None or task.done():
+            return {"type": "error", "message": f"no migration of {vm!r} runs on {self.host}"}
+        task.cancel()
+        return {"type": "result", "cancelled": vm}
+
+    async def _migrate(self, request: dict[str, Any], writer: asyncio.StreamWriter) -> None:
+        name = str(request.get("vm"))
+        target = str(request.get("to"))
+        if name in self.migrations and not self.migrations[name].done():
+            raise LivemigError(f"{name} is already migrating")
+        record = qemu.find(name)
+        if record.host != self.host:
+            raise LivemigError(f"{name} runs on {record.host}, not on {self.host}")
+        if target == self.host:
+            raise LivemigError(f"{name} already runs on {target}")
+        target_ip = str(testbed.require_host(target).ip)
+        options = MigrationOptions(
+            limits=RateLimits(
+                min_bps=float(request.get("min_rate_mbps", 100)) * MBIT,
+                max_bps=float(request.get("max_rate_mbps", 500)) * MBIT,
+                increment_bps=float(request.get("increment_mbps", 50)) * MBIT,
+            ),
+            mode=Mode(request.get("mode", Mode.PRECOPY)),
+            tracker=str(request.get("tracker", "auto")),
+            verify=bool(request.get("verify", True)),
+        )
+
+        def progress(update: Progress) -> None:
+            with contextlib.suppress(OSError, RuntimeError):
+                writer.write(control.encode({"type": "progress", **asdict(update)}))
+
+        vm = await qemu.VM.attach(record)
+        migration = SourceMigration(
+            vm,
+            source_host=self.host,
+            target_host=target,
+            target_ip=target_ip,
+            connect=lambda: channel.connect(target_ip, control.PEER_PORT, key=self.key,
+                                            me=self.host, timeout=10.0),
+            options=options,
+            on_progress=progress,
+        )
+        task = asyncio.get_running_loop().create_task(migration.run())
+        self.migrations[name] = task
+        try:
+            # shield: the CLI hanging up must not cancel the migration; only 'cancel' does
+            report = await asyncio.shield(task)
+            writer.write(control.encode({"type": "result", "report": report.to_json()}))
+        except MigrationError as exc:
+            writer.write(control.encode({
+                "type": "error", "message": str(exc), "stage": exc.stage,
+                "vm_runs_on": exc.vm_runs_on,
+            }))
+        except Exception as exc:  # a bug: the engine has put the VM back; say so plainly
+            log.exception("migration of %s failed", name)
+            writer.write(control.encode({
+                "type": "error", "vm_runs_on": record.host, "stage": migration.stage.value,
+                "message": f"migration of {name} failed with an internal error ({exc!r}); "
+                           f"it runs on {record.host}; see {self.host}'s livemigd.log",
+            }))
+        finally:
+            if task.done():
+                self.migrations.pop(name, None)
+                await vm.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="livemig daemon", description=__doc__.splitlines()[0])
+    parser.add_argument("--host", required=True)
+    parser.add_argument("--key-file", type=Path, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    key = (args.key_file or control.key_file()).read_bytes()
+    asyncio.run(Daemon(args.host, key).run())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,250 @@
+"""The destination side of a migration: one authenticated peer connection, one VM.
+
+It answers the source's requests in stage order:
+
+    reserve   check memory and disk, start QEMU with -incoming, map its RAM for writing
+    Pages     write each page straight into the mapping (zero pages only where needed)
+    image     wait for QEMU's device state, checksum the image: "consistent"
+    commit    now primary: cont, then announce the VM on the LAN
+
+Anything else, an ``Abort``, a lost peer or a silent one before ``commit`` tears down
+everything the reservation made: QEMU, its tap, its RAM file and its record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from livemig.errors import LivemigError
+from livemig.migration.stages import Event, Stage, StageMachine
+from livemig.net import testbed
+from livemig.vm import qemu
+from livemig.vm.memory import page_checksums, sum_checksums
+from livemig.vm.spec import VMRecord, VMSpec
+from livemig.wire import frames
+from livemig.wire.channel import Channel
+
+log = logging.getLogger(__name__)
+
+IDLE_TIMEOUT_S = 30.0  # no frame from the source for this long: it is gone
+MEMORY_MARGIN_BYTES = 64 << 20  # QEMU itself, beyond guest RAM
+INCOMING_TIMEOUT_S = 30.0
+
+
+def free_port(ip: str) -> int:
+    """A TCP port free on ``ip`` now, for QEMU's incoming device-state stream."""
+    with socket.socket() as probe:
+        probe.bind((ip, 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def reservation_problem(ram_bytes: int) -> str | None:
+    """Why this host cannot hold ``ram_bytes`` of guest RAM, or None."""
+    with open("/proc/meminfo") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    available = int(fields["MemAvailable"].split()[0]) * 1024
+    if available < ram_bytes + MEMORY_MARGIN_BYTES:
+        return (f"only {available >> 20} MiB of memory available, "
+                f"{(ram_bytes + MEMORY_MARGIN_BYTES) >> 20} MiB needed")
+    shm = os.statvfs("/dev/shm")
+    if shm.f_bavail * shm.f_frsize < ram_bytes:
+        return (f"only {shm.f_bavail * shm.f_frsize >> 20} MiB free in /dev/shm "
+                f"for a {ram_bytes >> 20} MiB RAM file")
+    return None
+
+
+class DestinationSession:
+    def __init__(self, host: str, channel: Channel) -> None:
+        self.host = host
+        self.channel = channel
+        self.machine = StageMachine()
+        self.vm: qemu.VM | None = None
+        self._written: npt.NDArray[np.bool_] | None = None
+        self._page_sums = np.zeros(0, dtype=np.uint64)
+        self._started = time.monotonic()
+
+    def _event(self, event: Event) -> None:
+        self.machine.handle(event, time.monotonic() - self._started)
+
+    async def serve(self) -> None:
+        """Answer the source until the VM runs here, or until the migration is abandoned."""
+        try:
+            self._event(Event.BEGIN)
+            while not self.machine.stage.terminal:
+                message = await self.channel.recv(timeout=IDLE_TIMEOUT_S)
+                await self._dispatch(message)
+        except BaseException as exc:
+            if self.machine.stage.source_is_primary:
+                log.warning("migration from %s abandoned in %s: %s", self.channel.peer,
+                            self.machine.stage.value, exc)
+                await self._tear_down()
+                if not isinstance(exc, LivemigError | OSError):
+                    raise
+            else:
+                log.error("VM %s committed here but: %s", self._vm_name, exc)
+                raise
+        finally:
+            if self.vm is not None:
+                await self.vm.close()  # frees QEMU's one-client agent and QMP sockets
+            await self.channel.close()
+
+    @property
+    def _vm_name(self) -> str:
+        return self.vm.name if self.vm is not None else "?"
+
+    async def _dispatch(self, message: frames.Message) -> None:
+        stage = self.machine.stage
+        if isinstance(message, frames.Pages) and stage in (Stage.PRECOPY, Stage.STOP_AND_COPY):
+            self._write(message)
+        elif isinstance(message, frames.Abort):
+            log.info("source aborted the migration: %s", message.reason)
+            self._event(Event.CANCELLED)
+            await self._tear_down()
+        elif isinstance(message, frames.Request) and message.kind == "reserve":
+            await self.channel.send(await self._reserve(message.body))
+        elif isinstance(message, frames.Request) and message.kind == "image":
+            await self.channel.send(await self._image(bool(message.body.get("verify"))))
+        elif isinstance(message, frames.Request) and message.kind == "commit":
+            await self._commit()
+        else:
+            raise frames.RemoteProtocolError(
+                self.channel.peer,
+                f"{type(message).__name__} {getattr(message, 'kind', '')!s} is not expected "
+                f"in stage {stage.value}"
+            )
+
+    # -- stage 1 ------------------------------------------------------------------------
+
+    async def _reserve(self, body: dict[str, Any]) -> frames.Reply:
+        if self.machine.stage is not Stage.RESERVATION:
+            raise frames.RemoteProtocolError(
+                self.channel.peer, f"reserve in stage {self.machine.stage.value}"
+            )
+        try:
+            spec = VMSpec.from_json(body["spec"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise frames.RemoteProtocolError(
+                self.channel.peer, f"malformed VM spec: {exc}"
+            ) from exc
+        if problem := reservation_problem(spec.ram_bytes):
+            self._event(Event.FAILED)
+            return frames.Reply(ok=False, body={"error": problem})
+        if not (spec.kernel.is_file() and spec.initrd.is_file()):
+            self._event(Event.FAILED)
+            return frames.Reply(ok=False, body={"error": f"image {spec.image!r} is not here"})
+        try:
+            self.vm = await qemu.VM.start(spec, self.host, incoming=True)
+        except LivemigError as exc:
+            self._event(Event.FAILED)
+            return frames.Reply(ok=False, body={"error": str(exc)})
+        ip = str(testbed.host_node(self.host).ip)
+        port = free_port(ip)
+        await self.vm.qmp_command(
+            "migrate-set-capabilities",
+            capabilities=[{"capability": "x-ignore-shared", "state": True}],
+        )
+        await self.vm.qmp_command("migrate-incoming", uri=f"tcp:{ip}:{port}")
+        memory = self.vm.memory  # mapped now, writable, for the VM's lifetime here
+        self._written = np.zeros(memory.npages, dtype=bool)
+        self._page_sums = np.zeros(memory.npages, dtype=np.uint64)
+        self.channel.connection.npages = memory.npages  # the codec bounds page indexes
+        self._event(Event.RESERVED)
+        return frames.Reply(ok=True, body={"port": port})
+
+    # -- stages 2 and 3 -----------------------------------------------------------------
+
+    def _write(self, pages: frames.Pages) -> None:
+        assert self.vm is not None and self._written is not None
+        memory = self.vm.memory
+        npages = memory.npages
+        if (len(pages.indexes) and int(pages.indexes.max()) >= npages) or (
+            len(pages.zero_indexes) and int(pages.zero_indexes.max()) >= npages
+        ):
+            raise frames.RemoteProtocolError(
+                self.channel.peer, f"a page index beyond the VM's {npages} pages"
+            )
+        if len(pages.indexes):
+            data = np.frombuffer(pages.data, dtype=np.uint8).reshape(-1, memory.pages.shape[1])
+            memory.pages[pages.indexes] = data
+            self._written[pages.indexes] = True
+            # Checksummed from the mapping just written, as the guest will read it.
+            self._page_sums[pages.indexes] = page_checksums(memory.pages[pages.indexes],
+                                                            pages.indexes)
+        if len(pages.zero_indexes):
+            # A fresh RAM file reads as zeros: write zeros only over what we wrote before,
+            # so that holes stay holes and cost no memory.
+            rewrite = pages.zero_indexes[self._written[pages.zero_indexes]]
+            memory.pages[rewrite] = 0
+            self._page_sums[pages.zero_indexes] = 0
+
+    async def _image(self, verify: bool) -> frames.Reply:
+        assert self.vm is not None
+        if self.machine.stage is Stage.PRECOPY:
+            self._event(Event.PRECOPY_DONE)
+        deadline = time.monotonic() + INCOMING_TIMEOUT_S
+        while True:
+            info = await self.vm.qmp_command("query-migrate")
+            status = info.get("status")
+            if status == "completed":
+                break
+            if status == "failed" or time.monotonic() > deadline:
+                self._event(Event.FAILED)
+                return frames.Reply(ok=False, body={"error": f"device state {status}"})
+            await asyncio.sleep(0.001)
+        body: dict[str, Any] = {"consistent": True}
+        if verify:
+            started = time.monotonic()
+            body["checksum"] = sum_checksums(self._page_sums)
+            body["verify_ms"] = (time.monotonic() - started) * 1000
+        self._event(Event.IMAGE_CONSISTENT)
+        return frames.Reply(ok=True, body=body)
+
+    # -- stages 4 and 5 -----------------------------------------------------------------
+
+    async def _commit(self) -> None:
+        assert self.vm is not None
+        if self.machine.stage is not Stage.COMMITMENT:
+            raise frames.RemoteProtocolError(
+                self.channel.peer, f"commit in stage {self.machine.stage.value}"
+            )
+        self._event(Event.COMMITTED)  # primary from here on: never tear down after this
+        await self.vm.resume()
+        cont_returned_at = time.monotonic()
+        # The source's clock is this one (one machine); across machines it would need
+        # the offset measured at connection time.
+        await self.channel.send(frames.Reply(ok=True, body={"cont_returned_at": cont_returned_at}))
+        record = self.vm.record
+        self.vm.record = VMRecord(spec=record.spec, host=record.host, pid=record.pid)
+        self.vm.record.save()  # no longer incoming: this is the VM now
+        await self._announce()
+        self._event(Event.ACTIVATED)
+
+    async def _announce(self) -> None:
+        """Tell the LAN where the VM is now, from the VM's own NIC (so switches learn)."""
+        assert self.vm is not None
+        started = time.monotonic()
+        try:
+            await self.vm.agent.announce(timeout=5.0)
+            log.info("%s announced itself from its NIC in %.0f ms", self.vm.name,
+                     (time.monotonic() - started) * 1000)
+        except LivemigError as exc:
+            # A guest without our agent: QEMU announces for it (RARP from the VM's MAC).
+            log.info("agent announce failed (%s); using QMP announce-self", exc)
+            with contextlib.suppress(LivemigError):
+                await self.vm.qmp_command("announce-self", initial=50, max=550, rounds=3,
+                                          step=100)
+
+    async def _tear_down(self) -> None:
+        if self.vm is not None:
+            vm, self.vm = self.vm, None
+            await vm.stop()

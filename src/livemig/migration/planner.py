@@ -1,0 +1,462 @@
+"""The pre-copy planner, sans-IO: which pages go in a round, at what rate, and when to stop.
+
+This is the algorithm of Clark et al., "Live Migration of Virtual Machines" (NSDI 2005),
+with the numbers of their Xen implementation (DESIGN.md, "The paper's algorithm"):
+
+- *Iterative pre-copy* (§3.1; Fig. 1, stage 2): round 1 sends every page; each later round
+  sends the pages dirtied during the round before.
+- *Rapid page dirtying* (§5.4): each round goes in pseudo-random order, because writes
+  cluster physically and a linear scan would keep running into the cluster being written.
+  The source peeks before each batch and skips pages dirtied again since the round began;
+  they are in the next round's dirty set anyway. The planner only counts them.
+- *Dynamic rate limiting* (§5.3): round 1 runs at the minimum rate; each later round at
+  the previous round's dirty rate plus a fixed increment. Pre-copy ends when that rate
+  would exceed the maximum, or when less than 256 KiB remains dirty; the stop-and-copy
+  runs at the maximum. Xen also ends after 29 rounds or once 3 x RAM has been sent.
+
+It owns no socket and no clock: the source role (and the simulator) feed it observations
+(pages sent, skipped and zero, pages dirtied, how long a round took) and it returns
+decisions. Rates are in bits per second throughout. Every step is a handful of numpy
+calls over page-index arrays, never a Python loop over pages: the simulator runs
+thousands of migrations of gigabyte VMs on top of it.
+
+Life cycle, one table (``_ALLOWED``)::
+
+    READY --first()--> IN_ROUND --end_round()--> IN_ROUND ... --> DONE
+      |                  record_batch() any number of times          ^
+      +--first() in stop-and-copy mode--------------------------------+
+
+A call the current phase does not allow raises :class:`PlannerStateError`. Arguments that
+are wrong in themselves (a page index out of range, a duration of zero) raise
+``ValueError``: both are bugs in the caller, not something an operator can fix.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from livemig.errors import LivemigError
+
+PAGE_SIZE = 4096
+MBIT = 1_000_000
+
+Pages = npt.NDArray[np.int64]
+
+_PAGE_BITS = PAGE_SIZE * 8
+
+
+class Mode(enum.StrEnum):
+    PRECOPY = "precopy"
+    STOP_AND_COPY = "stop-and-copy"
+
+
+class StopReason(enum.StrEnum):
+    """Why pre-copy ended (or never began).
+
+    When several hold at the end of the same round, one is reported, in this order:
+    FEW_PAGES_LEFT, RATE_ABOVE_MAX, SENT_LIMIT, ROUND_LIMIT. The paper's own two
+    conditions (§5.3) come before Xen's safety limits, and "converged" before "gave up",
+    because that is the more useful thing to tell an operator.
+    """
+
+    FEW_PAGES_LEFT = "few-pages-left"  # less than final_bytes remain
+    RATE_ABOVE_MAX = "rate-above-max"  # the next round would need more than max_bps
+    ROUND_LIMIT = "round-limit"  # max_rounds done
+    SENT_LIMIT = "sent-limit"  # max_sent_factor x RAM sent
+    STOP_AND_COPY_MODE = "stop-and-copy-mode"
+
+
+class Phase(enum.StrEnum):
+    """Where the planner is in its life cycle."""
+
+    READY = "ready"  # constructed; first() not called yet
+    IN_ROUND = "in-round"  # a RoundPlan is out; record_batch() and end_round() expected
+    DONE = "done"  # a StopAndCopy is out; the planner has nothing more to decide
+
+
+# Everything that moves the planner between phases is checked against this table.
+_ALLOWED: dict[Phase, frozenset[str]] = {
+    Phase.READY: frozenset({"first"}),
+    Phase.IN_ROUND: frozenset({"record_batch", "end_round"}),
+    Phase.DONE: frozenset(),
+}
+
+_WHAT_TO_DO: dict[Phase, str] = {
+    Phase.READY: "call first() to get round 1",
+    Phase.IN_ROUND: "a round is in progress: report it with record_batch() and end_round()",
+    Phase.DONE: "pre-copy is over (a StopAndCopy was returned); use a new Planner",
+}
+
+
+class PlannerStateError(LivemigError):
+    """A planner method was called in a phase that does not allow it (a caller's bug)."""
+
+    def __init__(self, operation: str, phase: Phase) -> None:
+        super().__init__(
+            f"Planner.{operation}() is not allowed in phase {phase.value!r}: {_WHAT_TO_DO[phase]}"
+        )
+        self.operation = operation
+        self.phase = phase
+
+
+@dataclass(frozen=True)
+class RateLimits:
+    """§5.3's rate policy; the defaults are Xen's (100 and 500 Mbit/s, +50 Mbit/s)."""
+
+    min_bps: float = 100 * MBIT
+    max_bps: float = 500 * MBIT
+    increment_bps: float = 50 * MBIT
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.min_bps) and self.min_bps > 0):
+            raise ValueError(f"min_bps must be a positive rate, not {self.min_bps!r}")
+        if not (math.isfinite(self.max_bps) and self.max_bps >= self.min_bps):
+            raise ValueError(
+                f"max_bps ({self.max_bps!r}) must be finite and at least min_bps ({self.min_bps!r})"
+            )
+        if not (math.isfinite(self.increment_bps) and self.increment_bps >= 0):
+            raise ValueError(f"increment_bps must be >= 0, not {self.increment_bps!r}")
+
+
+# Module-level defaults, so that dataclass and argument defaults are one shared frozen
+# value rather than a call evaluated at import (ruff RUF009 / B008).
+DEFAULT_LIMITS = RateLimits()
+
+
+@dataclass(frozen=True)
+class PlannerConfig:
+    limits: RateLimits = DEFAULT_LIMITS
+    mode: Mode = Mode.PRECOPY
+    max_rounds: int = 29  # pre-copy rounds, as Xen
+    max_sent_factor: float = 3.0  # stop once this many x RAM has been sent
+    final_bytes: int = 256 * 1024  # stop when less than this remains dirty
+    seed: int = 0  # of the pseudo-random send order
+
+    def __post_init__(self) -> None:
+        if self.max_rounds < 1:
+            raise ValueError(f"max_rounds must be at least 1, not {self.max_rounds!r}")
+        if not (math.isfinite(self.max_sent_factor) and self.max_sent_factor > 0):
+            raise ValueError(f"max_sent_factor must be positive, not {self.max_sent_factor!r}")
+        if self.final_bytes < 0:
+            raise ValueError(f"final_bytes must be >= 0, not {self.final_bytes!r}")
+
+
+DEFAULT_CONFIG = PlannerConfig()
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """A pre-copy round: send ``pages`` in this (pseudo-random) order at ``rate_bps``.
+
+    In round 1 the holes given to ``first()`` come first, sorted: ``pages[:zero_pages]``.
+    They go as indexes only and take no time at the paced rate, so the §5.4 reason for a
+    random order (not to chase the cluster being written) does not apply to them, and
+    the source can tell them apart with a slice instead of reading them (reading a hole
+    of a /dev/shm file allocates it). The rest follows in pseudo-random order.
+    ``pages`` is read-only.
+    """
+
+    number: int  # 1-based
+    pages: Pages
+    rate_bps: float
+    zero_pages: int = 0  # leading entries of ``pages`` that are known holes (round 1 only)
+
+
+@dataclass(frozen=True)
+class StopAndCopy:
+    """Pause the VM, then send ``pages`` (the last dirty set) at the maximum rate.
+
+    ``pages`` is sorted and read-only: with the VM paused nothing is dirtied any more, so
+    the random order of §5.4 would buy nothing, and ascending order reads RAM linearly.
+    """
+
+    pages: Pages
+    rate_bps: float
+    reason: StopReason
+
+
+@dataclass(frozen=True)
+class RoundStats:
+    """What one pre-copy round did. ``pages_sent + pages_skipped + pages_zero`` is
+    ``pages_planned``: every page of the plan is accounted for exactly once."""
+
+    number: int
+    pages_planned: int
+    pages_sent: int  # sent with their 4096 bytes of data
+    pages_skipped: int  # dirtied again before their turn (§5.4): the next round sends them
+    pages_dirtied: int  # written during the round: the next round's work
+    rate_bps: float  # the rate the round was paced at
+    duration_s: float
+    dirty_rate_bps: float  # pages_dirtied x page size x 8 / duration
+    pages_zero: int = 0  # all-zero pages, sent as indexes only
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A snapshot for status displays: where the planner is and what it has sent."""
+
+    phase: Phase
+    round: int  # the round in progress or last planned; 0 before first()
+    pages_planned: int  # in the current round
+    pages_sent: int  # in the current round, with data
+    pages_skipped: int  # in the current round
+    pages_zero: int  # in the current round, as indexes only
+    bytes_sent: int  # page bytes over all rounds so far
+    ram_bytes: int
+
+    @property
+    def pages_left(self) -> int:
+        """Pages of the current round not yet reported by ``record_batch()``."""
+        return self.pages_planned - self.pages_sent - self.pages_skipped - self.pages_zero
+
+
+class Planner:
+    """``first()`` gives round 1; after each round ``end_round()`` gives the next step.
+
+    Between the two the source reports each batch with ``record_batch()``. The step is a
+    :class:`RoundPlan` while pre-copy goes on and a :class:`StopAndCopy` when it ends;
+    after that the planner only answers questions (``rounds``, ``bytes_sent``, ...).
+    """
+
+    def __init__(self, npages: int, config: PlannerConfig = DEFAULT_CONFIG) -> None:
+        if isinstance(npages, bool) or not isinstance(npages, int | np.integer) or npages < 1:
+            raise ValueError(f"npages must be a positive integer, not {npages!r}")
+        self._npages = int(npages)
+        self._config = config
+        self._rng = np.random.default_rng(config.seed)
+        self._phase = Phase.READY
+        self._rounds: list[RoundStats] = []
+        self._bytes_sent = 0
+        self._final: StopAndCopy | None = None
+        # The round in progress.
+        self._number = 0
+        self._planned = 0
+        self._rate_bps = 0.0
+        self._sent = 0
+        self._skipped = 0
+        self._zero = 0
+
+    # -- decisions -------------------------------------------------------------------
+
+    def first(self, zero_pages: Pages | None = None) -> RoundPlan | StopAndCopy:
+        """Round 1: every page, pseudo-random order, at the minimum rate. ``zero_pages``
+        (holes never written) still count as pages of the round but are cheap: the source
+        sends them as indexes only. In stop-and-copy mode: a StopAndCopy of every page.
+
+        Holes lead round 1's order (see :class:`RoundPlan`); duplicates among them are
+        ignored. Pre-copy mode always plans round 1, even for a VM smaller than
+        ``final_bytes``, as Xen does: the stop conditions are looked at after a round.
+        """
+        self._require("first")
+        holes = (
+            np.empty(0, dtype=np.int64)
+            if zero_pages is None
+            else np.unique(self._checked_pages(zero_pages, "zero_pages"))
+        )
+        if self._config.mode is Mode.STOP_AND_COPY:
+            # The pure baseline (§3.1, "pure stop-and-copy"): no round at all; holes are
+            # the source's to skip, as in any final copy.
+            return self._stop(
+                np.arange(self._npages, dtype=np.int64), StopReason.STOP_AND_COPY_MODE
+            )
+        if holes.size:
+            is_data = np.ones(self._npages, dtype=np.bool_)
+            is_data[holes] = False
+            data = self._rng.permutation(np.flatnonzero(is_data)).astype(np.int64, copy=False)
+            order = np.concatenate((holes, data))
+        else:
+            order = self._rng.permutation(self._npages).astype(np.int64, copy=False)
+        return self._plan(order, self._config.limits.min_bps, zero_pages=int(holes.size))
+
+    def record_batch(self, sent: int, skipped: int, zero: int = 0) -> None:
+        """Progress inside the current round (the source calls it per batch).
+
+        The three counts are disjoint: ``sent`` pages went with their data, ``skipped``
+        were dirtied again before their turn and not sent (§5.4), ``zero`` went as indexes
+        only because they were all zero. Only ``sent`` adds to :attr:`bytes_sent`.
+        """
+        self._require("record_batch")
+        for name, value in (("sent", sent), ("skipped", skipped), ("zero", zero)):
+            if value < 0:
+                raise ValueError(f"record_batch: {name} must be >= 0, not {value!r}")
+        total = self._sent + self._skipped + self._zero + sent + skipped + zero
+        if total > self._planned:
+            raise ValueError(
+                f"record_batch: round {self._number} planned {self._planned} pages, but "
+                f"the batches reported so far account for {total}"
+            )
+        self._sent += sent
+        self._skipped += skipped
+        self._zero += zero
+        self._bytes_sent += sent * PAGE_SIZE
+
+    def end_round(self, dirtied: Pages, duration_s: float) -> RoundPlan | StopAndCopy:
+        """The round is over: ``dirtied`` is the tracker's collect() at its end.
+
+        ``dirtied`` is taken as a set (order and duplicates do not matter); it must
+        include the pages skipped in this round, as a dirty log's collect() does. Every
+        page of the plan must have been reported through ``record_batch()`` first.
+        The next round sends exactly ``dirtied``, in a fresh pseudo-random order, at the
+        dirty rate of this round plus the increment (§5.3), or pre-copy stops; see
+        :class:`StopReason` for the conditions and the order they are looked at in.
+        """
+        self._require("end_round")
+        if not (math.isfinite(duration_s) and duration_s > 0):
+            raise ValueError(
+                f"end_round: the duration of round {self._number} must be a positive "
+                f"number of seconds, not {duration_s!r}"
+            )
+        accounted = self._sent + self._skipped + self._zero
+        if accounted != self._planned:
+            raise ValueError(
+                f"end_round: round {self._number} planned {self._planned} pages but "
+                f"record_batch() accounted for {accounted} (sent {self._sent}, skipped "
+                f"{self._skipped}, zero {self._zero}); report every page first"
+            )
+        dirty = _as_set(self._checked_pages(dirtied, "dirtied"))
+
+        limits = self._config.limits
+        dirty_rate = dirty.size * _PAGE_BITS / duration_s
+        self._rounds.append(
+            RoundStats(
+                number=self._number,
+                pages_planned=self._planned,
+                pages_sent=self._sent,
+                pages_skipped=self._skipped,
+                pages_dirtied=int(dirty.size),
+                rate_bps=self._rate_bps,
+                duration_s=float(duration_s),
+                dirty_rate_bps=dirty_rate,
+                pages_zero=self._zero,
+            )
+        )
+
+        # §5.3: the next round must outpace this round's dirtying by the increment, but a
+        # quiet VM still gets the minimum: it costs the service little and ends sooner.
+        next_rate = max(limits.min_bps, dirty_rate + limits.increment_bps)
+        reason: StopReason | None = None
+        if dirty.size == 0 or dirty.size * PAGE_SIZE < self._config.final_bytes:
+            # Checked as "empty" too, so that final_bytes=0 cannot plan a round of nothing.
+            reason = StopReason.FEW_PAGES_LEFT
+        elif next_rate > limits.max_bps:
+            reason = StopReason.RATE_ABOVE_MAX
+        elif self._bytes_sent >= self._config.max_sent_factor * self.ram_bytes:
+            reason = StopReason.SENT_LIMIT
+        elif self._number >= self._config.max_rounds:
+            reason = StopReason.ROUND_LIMIT
+        if reason is not None:
+            return self._stop(dirty, reason)
+        return self._plan(self._rng.permutation(dirty), next_rate)
+
+    # -- questions -------------------------------------------------------------------
+
+    @property
+    def rounds(self) -> list[RoundStats]:
+        """The finished pre-copy rounds, oldest first (a copy)."""
+        return list(self._rounds)
+
+    @property
+    def bytes_sent(self) -> int:
+        """Page bytes put on the wire so far (zero pages count nothing).
+
+        Counts the pre-copy rounds, as reported by ``record_batch()``; the final
+        stop-and-copy's pages are the caller's to add (``len(pages) x PAGE_SIZE`` at
+        most). This is also what the ``max_sent_factor`` budget is measured in: a zero
+        page costs only its index on the wire, so it does not spend the budget. A VM that
+        keeps re-dirtying zero pages is still bounded by ``max_rounds``.
+        """
+        return self._bytes_sent
+
+    def expected_downtime_s(self, remaining_pages: int) -> float:
+        """Time to send ``remaining_pages`` at the maximum rate: the stop-and-copy's floor."""
+        if remaining_pages < 0:
+            raise ValueError(f"remaining_pages must be >= 0, not {remaining_pages!r}")
+        return remaining_pages * _PAGE_BITS / self._config.limits.max_bps
+
+    @property
+    def npages(self) -> int:
+        return self._npages
+
+    @property
+    def ram_bytes(self) -> int:
+        return self._npages * PAGE_SIZE
+
+    @property
+    def config(self) -> PlannerConfig:
+        return self._config
+
+    @property
+    def phase(self) -> Phase:
+        return self._phase
+
+    @property
+    def final(self) -> StopAndCopy | None:
+        """The StopAndCopy that ended pre-copy, once there is one."""
+        return self._final
+
+    @property
+    def progress(self) -> Progress:
+        return Progress(
+            phase=self._phase,
+            round=self._number,
+            pages_planned=self._planned,
+            pages_sent=self._sent,
+            pages_skipped=self._skipped,
+            pages_zero=self._zero,
+            bytes_sent=self._bytes_sent,
+            ram_bytes=self.ram_bytes,
+        )
+
+    # -- internals -------------------------------------------------------------------
+
+    def _require(self, operation: str) -> None:
+        if operation not in _ALLOWED[self._phase]:
+            raise PlannerStateError(operation, self._phase)
+
+    def _plan(self, pages: Pages, rate_bps: float, zero_pages: int = 0) -> RoundPlan:
+        pages.setflags(write=False)
+        self._phase = Phase.IN_ROUND
+        self._number += 1
+        self._planned = int(pages.size)
+        self._rate_bps = float(rate_bps)
+        self._sent = self._skipped = self._zero = 0
+        return RoundPlan(self._number, pages, self._rate_bps, zero_pages)
+
+    def _stop(self, pages: Pages, reason: StopReason) -> StopAndCopy:
+        pages.setflags(write=False)
+        self._phase = Phase.DONE
+        self._final = StopAndCopy(pages, float(self._config.limits.max_bps), reason)
+        return self._final
+
+    def _checked_pages(self, pages: object, name: str) -> Pages:
+        """``pages`` as a 1-D int64 array of valid indexes, or ValueError/TypeError."""
+        arr = np.asarray(pages)
+        if arr.size == 0:
+            # np.array([]) is float64; an empty set of pages is fine whatever its dtype.
+            return np.empty(0, dtype=np.int64)
+        if arr.ndim != 1:
+            raise ValueError(f"{name} must be a 1-D array of page indexes, not shape {arr.shape}")
+        if arr.dtype.kind not in "iu":
+            raise TypeError(f"{name} must hold integer page indexes, not {arr.dtype}")
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi >= self._npages:
+            bad = lo if lo < 0 else hi
+            raise ValueError(
+                f"{name} holds page index {bad}, outside this VM's 0..{self._npages - 1}"
+            )
+        return arr.astype(np.int64, copy=False)
+
+
+def _as_set(pages: Pages) -> Pages:
+    """Sorted and without duplicates; a fresh array, so the caller's stays its own.
+
+    A dirty log's collect() is already sorted and unique, so check that in O(n) first
+    and save np.unique's sort on the common path."""
+    if pages.size < 2 or bool(np.all(pages[1:] > pages[:-1])):
+        return pages.copy()
+    return np.unique(pages)

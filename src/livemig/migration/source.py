@@ -1,0 +1,394 @@
+"""The source side of a migration: drives the six stages from the host the VM runs on.
+
+    pre-migration   the VM runs here; connect to the target's daemon and authenticate
+    reservation     ask the target to check memory and disk and start QEMU -incoming
+    pre-copy        rounds planned by the sans-IO planner, pages from the dirty tracker,
+                    paced by a token bucket at the planner's rate
+    stop-and-copy   QMP stop, the last dirty pages at the maximum rate, then QEMU's own
+                    device-state-only migration (x-ignore-shared: QEMU never moves RAM)
+    commitment      the target says it holds a consistent image; our acknowledgement
+                    makes it primary
+    activation      the target runs ``cont`` and announces the VM's new place on the LAN
+
+Until the acknowledgement is sent, any failure (or a cancel) resumes the VM here, tells
+the target to tear down, and raises ``MigrationError`` with the VM still running here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from livemig.errors import LivemigError, MigrationCancelled, MigrationError, ReservationRefused
+from livemig.migration.planner import (
+    PAGE_SIZE,
+    Mode,
+    Planner,
+    PlannerConfig,
+    RateLimits,
+    RoundPlan,
+    StopAndCopy,
+)
+from livemig.migration.stages import Event, Stage, StageMachine
+from livemig.vm import dirtylog
+from livemig.vm.qemu import VM
+from livemig.wire import frames
+from livemig.wire.channel import Channel
+
+MAX_BATCH_PAGES = frames.MAX_PAGES_PER_FRAME
+MIN_BATCH_PAGES = 64
+BATCH_SECONDS = 0.02  # a frame is paced as one lump: keep it to ~20 ms of the rate
+DEVICE_STATE_TIMEOUT_S = 30.0
+REQUEST_TIMEOUT_S = 60.0
+PROGRESS_INTERVAL_S = 0.1
+
+
+@dataclass(frozen=True)
+class MigrationOptions:
+    limits: RateLimits = field(default_factory=RateLimits)
+    mode: Mode = Mode.PRECOPY
+    tracker: str = dirtylog.TrackerKind.AUTO
+    verify: bool = True  # checksum both images; costs destination time before cont
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What the operator sees while a migration runs."""
+
+    stage: str
+    round: int
+    pages_left: int
+    rate_mbps: float
+    dirty_rate_mbps: float
+    expected_downtime_ms: float
+    bytes_sent: int
+    elapsed_s: float
+
+
+@dataclass
+class MigrationReport:
+    vm: str
+    source: str
+    target: str
+    mode: str
+    tracker: str
+    ram_bytes: int
+    downtime_ms: float  # engine: source's stop returned -> destination's cont returned
+    total_time_s: float  # reservation began -> source released after commitment
+    bytes_sent: int  # page bytes on the wire
+    rounds: list[dict[str, Any]]
+    stop_reason: str
+    final_pages: int  # sent while the VM was stopped
+    device_state_ms: float
+    verify_ms: float
+    verified: bool | None
+    source_checksum: str | None
+    destination_checksum: str | None
+    stages: list[tuple[str, float]]  # stage entered, seconds since the start
+
+    @property
+    def data_sent_ratio(self) -> float:
+        return self.bytes_sent / self.ram_bytes
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["data_sent_ratio"] = round(self.data_sent_ratio, 4)
+        return data
+
+
+ProgressCallback = Callable[[Progress], None]
+Connect = Callable[[], Awaitable[Channel]]
+
+
+class SourceMigration:
+    def __init__(
+        self,
+        vm: VM,
+        *,
+        source_host: str,
+        target_host: str,
+        target_ip: str,
+        connect: Connect,
+        options: MigrationOptions,
+        on_progress: ProgressCallback = lambda _: None,
+    ) -> None:
+        self.vm = vm
+        self.source_host = source_host
+        self.target_host = target_host
+        self.target_ip = target_ip
+        self._connect = connect
+        self.options = options
+        self.on_progress = on_progress
+        self.machine = StageMachine()
+        self._channel: Channel | None = None
+        self._tracker: dirtylog.DirtyTracker | None = None
+        self._paused = False
+        self._device_migration_started = False
+        self._started = time.monotonic()
+        self._last_progress = 0.0
+        self.planner: Planner | None = None
+        self._holes: npt.NDArray[np.bool_] | None = None
+        self._rate_bps = 0.0  # of the round under way
+
+    @property
+    def stage(self) -> Stage:
+        return self.machine.stage
+
+    def _event(self, event: Event) -> None:
+        self.machine.handle(event, time.monotonic() - self._started)
+        self._progress(force=True)
+
+    # -- the whole migration ----------------------------------------------------------
+
+    async def run(self) -> MigrationReport:
+        try:
+            return await self._migrate()
+        except asyncio.CancelledError:
+            if self.stage.source_is_primary:
+                await self._abort("the migration was cancelled", Event.CANCELLED)
+                raise MigrationCancelled(
+                    self.vm.name, self.stage.value, f"migration of {self.vm.name} cancelled; "
+                    f"it runs on {self.source_host} as before", self.source_host
+                ) from None
+            raise
+        except Exception as exc:
+            # Any failure before commitment, a bug included, puts the VM back as it was.
+            if self.stage.source_is_primary:
+                failed_in = self.stage.value
+                await self._abort(str(exc), Event.FAILED)
+                if isinstance(exc, MigrationError) or not isinstance(exc, LivemigError):
+                    raise
+                raise MigrationError(
+                    self.vm.name, failed_in,
+                    f"migration of {self.vm.name} failed in {failed_in}: {exc}; "
+                    f"it runs on {self.source_host} as before", self.source_host,
+                ) from exc
+            self.machine.handle(Event.FAILED, time.monotonic() - self._started)
+            if not isinstance(exc, LivemigError):
+                raise
+            raise MigrationError(
+                self.vm.name, Stage.ACTIVATION.value,
+                f"{self.vm.name} was committed to {self.target_host} but its activation "
+                f"failed: {exc}; its last image is paused here and on {self.target_host}",
+                None,
+            ) from exc
+        finally:
+            if self._tracker is not None:
+                self._tracker.close()
+            if self._channel is not None:
+                await self._channel.close()
+
+    async def _migrate(self) -> MigrationReport:
+        spec = self.vm.record.spec
+        # -- stage 0: pre-migration
+        if (state := await self.vm.status()) != "running":
+            raise MigrationError(spec.name, Stage.PRE_MIGRATION.value,
+                                 f"{spec.name} is {state}, not running; nothing to migrate",
+                                 self.source_host)
+        self._channel = channel = await self._connect()
+        self._event(Event.BEGIN)
+        reserved_at = time.monotonic()
+
+        # -- stage 1: reservation
+        reply = await self._request("reserve", {"spec": spec.to_json(), "source": self.source_host})
+        if not reply.ok:
+            raise ReservationRefused(
+                spec.name, Stage.RESERVATION.value,
+                f"{self.target_host} cannot take {spec.name}: {reply.body.get('error')}",
+                self.source_host,
+            )
+        incoming_port = int(reply.body["port"])
+        # Set now, not in the stop window: every millisecond there is downtime.
+        await self.vm.qmp_command(
+            "migrate-set-capabilities",
+            capabilities=[{"capability": "x-ignore-shared", "state": True}],
+        )
+        self._event(Event.RESERVED)
+
+        # -- stage 2: iterative pre-copy
+        memory = self.vm.memory
+        self._tracker = dirtylog.open_tracker(self.vm.pid, memory, self.options.tracker)
+        self._tracker.start()  # before the hole scan: a page written after it is tracked
+        self._holes = np.ones(memory.npages, dtype=bool)
+        for start, end in memory.data_ranges():
+            self._holes[start:end] = False
+        self.planner = Planner(
+            memory.npages,
+            PlannerConfig(limits=self.options.limits, mode=self.options.mode,
+                          seed=self.options.seed),
+        )
+        step = self.planner.first(zero_pages=np.flatnonzero(self._holes).astype(np.int64))
+        pacer = channel.pacer  # the channel paces every Pages frame it sends
+        while isinstance(step, RoundPlan):
+            pacer.rate_bps = self._rate_bps = step.rate_bps
+            round_started = time.monotonic()
+            await self._send(step.number, step.pages, skip_dirtied=True)
+            dirtied = self._tracker.collect()
+            self._holes[dirtied] = False
+            step = self.planner.end_round(dirtied, time.monotonic() - round_started)
+        assert isinstance(step, StopAndCopy)
+
+        # -- stage 3: stop-and-copy
+        await self.vm.pause()
+        stopped_at = time.monotonic()
+        self._paused = True
+        self._event(Event.PRECOPY_DONE)
+        last = np.union1d(step.pages, self._tracker.collect())
+        self._holes[last] = False
+        pacer.rate_bps = self._rate_bps = step.rate_bps
+        # The planner plans no further; the stop-and-copy's bytes are counted here.
+        final_bytes = await self._send(len(self.planner.rounds) + 1, last, skip_dirtied=False)
+        device_started = time.monotonic()
+        self._device_migration_started = True
+        await self.vm.qmp_command("migrate", uri=f"tcp:{self.target_ip}:{incoming_port}")
+        await self._wait_device_state()
+        device_state_ms = (time.monotonic() - device_started) * 1000
+        reply = await self._request("image", {"verify": self.options.verify})
+        destination_checksum = reply.body.get("checksum")
+        verify_ms = float(reply.body.get("verify_ms", 0.0))
+        if not reply.ok or not reply.body.get("consistent"):
+            raise MigrationError(spec.name, self.stage.value,
+                                 f"{self.target_host} does not hold a consistent image: "
+                                 f"{reply.body.get('error')}", self.source_host)
+        self._event(Event.IMAGE_CONSISTENT)
+
+        # -- stage 4: commitment. Once "commit" is on its way, the target may be primary:
+        # from here a failure must never resume the VM here.
+        self.machine.handle(Event.COMMITTED, time.monotonic() - self._started)
+        reply = await self._request("commit", {})
+        if not reply.ok:
+            raise LivemigError(f"the target refused to activate: {reply.body.get('error')}")
+
+        # -- stage 5: activation (the target ran cont on commit)
+        cont_returned_at = float(reply.body["cont_returned_at"])
+        self._event(Event.ACTIVATED)
+        source_checksum = memory.checksum() if self.options.verify else None  # frozen now
+        await self.vm.stop()  # release: the source's copy, tap and RAM file go
+        released_at = time.monotonic()
+        return MigrationReport(
+            vm=spec.name,
+            source=self.source_host,
+            target=self.target_host,
+            mode=str(self.options.mode),
+            tracker=self._tracker.name,
+            ram_bytes=spec.ram_bytes,
+            downtime_ms=(cont_returned_at - stopped_at) * 1000,
+            total_time_s=released_at - reserved_at,
+            bytes_sent=self.planner.bytes_sent + final_bytes,
+            rounds=[asdict(r) for r in self.planner.rounds],
+            stop_reason=str(step.reason),
+            final_pages=len(last),
+            device_state_ms=device_state_ms,
+            verify_ms=verify_ms,
+            verified=(source_checksum == destination_checksum) if self.options.verify else None,
+            source_checksum=source_checksum,
+            destination_checksum=destination_checksum,
+            stages=[(s.value, round(t, 4)) for s, t in self.machine.history],
+        )
+
+    # -- pages --------------------------------------------------------------------------
+
+    async def _send(
+        self, round_number: int, pages: npt.NDArray[np.int64], *, skip_dirtied: bool
+    ) -> int:
+        """Send ``pages`` (all zero ones as indexes only); returns the page bytes sent.
+
+        With ``skip_dirtied`` (pre-copy rounds) pages written again since the last collect
+        are left for the next round, and the planner is told of every batch."""
+        assert self._channel is not None and self._tracker is not None
+        assert self._holes is not None and self.planner is not None
+        memory = self.vm.memory
+        sent_bytes = 0
+        # Small frames at low rates keep the link smooth for the guest's own traffic and
+        # keep each peek (§5.4) fresh; large ones at high rates keep per-frame costs low.
+        batch_pages = int(min(MAX_BATCH_PAGES, max(
+            MIN_BATCH_PAGES, self._rate_bps / 8 * BATCH_SECONDS / PAGE_SIZE)))
+        for start in range(0, len(pages), batch_pages):
+            batch = pages[start:start + batch_pages]
+            skipped = 0
+            if skip_dirtied:
+                # §5.4: a page written again since the last collect will go next round.
+                again = self._tracker.peek(batch)
+                skipped = int(again.sum())
+                batch = batch[~again]
+            holes = self._holes[batch]
+            candidates = batch[~holes]
+            data = memory.pages[candidates]  # a copy: what we send is what we record
+            is_zero = ~data.view(np.uint64).any(axis=1)
+            send = candidates[~is_zero]
+            payload = data[~is_zero]
+            zero = np.concatenate([batch[holes], candidates[is_zero]])
+            self._tracker.sent(send, payload)
+            if len(zero):
+                self._tracker.sent(zero, np.zeros((len(zero), PAGE_SIZE), dtype=np.uint8))
+            await self._channel.send_pages(frames.Pages(
+                round=round_number,
+                indexes=send.astype(np.uint32),
+                zero_indexes=zero.astype(np.uint32),
+                data=payload.reshape(-1).data,
+            ))
+            sent_bytes += payload.nbytes
+            if skip_dirtied:
+                self.planner.record_batch(sent=len(send), skipped=skipped, zero=len(zero))
+            self._progress(pages_left=len(pages) - start - len(batch) - skipped)
+        return sent_bytes
+
+    async def _wait_device_state(self) -> None:
+        deadline = time.monotonic() + DEVICE_STATE_TIMEOUT_S
+        while time.monotonic() < deadline:
+            info = await self.vm.qmp_command("query-migrate")
+            status = info.get("status")
+            if status == "completed":
+                return
+            if status in ("failed", "cancelled"):
+                raise LivemigError(f"QEMU's device-state transfer {status}: "
+                                   f"{info.get('error-desc', 'no reason given')}")
+            await asyncio.sleep(0.001)
+        raise LivemigError(f"QEMU's device-state transfer took over {DEVICE_STATE_TIMEOUT_S} s")
+
+    # -- helpers ------------------------------------------------------------------------
+
+    async def _request(self, kind: str, body: dict[str, Any]) -> frames.Reply:
+        assert self._channel is not None
+        return await self._channel.request(kind, body, timeout=REQUEST_TIMEOUT_S)
+
+    async def _abort(self, reason: str, event: Event) -> None:
+        """Put everything back as it was: the VM runs here, the target tears down."""
+        if self._device_migration_started:
+            with contextlib.suppress(LivemigError):
+                await self.vm.qmp_command("migrate_cancel")
+        if self._paused:
+            await self.vm.resume()
+            self._paused = False
+        if self._channel is not None:
+            await self._channel.abort(reason)  # best effort, then closed
+        self.machine.handle(event, time.monotonic() - self._started)
+        self._progress(force=True)
+
+    def _progress(self, *, pages_left: int | None = None, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_progress < PROGRESS_INTERVAL_S:
+            return
+        self._last_progress = now
+        planner = self.planner
+        rounds = planner.rounds if planner is not None else []
+        last = rounds[-1] if rounds else None
+        left = pages_left if pages_left is not None else 0
+        self.on_progress(Progress(
+            stage=self.stage.value,
+            round=len(rounds) + (1 if self.stage is Stage.PRECOPY else 0),
+            pages_left=left,
+            rate_mbps=self._rate_bps / 1e6,
+            dirty_rate_mbps=(last.dirty_rate_bps if last else 0.0) / 1e6,
+            expected_downtime_ms=(planner.expected_downtime_s(left) * 1000 if planner else 0.0),
+            bytes_sent=planner.bytes_sent if planner is not None else 0,
+            elapsed_s=now - self._started,
+        ))

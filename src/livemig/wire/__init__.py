@@ -1,0 +1,1 @@
+"""The one protocol between host daemons: a sans-IO frame codec and an asyncio channel."""
