@@ -530,6 +530,32 @@ def test_pacer_with_an_injected_clock() -> None:
     assert len(sleeps) == 99
 
 
+def test_pacer_reset_forgets_the_debt_of_the_last_transfer() -> None:
+    clock = [0.0]
+    sleeps: list[float] = []
+
+    async def main() -> None:
+        pacer = Pacer(8e6, clock=lambda: clock[0])  # 1 MB/s, a 10 kB burst
+        real_sleep = pacer._sleep
+
+        async def fake_sleep(seconds: float) -> None:
+            sleeps.append(seconds)
+            clock[0] += seconds
+            await real_sleep(0)
+
+        pacer._sleep = fake_sleep  # type: ignore[method-assign]
+        await pacer.consume(110_000)  # 100 kB beyond the burst: 0.1 s of debt, paid
+        assert clock[0] == pytest.approx(0.1)
+        pacer.rate_bps = 8e6
+        await pacer.consume(5_000)  # a rate change keeps the (empty) bucket: it waits
+        assert clock[0] == pytest.approx(0.105)
+        pacer.reset(8e6)
+        await pacer.consume(10_000)  # a reset starts with a full burst: no wait
+        assert clock[0] == pytest.approx(0.105)
+    run(main())
+    assert len(sleeps) == 2
+
+
 def test_pacer_accuracy_8_mbit_per_s() -> None:
     async def main() -> float:
         pacer = Pacer(8e6)

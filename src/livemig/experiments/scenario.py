@@ -68,12 +68,13 @@ def _workload_probe(s: Scenario, ip: str) -> ProbeRun | None:
 
 def _service_events(workload: Workload, probes: dict[str, Any]) -> tuple[str, Any, Any]:
     """(unit, event times in ns, weights) of the service's useful work."""
-    if workload is Workload.WEB and "http" in probes:
-        rows = probes["http"]["completions"]
+    own = probes.get(str(workload))
+    if workload is Workload.WEB and own is not None:
+        rows = own["completions"]
         times = np.array([r[0] for r in rows], dtype=np.int64)
         return "HTTP MB/s", times, np.array([r[1] for r in rows], dtype=np.int64)
-    if workload is Workload.GAME and "game" in probes:
-        arrivals = [t for p in probes["game"]["players"] for t in p["arrivals_ns"]]
+    if workload is Workload.GAME and own is not None:
+        arrivals = [t for p in own["players"] for t in p["arrivals_ns"]]
         return "snapshots/s", np.sort(np.array(arrivals, dtype=np.int64)), None
     replies = np.asarray(probes["echo"]["replies"], dtype=np.int64).reshape(-1, 3)
     return "echo replies/s", replies[:, 2], None
@@ -134,11 +135,20 @@ async def run(s: Scenario, on_progress: ProgressPrinter = None) -> dict[str, Any
                             during_end_ns=max(ended_ns, started_ns + 1), weights=weights)
     echo_summary = probes["echo"]["summary"]
     tcp_summary = probes["tcp"]["summary"]
+    # Where the client's outage went: before the stop, the engine's stop..cont, after it.
+    breakdown = None
+    if report.get("stopped_at") and echo_summary.get("gap_start_ns"):
+        breakdown = {
+            "before_stop_ms": report["stopped_at"] * 1e3 - echo_summary["gap_start_ns"] / 1e6,
+            "stop_to_cont_ms": (report["cont_returned_at"] - report["stopped_at"]) * 1e3,
+            "after_cont_ms": echo_summary["gap_end_ns"] / 1e6 - report["cont_returned_at"] * 1e3,
+        }
     return {
         "workload": str(s.workload),
         "mode": s.mode,
         "downtime_ms": report["downtime_ms"],
         "client_downtime_ms": echo_summary["downtime_ms"],
+        "client_downtime_breakdown": breakdown,
         "tcp_stall_ms": tcp_summary["stall_ms"],
         "tcp_survived": tcp_summary["survived"],
         "total_time_s": report["total_time_s"],

@@ -14,7 +14,6 @@ everything the reservation made: QEMU, its tap, its RAM file and its record.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
@@ -218,8 +217,14 @@ class DestinationSession:
                 self.channel.peer, f"commit in stage {self.machine.stage.value}"
             )
         self._event(Event.COMMITTED)  # primary from here on: never tear down after this
+        cont_asked = time.monotonic()
         await self.vm.resume()
         cont_returned_at = time.monotonic()
+        log.info("cont of %s took %.1f ms", self.vm.name, (cont_returned_at - cont_asked) * 1e3)
+        # The switches still send the VM's frames to its old port until a frame from its
+        # MAC reaches them. QEMU's own post-migration announcement waits 50 ms and the
+        # guest agent's arping longer, so QEMU sends RARPs from the VM's NIC now.
+        await self.vm.qmp_command("announce-self", initial=1, max=50, rounds=3, step=50)
         # The source's clock is this one (one machine); across machines it would need
         # the offset measured at connection time.
         await self.channel.send(frames.Reply(ok=True, body={"cont_returned_at": cont_returned_at}))
@@ -230,7 +235,8 @@ class DestinationSession:
         self._event(Event.ACTIVATED)
 
     async def _announce(self) -> None:
-        """Tell the LAN where the VM is now, from the VM's own NIC (so switches learn)."""
+        """The guest's own unsolicited ARP, from its NIC: it also refreshes the ARP caches
+        of hosts that moved the VM's IP elsewhere (a real failover)."""
         assert self.vm is not None
         started = time.monotonic()
         try:
@@ -238,11 +244,8 @@ class DestinationSession:
             log.info("%s announced itself from its NIC in %.0f ms", self.vm.name,
                      (time.monotonic() - started) * 1000)
         except LivemigError as exc:
-            # A guest without our agent: QEMU announces for it (RARP from the VM's MAC).
-            log.info("agent announce failed (%s); using QMP announce-self", exc)
-            with contextlib.suppress(LivemigError):
-                await self.vm.qmp_command("announce-self", initial=50, max=550, rounds=3,
-                                          step=100)
+            # A guest without our agent: QEMU's RARPs above have announced it already.
+            log.info("agent announce failed (%s); QEMU's announce-self stands", exc)
 
     async def _tear_down(self) -> None:
         if self.vm is not None:

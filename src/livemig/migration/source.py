@@ -93,6 +93,10 @@ class MigrationReport:
     source_checksum: str | None
     destination_checksum: str | None
     stages: list[tuple[str, float]]  # stage entered, seconds since the start
+    # CLOCK_MONOTONIC of this machine (s): to line the switchover up with the probes'.
+    stopped_at: float
+    cont_returned_at: float
+    stop_window_ms: dict[str, float]
 
     @property
     def data_sent_ratio(self) -> float:
@@ -243,7 +247,9 @@ class SourceMigration:
         self._event(Event.PRECOPY_DONE)
         last = np.union1d(step.pages, self._tracker.collect())
         self._holes[last] = False
-        pacer.rate_bps = self._rate_bps = step.rate_bps
+        # A new transfer at the maximum rate: the last round's debt must not delay it.
+        pacer.reset(step.rate_bps)
+        self._rate_bps = step.rate_bps
         # The planner plans no further; the stop-and-copy's bytes are counted here.
         final_bytes = await self._send(len(self.planner.rounds) + 1, last, skip_dirtied=False)
         device_started = time.monotonic()
@@ -251,6 +257,7 @@ class SourceMigration:
         await self.vm.qmp_command("migrate", uri=f"tcp:{self.target_ip}:{incoming_port}")
         await self._wait_device_state()
         device_state_ms = (time.monotonic() - device_started) * 1000
+        image_asked = time.monotonic()
         reply = await self._request("image", {"verify": self.options.verify})
         destination_checksum = reply.body.get("checksum")
         verify_ms = float(reply.body.get("verify_ms", 0.0))
@@ -263,6 +270,7 @@ class SourceMigration:
         # -- stage 4: commitment. Once "commit" is on its way, the target may be primary:
         # from here a failure must never resume the VM here.
         self.machine.handle(Event.COMMITTED, time.monotonic() - self._started)
+        commit_sent = time.monotonic()
         reply = await self._request("commit", {})
         if not reply.ok:
             raise LivemigError(f"the target refused to activate: {reply.body.get('error')}")
@@ -292,6 +300,15 @@ class SourceMigration:
             source_checksum=source_checksum,
             destination_checksum=destination_checksum,
             stages=[(s.value, round(t, 4)) for s, t in self.machine.history],
+            stopped_at=stopped_at,
+            cont_returned_at=cont_returned_at,
+            # Where the engine's downtime goes, step by step (ms).
+            stop_window_ms={
+                "final_pages": (device_started - stopped_at) * 1000,
+                "device_state": device_state_ms,
+                "image_consistent": (commit_sent - image_asked) * 1000,
+                "commit_to_cont": (cont_returned_at - commit_sent) * 1000,
+            },
         )
 
     # -- pages --------------------------------------------------------------------------

@@ -98,6 +98,10 @@ class TokenBucket:
     def rate_bps(self) -> float | None:
         return self._rate
 
+    @property
+    def burst_s(self) -> float:
+        return self._burst_seconds
+
     def set_rate(self, rate_bps: float | None, now: float) -> None:
         """Change the rate at ``now``; ``None`` means unthrottled. Tokens earned so far
         were earned at the old rate; a debt is kept and paid at the new rate."""
@@ -167,6 +171,14 @@ class Pacer:
     def rate_bps(self, value: float | None) -> None:
         self._bucket.set_rate(value, self._clock())
         for fut in self._wakeups:  # let waiters recompute their wait at the new rate
+            if not fut.done():
+                fut.set_result(None)
+
+    def reset(self, rate_bps: float | None) -> None:
+        """Start afresh at ``rate_bps`` with a full burst and no debt: a new transfer,
+        such as a stop-and-copy after the pre-copy rounds."""
+        self._bucket = TokenBucket(rate_bps, self._clock(), burst_seconds=self._bucket.burst_s)
+        for fut in self._wakeups:
             if not fut.done():
                 fut.set_result(None)
 
