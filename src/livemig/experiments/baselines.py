@@ -74,7 +74,8 @@ async def migrate(name: str, target: str, how: QemuMigration) -> dict[str, Any]:
             "rounds": [], "stop_reason": f"downtime-limit {how.downtime_limit_ms} ms",
             "final_pages": 0, "device_state_ms": 0.0, "verify_ms": 0.0, "verified": None,
             "source_checksum": None, "destination_checksum": None,
-            "stages": [], "qemu_info": info, "stopped_at": None, "cont_returned_at": None, "stop_window_ms": {},
+            "stages": [], "qemu_info": info,
+            "stopped_at": None, "cont_returned_at": None, "stop_window_ms": {},
         }
     except BaseException:
         if destination is not None:
