@@ -10,6 +10,7 @@ but DESIGN.md found that it understates what clients see.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +20,6 @@ from livemig.net import testbed
 from livemig.vm import qemu
 from livemig.vm.spec import VMRecord
 
-TIMEOUT_S = 120.0
 # The destination QEMU listens inside the target host's namespace, where nothing but
 # livemig binds ports, and one baseline migration runs at a time.
 QEMU_PORT = 7478
@@ -30,6 +30,7 @@ class QemuMigration:
     postcopy: bool = False
     max_bandwidth_mbps: float | None = 500.0  # None: unlimited
     downtime_limit_ms: int = 300  # QEMU's default
+    timeout_s: float = 120.0  # a pre-copy that never converges is a result, not a hang
 
 
 async def migrate(name: str, target: str, how: QemuMigration) -> dict[str, Any]:
@@ -56,7 +57,7 @@ async def migrate(name: str, target: str, how: QemuMigration) -> dict[str, Any]:
         if how.postcopy:
             await asyncio.sleep(0.2)  # one pre-copy pass of some pages, then switch
             await source.qmp_command("migrate-start-postcopy")
-        info = await _wait(source, {"completed"})
+        info = await _wait(source, {"completed"}, how.timeout_s)
         # Without postcopy the destination waits paused for us; with it QEMU resumes it.
         if await destination.status() != "running":
             await destination.resume()
@@ -78,6 +79,11 @@ async def migrate(name: str, target: str, how: QemuMigration) -> dict[str, Any]:
             "stopped_at": None, "cont_returned_at": None, "stop_window_ms": {},
         }
     except BaseException:
+        # As a failed migration of ours would: the VM runs on at the source.
+        with contextlib.suppress(LivemigError):
+            await source.qmp_command("migrate_cancel")
+        if await source.status() != "running":
+            await source.resume()
         if destination is not None:
             await destination.stop()
         raise
@@ -87,8 +93,8 @@ async def migrate(name: str, target: str, how: QemuMigration) -> dict[str, Any]:
             await destination.close()
 
 
-async def _wait(vm: qemu.VM, done: set[str]) -> dict[str, Any]:
-    deadline = time.monotonic() + TIMEOUT_S
+async def _wait(vm: qemu.VM, done: set[str], timeout_s: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         info: dict[str, Any] = await vm.qmp_command("query-migrate")
         if info.get("status") in done:
@@ -96,4 +102,4 @@ async def _wait(vm: qemu.VM, done: set[str]) -> dict[str, Any]:
         if info.get("status") in ("failed", "cancelled"):
             raise LivemigError(f"QEMU's migration {info['status']}: {info.get('error-desc')}")
         await asyncio.sleep(0.005)
-    raise LivemigError(f"QEMU's migration did not finish within {TIMEOUT_S:g} s")
+    raise LivemigError(f"QEMU's migration did not finish within {timeout_s:g} s")

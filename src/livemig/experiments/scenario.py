@@ -34,6 +34,7 @@ from livemig.vm import qemu
 from livemig.vm.spec import VMSpec, Workload
 
 ProgressPrinter = Callable[[dict[str, Any]], None] | None
+BEFORE_WINDOW_S = 1.0  # "throughput before": this long, just before the migration
 
 
 @dataclass(frozen=True)
@@ -47,13 +48,14 @@ class Scenario:
     max_rate_mbps: float = 500.0
     tracker: str = "auto"
     verify: bool = True
-    baseline_s: float = 3.0
+    baseline_s: float = 3.0  # at least BEFORE_WINDOW_S plus the probes' start-up
     after_s: float = 2.0
     options: tuple[tuple[str, str], ...] = ()
     http_clients: int = 4
     game_players: int = 6
     vm_name: str = "demo"
     qemu_downtime_limit_ms: int = 300  # for the qemu-* modes: QEMU's own default
+    qemu_timeout_s: float = 120.0
     extra_request: dict[str, Any] = field(default_factory=dict)
 
 
@@ -102,7 +104,8 @@ async def run(s: Scenario, on_progress: ProgressPrinter = None) -> dict[str, Any
                 if s.mode.startswith("qemu-"):
                     report = await baselines.migrate(s.vm_name, s.target, baselines.QemuMigration(
                         postcopy=s.mode == "qemu-postcopy", max_bandwidth_mbps=s.max_rate_mbps,
-                        downtime_limit_ms=s.qemu_downtime_limit_ms))
+                        downtime_limit_ms=s.qemu_downtime_limit_ms,
+                        timeout_s=s.qemu_timeout_s))
                 else:
                     report = await control.migrate(s.source, request, on_progress)
                 ended_ns = time.monotonic_ns()
@@ -127,10 +130,10 @@ async def run(s: Scenario, on_progress: ProgressPrinter = None) -> dict[str, Any
             await qemu.stop(s.vm_name)
 
     unit, times, weights = _service_events(s.workload, probes)
-    # "Before" starts when the service's own probe did, or its rate would look too low.
-    own = probes.get(str(s.workload), {})
-    before_start = max(probes["echo"]["started_ns"],
-                       own.get("started_ns") or own.get("buckets", {}).get("start_ns") or 0)
+    # "Before" is the last second before the migration: the probes' own start-up (a
+    # process each, players joining, a guest that just booted) must not count as the
+    # service's normal rate.
+    before_start = started_ns - int(BEFORE_WINDOW_S * 1e9)
     impact = service_impact(times, before_start_ns=before_start, during_start_ns=started_ns,
                             during_end_ns=max(ended_ns, started_ns + 1), weights=weights)
     echo_summary = probes["echo"]["summary"]
