@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from livemig import paths
 from livemig.daemon import control
 from livemig.experiments.probing import ProbeRun
 from livemig.net import testbed
@@ -190,3 +191,38 @@ def test_a_wrong_target_is_refused_and_the_vm_runs_on(
     with pytest.raises(control.MigrationFailed) as caught:
         migrate(loop, vm.name, "hostA", "hostZ")
     loop.run_until_complete(assert_runs_only_on(loop, vm.name, "hostA").close())
+
+
+def test_cancel_in_precopy_leaves_the_vm_on_the_source_and_a_retry_succeeds(
+    start_vm: StartVM, loop: asyncio.AbstractEventLoop
+) -> None:
+    vm = start_vm("cx", Workload.MMUNCHER, options=(("mm_mib", "16"), ("mm_rate", "8")))
+    loop.run_until_complete(vm.close())
+
+    async def migrate_then_cancel() -> tuple[dict[str, Any], control.MigrationFailed]:
+        request = {"op": "migrate", "vm": "cx", "to": "hostB"}
+        migration = asyncio.ensure_future(control.migrate("hostA", request))
+        await asyncio.sleep(2.0)  # inside round 1, which takes ~7 s at 100 Mbit/s
+        replies = [r async for r in control.call("hostA", {"op": "cancel", "vm": "cx"})]
+        with pytest.raises(control.MigrationFailed) as caught:
+            await migration
+        return replies[-1], caught.value
+
+    cancelled, failure = loop.run_until_complete(migrate_then_cancel())
+    assert cancelled == {"type": "result", "cancelled": "cx"}
+    assert failure.vm_runs_on == "hostA"
+    assert "cancelled" in str(failure)
+    # The destination tears down on the source's Abort: QEMU, record and RAM file.
+    deadline = loop.time() + 15
+    while any(r.host == "hostB" for r in qemu.records()) and loop.time() < deadline:
+        loop.run_until_complete(asyncio.sleep(0.1))
+    assert not any(r.host == "hostB" for r in qemu.records())
+    assert not paths.ram_file("hostB", "cx").exists()
+    source = assert_runs_only_on(loop, "cx", "hostA")
+    try:
+        stats = loop.run_until_complete(source.agent.verify())["stats"]["mmuncher"]
+        assert stats["errors"] == 0, stats
+    finally:
+        loop.run_until_complete(source.close())
+    report = migrate(loop, "cx", "hostA", "hostB")
+    assert report["verified"] is True
