@@ -49,6 +49,16 @@ def assert_runs_only_on(loop: asyncio.AbstractEventLoop, name: str, host: str) -
     return vm
 
 
+def assert_mmuncher_intact_on(loop: asyncio.AbstractEventLoop, name: str, host: str) -> None:
+    """The VM runs only on ``host`` and mmuncher's full pass finds no bad page."""
+    vm = assert_runs_only_on(loop, name, host)
+    try:
+        stats = loop.run_until_complete(vm.agent.verify())["stats"]["mmuncher"]
+        assert stats["errors"] == 0, stats
+    finally:
+        loop.run_until_complete(vm.close())
+
+
 def released(vm: qemu.VM) -> None:
     """The fixture's handle on the source copy: already stopped by the migration."""
     assert not vm.record.process_alive()
@@ -122,12 +132,7 @@ def test_ping_pong_three_times_then_on_to_a_third_host(
     for source, target in itertools.pairwise(path):
         report = migrate(loop, vm.name, source, target)
         assert report["verified"] is True, (source, target, report)
-    moved = assert_runs_only_on(loop, vm.name, "hostC")
-    try:
-        stats = loop.run_until_complete(moved.agent.verify())["stats"]["mmuncher"]
-        assert stats["errors"] == 0, stats
-    finally:
-        loop.run_until_complete(moved.close())
+    assert_mmuncher_intact_on(loop, vm.name, "hostC")
 
 
 def test_stop_and_copy_mode(start_vm: StartVM, loop: asyncio.AbstractEventLoop) -> None:
@@ -149,12 +154,7 @@ def test_the_shadow_tracker_migrates_exactly_too(
     report = migrate(loop, vm.name, "hostA", "hostB", tracker="shadow")
     assert report["tracker"] == "shadow"
     assert report["verified"] is True
-    moved = assert_runs_only_on(loop, vm.name, "hostB")
-    try:
-        stats = loop.run_until_complete(moved.agent.verify())["stats"]["mmuncher"]
-        assert stats["errors"] == 0, stats
-    finally:
-        loop.run_until_complete(moved.close())
+    assert_mmuncher_intact_on(loop, vm.name, "hostB")
 
 
 def test_an_unauthenticated_peer_is_refused(bed: list[testbed.Node]) -> None:
@@ -218,11 +218,6 @@ def test_cancel_in_precopy_leaves_the_vm_on_the_source_and_a_retry_succeeds(
         loop.run_until_complete(asyncio.sleep(0.1))
     assert not any(r.host == "hostB" for r in qemu.records())
     assert not paths.ram_file("hostB", "cx").exists()
-    source = assert_runs_only_on(loop, "cx", "hostA")
-    try:
-        stats = loop.run_until_complete(source.agent.verify())["stats"]["mmuncher"]
-        assert stats["errors"] == 0, stats
-    finally:
-        loop.run_until_complete(source.close())
+    assert_mmuncher_intact_on(loop, "cx", "hostA")
     report = migrate(loop, "cx", "hostA", "hostB")
     assert report["verified"] is True

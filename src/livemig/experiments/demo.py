@@ -38,7 +38,7 @@ def _progress(update: dict[str, Any]) -> None:
 
 
 def throughput_series(result: dict[str, Any]) -> tuple[str, Any, Any]:
-    unit, times, weights = scenario._service_events(Workload(result["workload"]),
+    unit, times, weights = scenario.service_events(Workload(result["workload"]),
                                                     result["probes"])
     start = result["probes"]["echo"]["started_ns"]
     end = int(times.max()) + 1 if len(times) else start + 1

@@ -68,7 +68,7 @@ def _workload_probe(s: Scenario, ip: str) -> ProbeRun | None:
     return None
 
 
-def _service_events(workload: Workload, probes: dict[str, Any]) -> tuple[str, Any, Any]:
+def service_events(workload: Workload, probes: dict[str, Any]) -> tuple[str, Any, Any]:
     """(unit, event times in ns, weights) of the service's useful work."""
     own = probes.get(str(workload))
     if workload is Workload.WEB and own is not None:
@@ -129,7 +129,7 @@ async def run(s: Scenario, on_progress: ProgressPrinter = None) -> dict[str, Any
         with contextlib.suppress(LivemigError):  # gone already: a failed start, say
             await qemu.stop(s.vm_name)
 
-    unit, times, weights = _service_events(s.workload, probes)
+    unit, times, weights = service_events(s.workload, probes)
     # "Before" is the last second before the migration: the probes' own start-up (a
     # process each, players joining, a guest that just booted) must not count as the
     # service's normal rate.

@@ -176,9 +176,9 @@ class DestinationSession:
             data = np.frombuffer(pages.data, dtype=np.uint8).reshape(-1, memory.pages.shape[1])
             memory.pages[pages.indexes] = data
             self._written[pages.indexes] = True
-            # Checksummed from the mapping just written, as the guest will read it.
-            self._page_sums[pages.indexes] = page_checksums(memory.pages[pages.indexes],
-                                                            pages.indexes)
+            # The bytes just written: reading them back out of the mapping would copy
+            # every frame a second time for the same answer.
+            self._page_sums[pages.indexes] = page_checksums(data, pages.indexes)
         if len(pages.zero_indexes):
             # A fresh RAM file reads as zeros: write zeros only over what we wrote before,
             # so that holes stay holes and cost no memory.
