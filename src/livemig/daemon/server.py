@@ -21,7 +21,9 @@ from typing import Any
 
 from livemig.daemon import control
 from livemig.errors import LivemigError, MigrationError
-from livemig.migration.destination import DestinationSession
+from livemig.migration import source
+from livemig.migration.destination import DestinationSession, Incoming
+from livemig.migration.holds import HoldPoint
 from livemig.migration.planner import MBIT, Mode, RateLimits
 from livemig.migration.source import MigrationOptions, Progress, SourceMigration
 from livemig.net import testbed
@@ -38,7 +40,9 @@ class Daemon:
         self.key = key
         self.ip = str(testbed.host_node(host).ip)
         self.migrations: dict[str, asyncio.Task[Any]] = {}
+        self._engines: dict[str, SourceMigration] = {}
         self._sessions: set[asyncio.Task[None]] = set()
+        self.incoming = Incoming(host)
 
     async def run(self) -> None:
         path = control.socket_path(self.host)
@@ -53,6 +57,7 @@ class Daemon:
                                     handler=self._on_peer)
         log.info("livemigd on %s: control %s, peers %s:%d", self.host, path, self.ip,
                  control.PEER_PORT)
+        recovery = asyncio.create_task(self._recover())
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -60,6 +65,7 @@ class Daemon:
         try:
             await stop.wait()
         finally:
+            recovery.cancel()
             local.close()
             peers.close()
             for task in [*self.migrations.values(), *self._sessions]:
@@ -68,6 +74,38 @@ class Daemon:
                                  return_exceptions=True)
             path.unlink(missing_ok=True)
 
+    async def _recover(self) -> None:
+        """What a previous daemon on this host left behind: incoming copies that never
+        ran (its migrations died with it) go; VMs it stopped in a switchover are settled
+        as their migration would have been. Every other VM is simply ours again."""
+        mine = [r for r in qemu.records() if r.host == self.host]
+        for record in [r for r in mine if r.incoming]:
+            log.info("removing %s: an incoming copy whose migration died with the previous "
+                     "daemon", record.spec.name)
+            try:
+                await qemu.VM(record).stop()
+            except (LivemigError, OSError) as exc:
+                log.error("could not remove %s: %s", record.spec.name, exc)
+        self.incoming.recovered.set()  # no orphan left: 'locate' may answer now
+        for record in mine:
+            target = source.journal_target(record)
+            if record.incoming or target is None or not record.process_alive():
+                continue
+            try:
+                vm = await qemu.VM.attach(record)
+                try:
+                    ip = str(testbed.require_host(target).ip)
+                    outcome = await source.recover_switchover(vm, self._connector(ip))
+                    log.info("recovered %s: %s", record.spec.name, outcome)
+                finally:
+                    await vm.close()
+            except (LivemigError, OSError, ValueError, KeyError) as exc:
+                log.error("could not recover %s: %s", record.spec.name, exc)
+
+    def _connector(self, ip: str) -> source.Connect:
+        return lambda: channel.connect(ip, control.PEER_PORT, key=self.key, me=self.host,
+                                       timeout=10.0)
+
     # -- peers ----------------------------------------------------------------------------
 
     async def _on_peer(self, peer: Channel) -> None:
@@ -75,7 +113,7 @@ class Daemon:
         assert task is not None
         self._sessions.add(task)
         try:
-            await DestinationSession(self.host, peer).serve()
+            await DestinationSession(self.host, peer, self.incoming).serve()
         except LivemigError as exc:
             log.warning("incoming migration ended: %s", exc)
         except Exception:
@@ -112,6 +150,10 @@ class Daemon:
         task = self.migrations.get(vm)
         if task is None or task.done():
             return {"type": "error", "message": f"no migration of {vm!r} runs on {self.host}"}
+        engine = self._engines.get(vm)
+        if engine is not None and not engine.stage.source_is_primary:
+            return {"type": "error", "message": f"too late to cancel: {vm} is committed to "
+                                                f"{engine.target_host}"}
         task.cancel()
         return {"type": "result", "cancelled": vm}
 
@@ -135,6 +177,9 @@ class Daemon:
             mode=Mode(request.get("mode", Mode.PRECOPY)),
             tracker=str(request.get("tracker", "auto")),
             verify=bool(request.get("verify", True)),
+            stall_timeout_s=float(request.get("stall_timeout_s", 10.0)),
+            timeout_s=float(request["timeout_s"]) if request.get("timeout_s") else None,
+            hold_at=HoldPoint(request["hold_at"]) if request.get("hold_at") else None,
         )
 
         def progress(update: Progress) -> None:
@@ -147,13 +192,13 @@ class Daemon:
             source_host=self.host,
             target_host=target,
             target_ip=target_ip,
-            connect=lambda: channel.connect(target_ip, control.PEER_PORT, key=self.key,
-                                            me=self.host, timeout=10.0),
+            connect=self._connector(target_ip),
             options=options,
             on_progress=progress,
         )
         task = asyncio.get_running_loop().create_task(migration.run())
         self.migrations[name] = task
+        self._engines[name] = migration
         try:
             # shield: the CLI hanging up must not cancel the migration; only 'cancel' does
             report = await asyncio.shield(task)
@@ -173,6 +218,7 @@ class Daemon:
         finally:
             if task.done():
                 self.migrations.pop(name, None)
+                self._engines.pop(name, None)
                 await vm.close()
 
 

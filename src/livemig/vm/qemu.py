@@ -192,7 +192,9 @@ class VM:
     async def close(self) -> None:
         """Let go of the VM without stopping it."""
         await self.agent.close()
-        with contextlib.suppress(QMPError, OSError):
+        # A QEMU that died leaves qemu.qmp's reader with EOFError, which disconnect()
+        # raises again: the connection is gone either way.
+        with contextlib.suppress(QMPError, OSError, EOFError):
             await self.qmp.disconnect()
         if self._memory is not None:
             self._memory.close()
@@ -281,6 +283,13 @@ class VM:
 
     def console(self) -> str:
         return self.record.console_log.read_text(errors="replace")
+
+    def exited(self) -> bool:
+        try:
+            self._check_alive()
+        except QEMUCrashed:
+            return True
+        return False
 
     def _check_alive(self) -> None:
         if self._process is not None:
