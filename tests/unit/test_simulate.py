@@ -139,7 +139,10 @@ def test_skipping_matches_a_batch_by_batch_reference() -> None:
         plan = sim.Planner(npages, PlannerConfig(seed=trial)).first(zeros)
         assert isinstance(plan, RoundPlan)
         first = np.full(npages, np.inf)
-        got = sim._round(plan, writes, is_zero.copy(), first, 0.0, sim.Costs.none())
+        longest = sim._longest_round(plan, is_zero, sim.Costs.none())
+        written, when = writes.first_writes(0.0, longest)
+        first[written] = when
+        got = sim._round(plan, first, is_zero, 0.0, sim.Costs.none())
         expected = _reference_round(plan.pages, first, is_zero, plan.rate_bps)
         assert got[:3] == expected[:3]
         assert got[3] == pytest.approx(expected[3])

@@ -133,11 +133,21 @@ class ModelDirtier:
         skew = model.skew if self._hot.size else 0.0
         self._hot_rate = model.write_rate * skew  # writes/s into the hot set
         self._cold_rate = model.write_rate * (1 - skew)  # writes/s over all of RAM
+        self._scratch = np.full(model.npages, np.inf)  # per page, while merging writes
 
     def zero_pages(self) -> Int64s:
-        count = int(self.model.zero_fraction * self.npages)
+        """Each page reads as zero with probability ``zero_fraction``, sorted."""
         rng = np.random.default_rng(self.model.seed + 1)
-        return np.sort(rng.choice(self.npages, count, replace=False)).astype(np.int64)
+        return np.flatnonzero(rng.random(self.npages) < self.model.zero_fraction)
+
+    def _first_of_each(self, pages: Int64s, times: Floats) -> tuple[Int64s, Floats]:
+        """Each page once, at its earliest time; O(len(pages)), without sorting."""
+        earliest = self._scratch
+        np.minimum.at(earliest, pages, times)
+        # Exactly one entry per page holds its minimum (times are continuous draws).
+        keep = times == earliest[pages]
+        earliest[pages] = np.inf  # clean again, for the next call
+        return pages[keep], times[keep]
 
     def _part(self, region: Int64s | None, size: int, rate: float, a: float, length: float
               ) -> tuple[Int64s, Floats]:
@@ -145,17 +155,15 @@ class ModelDirtier:
         expected = rate * length
         if expected <= 0 or size == 0:
             return np.empty(0, np.int64), np.empty(0, np.float64)
-        first = np.full(size, np.inf)
         if expected < size:
             # Few writes: draw them all, and keep each page's first.
             count = int(self._rng.poisson(expected))
-            np.minimum.at(first, self._rng.integers(0, size, count), self._rng.random(count))
-            first *= length
-        else:
-            # Many: each page's first write is exponential at its share of the rate.
-            first[:] = self._rng.exponential(size / rate, size)
-            first[first >= length] = np.inf
-        hit = np.flatnonzero(first < np.inf)
+            where = self._rng.integers(0, size, count)
+            pages = region[where] if region is not None else where
+            return self._first_of_each(pages, a + self._rng.random(count) * length)
+        # Many: each page's first write is exponential at its share of the rate.
+        first = self._rng.exponential(size / rate, size)
+        hit = np.flatnonzero(first < length)
         pages = region[hit] if region is not None else hit.astype(np.int64)
         return pages, a + first[hit]
 
@@ -168,11 +176,8 @@ class ModelDirtier:
         if not cold[0].size:
             return hot
         # A hot page may also take a cold write: keep the earlier.
-        first = np.full(self.npages, np.inf)
-        first[cold[0]] = cold[1]
-        np.minimum.at(first, hot[0], hot[1])
-        pages = np.flatnonzero(first < np.inf)
-        return pages, first[pages]
+        return self._first_of_each(np.concatenate((hot[0], cold[0])),
+                                   np.concatenate((hot[1], cold[1])))
 
 
 @dataclass(frozen=True)
@@ -234,11 +239,13 @@ def simulate(
     t = start_s + costs.setup_s
     step = planner.first(np.flatnonzero(is_zero).astype(np.int64) if is_zero.any() else None)
     while isinstance(step, RoundPlan):
-        sent, skipped, zero, seconds = _round(step, dirtier, is_zero, first_write, t, costs)
+        written, when = dirtier.first_writes(t, t + _longest_round(step, is_zero, costs))
+        first_write[written] = when
+        sent, skipped, zero, seconds = _round(step, first_write, is_zero, t, costs)
         planner.record_batch(sent=sent, skipped=skipped, zero=zero)
         end = t + seconds
-        dirtied = np.flatnonzero(first_write < end)
-        first_write[:] = np.inf
+        dirtied = np.sort(written[when < end])
+        first_write[written] = np.inf  # clean for the next round, without a RAM-sized pass
         # The guest's writes make pages non-zero (a page written with zeros is rare, and
         # the real source would only send it as data once).
         is_zero[dirtied] = False
@@ -247,7 +254,12 @@ def simulate(
     assert isinstance(step, StopAndCopy)
     # Written while QMP stop was under way: the source collects once more after it.
     late, _ = dirtier.first_writes(t, t + costs.pause_s)
-    last = np.union1d(step.pages, late) if late.size else np.asarray(step.pages)
+    last = np.asarray(step.pages)
+    if late.size:
+        in_last = np.zeros(npages, dtype=np.bool_)  # cheaper than sorting a big final set
+        in_last[last] = True
+        in_last[late] = True
+        last = np.flatnonzero(in_last)
     is_zero[late] = False
     data_pages = int(np.count_nonzero(~is_zero[last]))
     final_s = data_pages * PAGE_BITS / step.rate_bps
@@ -268,18 +280,21 @@ def simulate(
     )
 
 
+def _longest_round(plan: RoundPlan, is_zero: npt.NDArray[np.bool_], costs: Costs) -> float:
+    """How long ``plan`` takes if no page is skipped: an upper bound on the round."""
+    n_data = plan.pages.size - int(np.count_nonzero(is_zero[plan.pages]))
+    return n_data * PAGE_BITS / plan.rate_bps + costs.round_s
+
+
 def _round(
     plan: RoundPlan,
-    dirtier: Dirtier,
-    is_zero: npt.NDArray[np.bool_],
     first_write: Floats,
+    is_zero: npt.NDArray[np.bool_],
     t0: float,
     costs: Costs,
 ) -> tuple[int, int, int, float]:
-    """One pre-copy round from ``t0``: (pages sent, skipped, zero, seconds it took).
-
-    Leaves in ``first_write`` the first write time of every page written from ``t0``
-    until at least the end of the round.
+    """One pre-copy round from ``t0``: (pages sent, skipped, zero, seconds it took), given
+    each page's first write since ``t0`` (``inf`` if none before the round can end).
 
     The source peeks at each batch before sending it: a page written since the round
     began is skipped (§5.4), a page of zeros goes as an index and takes no time, and the
@@ -291,11 +306,6 @@ def _round(
     c = PAGE_BITS / plan.rate_bps  # seconds per data page
     data = ~is_zero[pages]
     n_data = int(np.count_nonzero(data))
-    latest_end = t0 + n_data * c + costs.round_s
-    written, when = dirtier.first_writes(t0, latest_end)
-    first_write[written] = when
-    if not written.size:
-        return n_data, 0, pages.size - n_data, max(n_data * c + costs.round_s, 1e-9)
     size = batch_pages(plan.rate_bps)
     n_batches = -(-pages.size // size)
     starts = np.arange(0, pages.size, size)
