@@ -5,15 +5,19 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
+from ipaddress import IPv4Address
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from livemig.analysis.record import zero_pages
+from livemig.analysis.record import check_recordable, zero_pages
 from livemig.analysis.timeline import Timeline
 from livemig.analysis.trace import FORMAT, VERSION, Trace, TraceFormatError, TraceMeta
+from livemig.errors import VMError
 from livemig.vm.memory import GuestMemory
+from livemig.vm.spec import VMRecord, VMSpec, Workload
 
 PAGE = 4096
 
@@ -153,3 +157,20 @@ def test_zero_pages_are_holes_and_pages_of_zeros(tmp_path: Path) -> None:
         zeros = zero_pages(memory)
     assert 3 not in zeros and 40 not in zeros
     assert zeros.size == 62
+
+
+# -- which VMs may be recorded -------------------------------------------------------------
+
+
+def test_a_vm_being_migrated_is_not_recorded() -> None:
+    spec = VMSpec(name="v1", ip=IPv4Address("10.77.0.100"), mem_mib=64,
+                  workload=Workload.IDLE, image="default", kernel=Path("k"), initrd=Path("i"))
+    running = VMRecord(spec=spec, host="hostA", pid=os.getpid())
+    incoming = VMRecord(spec=spec, host="hostB", pid=os.getpid(), incoming=True)
+    with pytest.raises(VMError):
+        check_recordable(running, [running, incoming])  # its dirty log is the migration's
+    with pytest.raises(VMError):
+        check_recordable(incoming, [running, incoming])
+    # A live process, but not the QEMU of this VM (its command line lacks the RAM file).
+    with pytest.raises(VMError):
+        check_recordable(running, [running])
