@@ -251,6 +251,10 @@ def test_simulate_and_wws_from_the_command_line(tmp_path: Path,
     assert json.loads(summary.read_text())["distinct_pages"] == 300
     assert main(["simulate", "--trace", str(path)]) == 0
     assert "simulated precopy of the trace" in capsys.readouterr().out
+    assert main(["trace", "info", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["intervals"], info["npages"]) == (200, 4096)
+    assert info["page_writes"] == int(trace.counts.sum()) > 9000  # duplicates drawn go
 
 
 @pytest.mark.parametrize(("text", "expected"), [
