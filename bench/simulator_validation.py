@@ -11,7 +11,10 @@ downtime. The target is an error within 20% on each.
 Usage (root, after ``make setup``; uses its own test bed instance ``s`` by default):
 
     LIVEMIG_INSTANCE=s .venv/bin/python bench/simulator_validation.py \
-        [--workloads idle,web,game,mmuncher] [--trace-s 15] [--json out.json]
+        [--workloads idle,web,game,mmuncher] [--trace-s 15] [--interval-ms 50]
+        [--json out.json]
+        [--keep-traces DIR]
+    .venv/bin/python bench/simulator_validation.py --replay out.json --keep-traces DIR
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from livemig.analysis import record, simulate
+from livemig.analysis.trace import Trace
 from livemig.daemon import control, launch
 from livemig.experiments.probing import ProbeRun
 from livemig.image import builder
@@ -56,7 +60,8 @@ def _say(message: str) -> None:
     print(f"[validation] {message}", file=sys.stderr, flush=True)
 
 
-async def one(workload: Workload, trace_s: float, warmup_s: float, out: Path) -> dict[str, Any]:
+async def one(workload: Workload, trace_s: float, warmup_s: float, interval_s: float,
+              out: Path) -> dict[str, Any]:
     image = builder.Image.load()
     name = f"val{workload.value[:3]}"
     spec = VMSpec(name=name, ip=qemu.free_ip(), mem_mib=256, workload=workload,
@@ -69,8 +74,8 @@ async def one(workload: Workload, trace_s: float, warmup_s: float, out: Path) ->
         with load if load is not None else contextlib.nullcontext():
             await asyncio.sleep(warmup_s)
             _say(f"{workload}: recording {trace_s:g} s")
-            trace = await asyncio.to_thread(record.record, qemu.find(name), interval_s=0.05,
-                                            duration_s=trace_s)
+            trace = await asyncio.to_thread(record.record, qemu.find(name),
+                                            interval_s=interval_s, duration_s=trace_s)
             trace.save(out / f"{workload}.npz")
             _say(f"{workload}: migrating")
             request = {"op": "migrate", "vm": name, "to": "hostB", "mode": "precopy",
@@ -83,14 +88,20 @@ async def one(workload: Workload, trace_s: float, warmup_s: float, out: Path) ->
         with contextlib.suppress(Exception):
             await qemu.stop(name)
 
+    real = {"total_time_s": report["total_time_s"], "bytes_sent": report["bytes_sent"],
+            "downtime_ms": report["downtime_ms"], "rounds": len(report["rounds"]),
+            "stop_reason": report["stop_reason"], "final_pages": report["final_pages"]}
+    return {**compare(workload, trace, real), "real_rounds": report["rounds"],
+            "stop_window_ms": report["stop_window_ms"]}
+
+
+def compare(workload: Workload, trace: Trace, real: dict[str, Any]) -> dict[str, Any]:
+    """The prediction from ``trace`` against the ``real`` figures, and the errors."""
     config = PlannerConfig(limits=RateLimits(MIN_RATE_MBPS * MBIT, MAX_RATE_MBPS * MBIT))
     started = time.perf_counter()
     predicted = simulate.simulate(simulate.TraceDirtier(trace), config,
                                   zero_pages=trace.zero_pages.astype("int64"))
     sim_ms = (time.perf_counter() - started) * 1000
-    real = {"total_time_s": report["total_time_s"], "bytes_sent": report["bytes_sent"],
-            "downtime_ms": report["downtime_ms"], "rounds": len(report["rounds"]),
-            "stop_reason": report["stop_reason"], "final_pages": report["final_pages"]}
     pred = {"total_time_s": predicted.total_time_s, "bytes_sent": predicted.bytes_sent,
             "downtime_ms": predicted.downtime_s * 1000, "rounds": len(predicted.rounds),
             "stop_reason": predicted.stop_reason, "final_pages": predicted.final_pages}
@@ -100,9 +111,7 @@ async def one(workload: Workload, trace_s: float, warmup_s: float, out: Path) ->
     return {"workload": str(workload), "trace_s": trace.duration_s,
             "trace_dirty_mbps": round(float(dirty), 1), "real": real, "predicted": pred,
             "errors": errors, "simulation_ms": round(sim_ms, 1),
-            "real_rounds": report["rounds"],
-            "predicted_rounds": [r["number"] for r in predicted.to_json()["rounds"]],
-            "stop_window_ms": report["stop_window_ms"]}
+            "predicted_rounds": predicted.to_json()["rounds"]}
 
 
 def table(results: list[dict[str, Any]]) -> str:
@@ -124,9 +133,25 @@ def main() -> None:
     parser.add_argument("--workloads", default="idle,web,game,mmuncher")
     parser.add_argument("--trace-s", type=float, default=15.0)
     parser.add_argument("--warmup-s", type=float, default=3.0)
+    parser.add_argument("--interval-ms", type=float, default=50.0,
+                        help="the trace's interval (default 50, the paper's)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--keep-traces", type=Path, help="directory for the traces")
+    parser.add_argument("--replay", type=Path, metavar="RESULTS.json",
+                        help="no VMs: predict again from the traces in --keep-traces and "
+                        "compare with the real figures of an earlier --json")
     args = parser.parse_args()
+    if args.replay:
+        results = [
+            {**old, **compare(Workload(old["workload"]),
+                              Trace.load(args.keep_traces / f"{old['workload']}.npz"),
+                              old["real"])}
+            for old in json.loads(args.replay.read_text())
+        ]
+        print(table(results))
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2) + "\n")
+        return
     testbed.up(3)
     launch.ensure_daemons()
     builder.build(log=_say)
@@ -134,7 +159,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     results = []
     for name in args.workloads.split(","):
-        results.append(asyncio.run(one(Workload(name), args.trace_s, args.warmup_s, out)))
+        results.append(asyncio.run(one(Workload(name), args.trace_s, args.warmup_s,
+                                       args.interval_ms / 1000, out)))
         print(table(results[-1:]), flush=True)
     print()
     print(table(results))

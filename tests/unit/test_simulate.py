@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from livemig.analysis import simulate as sim
+from livemig.analysis.timeline import Writes
 from livemig.analysis.trace import Trace, TraceMeta
 from livemig.migration import source
 from livemig.migration.planner import (
@@ -21,6 +22,7 @@ from livemig.migration.planner import (
     RoundPlan,
     StopReason,
 )
+from livemig.wire import channel
 
 PAGE_BITS = PAGE_SIZE * 8
 MIB_PAGES = 256
@@ -38,17 +40,19 @@ class Replay:
         self.pages = np.array(pages, dtype=np.int64)
         self.times = np.array(times)
 
-    def first_writes(self, a: float, b: float) -> tuple[sim.Int64s, sim.Floats]:
+    def first_writes(self, a: float, b: float) -> Writes:
         inside = (self.times >= a) & (self.times < b)
         first: dict[int, float] = {}
         for p, t in zip(self.pages[inside].tolist(), self.times[inside].tolist(), strict=True):
             first[p] = min(t, first.get(p, t))
-        return np.array(list(first), dtype=np.int64), np.array(list(first.values()))
+        return Writes(np.array(list(first), dtype=np.int64), np.array(list(first.values())),
+                      np.zeros(len(first), np.bool_))
 
 
-def test_the_batching_is_the_source_roles() -> None:
+def test_the_batching_and_pacing_are_the_source_roles() -> None:
     assert (sim.MIN_BATCH_PAGES, sim.MAX_BATCH_PAGES, sim.BATCH_SECONDS) == (
         source.MIN_BATCH_PAGES, source.MAX_BATCH_PAGES, source.BATCH_SECONDS)
+    assert sim.PACER_BURST_S == channel.BURST_SECONDS
     assert sim.batch_pages(100 * MBIT) == 64
     assert sim.batch_pages(500 * MBIT) == 305
 
@@ -89,7 +93,7 @@ def test_stop_and_copy_sends_exactly_ram_minus_zero_pages() -> None:
     assert result.bytes_sent == (npages - 2000) * PAGE_SIZE
     assert result.final_pages == npages and result.final_data_pages == npages - 2000
     assert result.downtime_s == pytest.approx(
-        (npages - 2000) * PAGE_BITS / (800 * MBIT) + sim.DEFAULT_COSTS.stop_s)
+        (npages - 2000) * PAGE_BITS / (800 * MBIT) - sim.PACER_BURST_S + sim.DEFAULT_COSTS.stop_s)
 
 
 def test_a_guest_dirtying_faster_than_the_maximum_rate_stops_early() -> None:
@@ -140,7 +144,7 @@ def test_skipping_matches_a_batch_by_batch_reference() -> None:
         assert isinstance(plan, RoundPlan)
         first = np.full(npages, np.inf)
         longest = sim._longest_round(plan, is_zero, sim.Costs.none())
-        written, when = writes.first_writes(0.0, longest)
+        written, when, _ = writes.first_writes(0.0, longest)
         first[written] = when
         got = sim._round(plan, first, is_zero, 0.0, sim.Costs.none())
         expected = _reference_round(plan.pages, first, is_zero, plan.rate_bps)
@@ -185,6 +189,26 @@ def test_a_trace_is_replayed_and_looped_when_the_migration_outlasts_it() -> None
     assert again.rounds == result.rounds
 
 
+def test_pages_a_trace_shows_left_zero_go_as_indexes() -> None:
+    # Every 100 ms the guest writes pages 0..199 and leaves them all zeros (a kernel
+    # clearing pages it allocates); they come back in each round but cost no bytes.
+    meta = TraceMeta(vm="v", workload="idle", tracker="uffd", npages=4096, interval_s=0.1,
+                     started_at=0.0)
+    hot = np.arange(200)
+    sets = [hot] * 10
+    for zeroed in (True, False):
+        trace = Trace.from_intervals(meta, np.arange(11) * 0.1, sets,
+                                     zeroed=[np.full(200, zeroed)] * 10)
+        result = sim.simulate(sim.TraceDirtier(trace), PlannerConfig(), sim.Costs.none())
+        second = result.rounds[1]
+        taken = 200 - second.pages_skipped
+        assert (second.pages_zero, second.pages_sent) == ((taken, 0) if zeroed else (0, taken))
+        if zeroed:  # a round of nothing but indexes takes no time: nothing more is written
+            assert result.final_data_pages == 0
+        else:
+            assert result.final_data_pages == result.final_pages == 200
+
+
 def test_the_same_seed_gives_the_same_prediction() -> None:
     a = sim.simulate(model(8192, 3000, hot_pages=100, skew=0.5, seed=4), PlannerConfig(seed=2))
     b = sim.simulate(model(8192, 3000, hot_pages=100, skew=0.5, seed=4), PlannerConfig(seed=2))
@@ -193,7 +217,8 @@ def test_the_same_seed_gives_the_same_prediction() -> None:
 
 def test_uniform_writes_dirty_the_expected_number_of_pages() -> None:
     # 20,000 writes uniform over 50,000 pages: 50,000 x (1 - e^-0.4) = 16,484 distinct.
-    pages, times = model(50_000, 20_000).first_writes(3.0, 4.0)
+    pages, times, zeroed = model(50_000, 20_000).first_writes(3.0, 4.0)
+    assert not zeroed.any()
     assert len(np.unique(pages)) == len(pages)
     assert len(pages) == pytest.approx(16_484, rel=0.03)
     assert times.min() >= 3.0 and times.max() < 4.0

@@ -31,7 +31,9 @@ def small_trace() -> Trace:
     return Trace.from_intervals(
         meta(), [0.0, 1.0, 2.1, 3.0],
         [np.array([5, 3, 3, 9]), np.array([], dtype=np.int64), np.array([99, 0])],
-        zero_pages=np.array([50, 10, 10]), collect_ms=[0.1, 0.2, 0.3])
+        zero_pages=np.array([50, 10, 10]), collect_ms=[0.1, 0.2, 0.3],
+        zeroed=[np.array([False, True, True, False]), np.array([], bool),
+                np.array([True, False])])
 
 
 def test_intervals_are_stored_sorted_deduplicated_and_concatenated() -> None:
@@ -42,6 +44,8 @@ def test_intervals_are_stored_sorted_deduplicated_and_concatenated() -> None:
     assert [s.tolist() for s in trace] == [[3, 5, 9], [], [0, 99]]
     assert trace.counts.tolist() == [3, 0, 2]
     assert trace.zero_pages.tolist() == [10, 50]
+    # The flags follow their pages through the sort: 3 and 99 were left zero.
+    assert trace.zeroed.tolist() == [True, False, False, False, True]
     assert trace.duration_s == pytest.approx(3.0)
     assert trace.interval_ids().tolist() == [0, 0, 0, 2, 2]
     assert not trace.pages.flags.writeable
@@ -53,7 +57,7 @@ def test_a_trace_survives_a_round_trip_through_its_file(tmp_path: Path) -> None:
     trace.save(path)
     back = Trace.load(path)
     assert back.meta == trace.meta
-    for name in ("times", "offsets", "pages", "zero_pages", "collect_ms"):
+    for name in ("times", "offsets", "pages", "zero_pages", "collect_ms", "zeroed"):
         assert np.array_equal(getattr(back, name), getattr(trace, name)), name
         assert getattr(back, name).dtype == getattr(trace, name).dtype, name
     assert back.meta.ram_bytes == 100 * PAGE
@@ -124,7 +128,7 @@ def test_windows_on_interval_boundaries_hold_exactly_those_intervals() -> None:
     assert line.distinct(0.0, 1.0) == 3
     assert line.distinct(1.0, 2.1) == 0
     assert line.distinct(0.0, 3.0) == 5
-    pages, times = line.first_writes(0.0, 3.0)
+    pages, times, _ = line.first_writes(0.0, 3.0)
     assert sorted(pages.tolist()) == [0, 3, 5, 9, 99]
     assert np.all(np.diff(times) >= 0)
     assert np.all(times[np.isin(pages, [3, 5, 9])] < 1.0)
@@ -136,7 +140,7 @@ def test_the_timeline_repeats_the_trace_after_its_end() -> None:
     assert line.distinct(2.0, 3.0) == 2  # the first interval again
     assert line.distinct(1.0, 3.0) == 3  # {2, 3} then {1, 2}: page 2 once
     assert line.distinct(0.0, 10.0) == 3
-    pages, times = line.first_writes(5.0, 6.0)  # the second interval, third period
+    pages, times, _ = line.first_writes(5.0, 6.0)  # the second interval, third period
     assert sorted(pages.tolist()) == [2, 3]
     assert np.all((times >= 5.0) & (times < 6.0))
 
@@ -174,3 +178,19 @@ def test_a_vm_being_migrated_is_not_recorded() -> None:
     # A live process, but not the QEMU of this VM (its command line lacks the RAM file).
     with pytest.raises(VMError):
         check_recordable(running, [running])
+
+
+def test_a_page_written_in_every_interval_is_found_by_any_window() -> None:
+    # Page 7 is in all five intervals; page 3 only in the middle one.
+    trace = Trace.from_intervals(meta(10, 0.05), np.arange(6) * 0.05,
+                                 [np.array([7]), np.array([7]), np.array([3, 7]),
+                                  np.array([7]), np.array([7])])
+    line = Timeline(trace)
+    # Interval 2 is interior for page 7: every 5 ms window within it finds it.
+    for start in np.arange(0.10, 0.15, 0.005):
+        pages = line.first_writes(start, start + 0.005).pages
+        assert 7 in pages
+    # Page 3 is written once: exactly one of the ten 5 ms windows of interval 2 holds it.
+    hits = sum(3 in line.first_writes(a, a + 0.005)[0] for a in np.arange(0.10, 0.15, 0.005))
+    assert hits == 1
+    assert line.distinct(0.10, 0.15) == 2  # aligned windows: the recorded set, exactly

@@ -10,8 +10,11 @@ import argparse
 import json
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from livemig.analysis import plots, record, simulate, wws
 from livemig.analysis.trace import Trace
@@ -182,12 +185,14 @@ def _n(value: float | None, fmt: str = ".0f") -> str:
 # -- simulate ---------------------------------------------------------------------------
 
 
-def _guest(args: argparse.Namespace) -> tuple[Any, Any, str]:
+def _guest(
+    args: argparse.Namespace,
+) -> tuple[Callable[[], simulate.Dirtier], simulate.Int64s, str]:
     """(a function making a fresh dirtier, zero pages, a description)."""
     if args.trace:
         trace = Trace.load(args.trace)
         dirtier = simulate.TraceDirtier(trace)
-        zeros = trace.zero_pages.astype("int64")
+        zeros = trace.zero_pages.astype(np.int64)
         meta = trace.meta
         return (lambda: dirtier), zeros, (
             f"trace {args.trace} ({meta.workload}, {meta.ram_bytes >> 20} MiB, "

@@ -119,6 +119,7 @@ def _record(
     zeros = zero_pages(memory)
     times = [0.0]
     intervals: list[npt.NDArray[np.int64]] = []
+    zeroed: list[npt.NDArray[np.bool_]] = []
     collect_ms: list[float] = []
     seen = np.zeros(memory.npages, dtype=np.bool_)
     n = max(1, round(duration_s / interval_s))
@@ -137,6 +138,7 @@ def _record(
             # The interval ends when the collect re-armed the pages, about its midpoint.
             times.append((before + after) / 2 - t0)
             intervals.append(pages)
+            zeroed.append(_all_zero(memory, pages))
             collect_ms.append((after - before) * 1000)
             seen[pages] = True
             if on_progress is not None:
@@ -155,7 +157,17 @@ def _record(
         page_size=PAGE_SIZE,
         options=dict(spec.options),
     )
-    return Trace.from_intervals(meta, times, intervals, zeros, collect_ms)
+    return Trace.from_intervals(meta, times, intervals, zeros, collect_ms, zeroed)
+
+
+def _all_zero(memory: GuestMemory, pages: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
+    """Which of ``pages`` (just written, so not holes) read as zero: the source sends
+    those as indexes only, so the simulator must know."""
+    flags = np.empty(len(pages), dtype=np.bool_)
+    for i in range(0, len(pages), ZERO_SCAN_PAGES):
+        rows = memory.pages[pages[i : i + ZERO_SCAN_PAGES]].view(np.uint64)
+        flags[i : i + ZERO_SCAN_PAGES] = ~rows.any(axis=1)
+    return flags
 
 
 def _remember(

@@ -16,16 +16,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
-from livemig.analysis.timeline import Timeline
+from livemig.analysis.timeline import Timeline, Writes
 from livemig.analysis.trace import Trace
 from livemig.migration.planner import (
+    DEFAULT_CONFIG,
     MBIT,
     PAGE_SIZE,
     Mode,
@@ -47,6 +48,9 @@ Floats = npt.NDArray[np.float64]
 MIN_BATCH_PAGES = 64
 MAX_BATCH_PAGES = 1024
 BATCH_SECONDS = 0.02
+# The channel's pacer (livemig.wire.channel.BURST_SECONDS) lets this much traffic through
+# at once, and the stop-and-copy starts with a full bucket.
+PACER_BURST_S = 0.01
 
 
 def batch_pages(rate_bps: float) -> int:
@@ -60,7 +64,8 @@ class Costs:
 
     ``stop_s`` is the stop window beyond sending the final pages: QEMU's device state
     (4-7 ms), the destination's consistency reply (2-9 ms) and commit -> ``cont``
-    returned (11-15 ms); 18-30 ms in all over three reports, median 23 ms. ``setup_s``
+    returned (11-21 ms); 17-55 ms in all over seven reports (the most with 16,000
+    final pages on a loaded machine), median 21 ms. ``setup_s``
     is reservation to round 1 (65 ms) and ``release_s`` commitment to the source's QEMU
     gone (200 ms). A round costs ``round_s`` beyond its pages: the last collect and the
     planning of the next (round 1 of an idle guest took 36 ms more than its pages)."""
@@ -68,7 +73,7 @@ class Costs:
     setup_s: float = 0.065  # reservation: the destination starts QEMU -incoming
     round_s: float = 0.005  # per round: collect the dirty log, plan the next round
     pause_s: float = 0.002  # QMP stop; the guest writes until it returns
-    stop_s: float = 0.023  # device state + consistency + commit -> cont
+    stop_s: float = 0.021  # device state + consistency + commit -> cont
     release_s: float = 0.2  # the source's QEMU ends after commitment
 
     @classmethod
@@ -85,9 +90,10 @@ class Dirtier(Protocol):
 
     npages: int
 
-    def first_writes(self, a: float, b: float) -> tuple[Int64s, Floats]:
-        """The distinct pages written in ``[a, b)`` (in any order) and the time of each
-        one's first write there. Windows move forward; a window may begin inside the one before,
+    def first_writes(self, a: float, b: float) -> Writes:
+        """The distinct pages written in ``[a, b)`` (in any order), the time of each
+        one's first write there, and whether it left the page all zeros (the source then
+        sends it as an index). Windows move forward; a window may begin inside the one before,
         but only in a part whose writes were not used (after the end of a round)."""
         ...
 
@@ -100,8 +106,9 @@ class TraceDirtier:
         self.timeline = Timeline(trace)
         self.start_s = self.timeline.start_s
 
-    def first_writes(self, a: float, b: float) -> tuple[Int64s, Floats]:
-        return self.timeline.first_writes(a + self.start_s, b + self.start_s)
+    def first_writes(self, a: float, b: float) -> Writes:
+        found = self.timeline.first_writes(a + self.start_s, b + self.start_s)
+        return found._replace(times=found.times - self.start_s)
 
 
 @dataclass(frozen=True)
@@ -170,17 +177,19 @@ class ModelDirtier:
         pages = region[hit] if region is not None else hit.astype(np.int64)
         return pages, a + first[hit]
 
-    def first_writes(self, a: float, b: float) -> tuple[Int64s, Floats]:
+    def first_writes(self, a: float, b: float) -> Writes:
         length = b - a
         hot = self._part(self._hot, self._hot.size, self._hot_rate, a, length)
         cold = self._part(None, self.npages, self._cold_rate, a, length)
         if not hot[0].size:
-            return cold
-        if not cold[0].size:
-            return hot
-        # A hot page may also take a cold write: keep the earlier.
-        return self._first_of_each(np.concatenate((hot[0], cold[0])),
-                                   np.concatenate((hot[1], cold[1])))
+            pages, times = cold
+        elif not cold[0].size:
+            pages, times = hot
+        else:
+            # A hot page may also take a cold write: keep the earlier.
+            pages, times = self._first_of_each(np.concatenate((hot[0], cold[0])),
+                                               np.concatenate((hot[1], cold[1])))
+        return Writes(pages, times, np.zeros(pages.size, np.bool_))  # writes leave data
 
 
 @dataclass(frozen=True)
@@ -224,7 +233,7 @@ class Result:
 
 def simulate(
     dirtier: Dirtier,
-    config: PlannerConfig = PlannerConfig(),  # noqa: B008 - frozen, so one shared value is fine
+    config: PlannerConfig = DEFAULT_CONFIG,
     costs: Costs = DEFAULT_COSTS,
     *,
     zero_pages: Int64s | None = None,
@@ -242,30 +251,31 @@ def simulate(
     t = start_s + costs.setup_s
     step = planner.first(np.flatnonzero(is_zero).astype(np.int64) if is_zero.any() else None)
     while isinstance(step, RoundPlan):
-        written, when = dirtier.first_writes(t, t + _longest_round(step, is_zero, costs))
+        written, when, zeroed = dirtier.first_writes(
+            t, t + _longest_round(step, is_zero, costs))
         first_write[written] = when
         sent, skipped, zero, seconds = _round(step, first_write, is_zero, t, costs)
         planner.record_batch(sent=sent, skipped=skipped, zero=zero)
         end = t + seconds
-        dirtied = np.sort(written[when < end])
+        in_round = when < end
+        dirtied = np.sort(written[in_round])
         first_write[written] = np.inf  # clean for the next round, without a RAM-sized pass
-        # The guest's writes make pages non-zero (a page written with zeros is rare, and
-        # the real source would only send it as data once).
-        is_zero[dirtied] = False
+        # What the next round finds in them: mostly data, zeros where the trace says so.
+        is_zero[written[in_round]] = zeroed[in_round]
         step = planner.end_round(dirtied, seconds)
         t = end
     assert isinstance(step, StopAndCopy)
     # Written while QMP stop was under way: the source collects once more after it.
-    late, _ = dirtier.first_writes(t, t + costs.pause_s)
+    late, _, late_zeroed = dirtier.first_writes(t, t + costs.pause_s)
     last = np.asarray(step.pages)
     if late.size:
         in_last = np.zeros(npages, dtype=np.bool_)  # cheaper than sorting a big final set
         in_last[last] = True
         in_last[late] = True
         last = np.flatnonzero(in_last)
-    is_zero[late] = False
+    is_zero[late] = late_zeroed
     data_pages = int(np.count_nonzero(~is_zero[last]))
-    final_s = data_pages * PAGE_BITS / step.rate_bps
+    final_s = max(0.0, data_pages * PAGE_BITS / step.rate_bps - PACER_BURST_S)
     downtime = final_s + costs.stop_s
     total = t + costs.pause_s + downtime + costs.release_s - start_s
     return Result(
@@ -371,12 +381,12 @@ class SweepCell:
 
 
 def sweep(
-    make_dirtier: Any,
+    make_dirtier: Callable[[], Dirtier],
     min_rates_mbps: list[float],
     max_rates_mbps: list[float],
     *,
     increment_mbps: float = 50.0,
-    base: PlannerConfig = PlannerConfig(),  # noqa: B008 - frozen
+    base: PlannerConfig = DEFAULT_CONFIG,
     costs: Costs = DEFAULT_COSTS,
     zero_pages: Int64s | None = None,
 ) -> Iterator[SweepCell]:

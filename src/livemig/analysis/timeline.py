@@ -1,12 +1,16 @@
 """A trace as a stream of write events on a clock, the view that WWS analysis and the
 simulator share.
 
-A trace says only in which interval a page was written. Each (interval, page) entry
-becomes one write event at a time spread uniformly within its interval, by a fixed
-pseudo-random draw: a window of the clock then holds the events whose time falls in it,
-and a window aligned on interval boundaries holds exactly those intervals' pages. A page
-the trace shows in many consecutive intervals gets one event in each, which is what
-50 ms of resolution can say about a page written continuously.
+A trace says only in which interval a page was written, not when or how often. Each
+(interval, page) entry becomes write events within its interval, by a fixed
+pseudo-random draw, so that a window of the clock holds the events whose time falls in
+it, and a window aligned on interval boundaries holds exactly those intervals' pages:
+
+- a page written in the interval before and the one after as well is taken to be
+  written all the time (a hot page: a network buffer, a counter): one write every
+  ``CONTINUOUS_STEP_S`` across the interval, so even a 10 ms window finds it dirty, as
+  the last, short pre-copy rounds of a real web server do;
+- any other page is written once, at a uniformly drawn time in the interval.
 
 After the end of the trace the stream repeats it, period after period, so that a
 migration may outlast what was recorded.
@@ -15,6 +19,7 @@ migration may outlast what was recorded.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -23,8 +28,22 @@ from livemig.analysis.trace import Trace
 
 Floats = npt.NDArray[np.float64]
 Int64s = npt.NDArray[np.int64]
+Bools = npt.NDArray[np.bool_]
 
 EVENT_SEED = 0x11FE  # fixed: the same trace always gives the same events
+CONTINUOUS_STEP_S = 0.005  # how often a page written in every interval is taken to be written
+
+
+class Writes(NamedTuple):
+    """Distinct pages written in a window: when first, and whether left all zeros."""
+
+    pages: Int64s
+    times: Floats
+    zeroed: Bools
+
+    @classmethod
+    def none(cls) -> Writes:
+        return cls(np.empty(0, np.int64), np.empty(0, np.float64), np.empty(0, np.bool_))
 
 
 class Timeline:
@@ -37,12 +56,12 @@ class Timeline:
         self.trace = trace
         self.start_s = float(trace.times[0])
         self.period_s = trace.duration_s
-        ids = trace.interval_ids()
-        spread = np.random.default_rng(EVENT_SEED).random(len(ids))
-        times = trace.times[:-1][ids] + spread * trace.durations_s[ids]
+        ids, pages, where, zeroed = _events(trace)
+        times = trace.times[:-1][ids] + where * trace.durations_s[ids]
         order = np.argsort(times, kind="stable")
         self.times: Floats = times[order]
-        self.pages: Int64s = trace.pages.astype(np.int64)[order]
+        self.pages: Int64s = pages[order]
+        self.zeroed: Bools = zeroed[order]
         self.prev, self.prev_later = _previous_times(self.times, self.pages, self.period_s)
 
     def _pieces(self, a: float, b: float) -> list[tuple[int, int, int]]:
@@ -70,17 +89,49 @@ class Timeline:
             int(np.count_nonzero(self._is_first(a, c, lo, hi))) for c, lo, hi in self._pieces(a, b)
         )
 
-    def first_writes(self, a: float, b: float) -> tuple[Int64s, Floats]:
-        """The distinct pages written in ``[a, b)`` and the time of each one's first write
-        there, in time order."""
-        pages, times = [], []
+    def first_writes(self, a: float, b: float) -> Writes:
+        """The distinct pages written in ``[a, b)``, in time order, with the time of each
+        one's first write there and whether that write left it all zeros."""
+        pages, times, zeroed = [], [], []
         for c, lo, hi in self._pieces(a, b):
             first = self._is_first(a, c, lo, hi)
             pages.append(self.pages[lo:hi][first])
             times.append(self.times[lo:hi][first] + c * self.period_s)
+            zeroed.append(self.zeroed[lo:hi][first])
         if not pages:
-            return np.empty(0, np.int64), np.empty(0, np.float64)
-        return np.concatenate(pages), np.concatenate(times)
+            return Writes.none()
+        return Writes(np.concatenate(pages), np.concatenate(times), np.concatenate(zeroed))
+
+
+def _events(trace: Trace) -> tuple[Int64s, Int64s, Floats, Bools]:
+    """(interval, page, position within the interval in [0, 1), page left zero) of every
+    write event."""
+    ids = trace.interval_ids()
+    pages = trace.pages.astype(np.int64)
+    zeroed = trace.zeroed_flags
+    rng = np.random.default_rng(EVENT_SEED)
+    # Entries sorted by (interval, page) make this key sorted: membership by bisection.
+    key = ids * trace.meta.npages + pages
+    continuous = _member(key - trace.meta.npages, key) & _member(key + trace.meta.npages, key)
+    steps = max(1, round(trace.meta.interval_s / CONTINUOUS_STEP_S))
+    once = ~continuous
+    hot = np.flatnonzero(continuous)
+    phase = rng.random(hot.size)
+    hot_where = ((phase[:, None] + np.arange(steps)) / steps).ravel()
+    return (
+        np.concatenate((ids[once], np.repeat(ids[hot], steps))),
+        np.concatenate((pages[once], np.repeat(pages[hot], steps))),
+        np.concatenate((rng.random(int(once.sum())), hot_where)),
+        np.concatenate((zeroed[once], np.repeat(zeroed[hot], steps))),
+    )
+
+
+def _member(values: Int64s, sorted_keys: Int64s) -> npt.NDArray[np.bool_]:
+    if not sorted_keys.size:
+        return np.zeros(values.size, dtype=np.bool_)
+    at = np.minimum(np.searchsorted(sorted_keys, values), sorted_keys.size - 1)
+    found: npt.NDArray[np.bool_] = sorted_keys[at] == values
+    return found
 
 
 def _previous_times(times: Floats, pages: Int64s, period_s: float) -> tuple[Floats, Floats]:

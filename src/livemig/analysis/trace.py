@@ -28,6 +28,7 @@ VERSION = 1
 Int32s = npt.NDArray[np.int32]
 Int64s = npt.NDArray[np.int64]
 Floats = npt.NDArray[np.float64]
+Bools = npt.NDArray[np.bool_]
 
 
 class TraceFormatError(LivemigError):
@@ -67,6 +68,9 @@ class Trace:
     pages: Int32s  # every interval's dirty pages, concatenated
     zero_pages: Int32s  # pages that read as zero when recording began (holes included)
     collect_ms: Floats = field(default_factory=lambda: np.zeros(0))  # cost of each collect
+    # Per entry of ``pages``: the page read as all zeros right after its interval (a
+    # kernel zeroing a page it allocates); empty when not recorded, i.e. none did.
+    zeroed: Bools = field(default_factory=lambda: np.zeros(0, np.bool_))
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -81,9 +85,16 @@ class Trace:
         intervals: Sequence[npt.NDArray[np.integer[Any]]],
         zero_pages: npt.NDArray[np.integer[Any]] | None = None,
         collect_ms: Sequence[float] | Floats | None = None,
+        zeroed: Sequence[Bools] | None = None,
     ) -> Trace:
-        """A trace from one dirty set per interval (sorted and deduplicated here)."""
-        sets = [np.unique(np.asarray(pages, dtype=np.int64)) for pages in intervals]
+        """A trace from one dirty set per interval (sorted and deduplicated here), and
+        optionally for each set which of its pages read as zero after the interval."""
+        sets, flags = [], []
+        for k, pages in enumerate(intervals):
+            unique, first = np.unique(np.asarray(pages, dtype=np.int64), return_index=True)
+            sets.append(unique)
+            if zeroed is not None:
+                flags.append(np.asarray(zeroed[k], dtype=np.bool_)[first])
         offsets = np.zeros(len(sets) + 1, dtype=np.int64)
         offsets[1:] = np.cumsum([len(s) for s in sets])
         pages = np.concatenate(sets) if sets else np.empty(0, np.int64)
@@ -98,6 +109,7 @@ class Trace:
                 "zero_pages",
             ),
             collect_ms=np.asarray(collect_ms if collect_ms is not None else [], np.float64),
+            zeroed=np.concatenate(flags) if flags else np.zeros(0, np.bool_),
         )
 
     # -- questions ------------------------------------------------------------------
@@ -126,6 +138,11 @@ class Trace:
         for k in range(self.n_intervals):
             yield self.interval(k)
 
+    @property
+    def zeroed_flags(self) -> Bools:
+        """``zeroed`` for every entry of ``pages`` (all False when it was not recorded)."""
+        return self.zeroed if self.zeroed.size else np.zeros(self.pages.size, np.bool_)
+
     def interval_ids(self) -> Int64s:
         """For each entry of ``pages``, the interval it belongs to."""
         return np.repeat(np.arange(self.n_intervals, dtype=np.int64), self.counts)
@@ -142,6 +159,7 @@ class Trace:
             pages=self.pages,
             zero_pages=self.zero_pages,
             collect_ms=self.collect_ms,
+            zeroed=self.zeroed,
         )
         return buffer.getvalue()
 
@@ -177,6 +195,7 @@ class Trace:
                 pages=arrays["pages"].astype(np.int32, copy=False),
                 zero_pages=arrays["zero_pages"].astype(np.int32, copy=False),
                 collect_ms=arrays.get("collect_ms", np.zeros(0)).astype(np.float64, copy=False),
+                zeroed=arrays.get("zeroed", np.zeros(0, np.bool_)).astype(np.bool_, copy=False),
             )
         except ValueError as exc:
             raise TraceFormatError(source, str(exc)) from exc
@@ -218,5 +237,7 @@ def _validate(trace: Trace) -> None:
             raise ValueError(f"{name} holds page indexes outside 0..{meta.npages - 1}")
     if trace.collect_ms.size not in (0, trace.n_intervals):
         raise ValueError("collect_ms must have one entry per interval, or none")
-    for frozen in (times, offsets, pages, trace.zero_pages, trace.collect_ms):
+    if trace.zeroed.size not in (0, pages.size) or trace.zeroed.ndim != 1:
+        raise ValueError("zeroed must have one flag per entry of pages, or none")
+    for frozen in (times, offsets, pages, trace.zero_pages, trace.collect_ms, trace.zeroed):
         frozen.setflags(write=False)
