@@ -57,8 +57,11 @@ def test_expected_downtime_after_each_round_by_hand() -> None:
     assert curves.starts_s[0] == 0.0
     assert curves.downtime_s[0, 0].tolist() == pytest.approx([1.0, 2.0, 0.5, 0.0])
     assert curves.round_s[0, 0].tolist() == pytest.approx([2.0, 1.0, 2.0, 0.5])
-    # From t = 7 round 1 would end after the trace: nothing is made up.
+    # From t = 7 round 1 would end after the trace: nothing is made up...
     assert np.isnan(curves.downtime_s[0, 7]).all()
+    # ...unless the trace may repeat: round 1 is then interval 7 and interval 0 again.
+    looped = wws.expected_downtimes(trace_of(intervals), [rate], rounds=1, loop=True)
+    assert looped.downtime_s[0, 7, 0] == pytest.approx(40 / 50)
 
 
 def test_a_quiet_trace_stops_at_nothing_left() -> None:

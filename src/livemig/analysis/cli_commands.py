@@ -142,7 +142,8 @@ def cmd_trace_info(args: argparse.Namespace) -> int:
 
 def cmd_wws(args: argparse.Namespace) -> int:
     trace = Trace.load(args.trace)
-    curves = wws.expected_downtimes(trace, [r * MBIT for r in args.rates], rounds=args.rounds)
+    curves = wws.expected_downtimes(trace, [r * MBIT for r in args.rates], rounds=args.rounds,
+                                    loop=args.loop)
     result = wws.summary(trace, args.rates, windows=args.windows,
                          hot_fraction=args.hot_fraction, curves=curves)
     print(wws_text(result))
@@ -321,6 +322,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                    metavar="M,M,...", help="WWS window lengths in intervals (default 1,2,4,8)")
     w.add_argument("--hot-fraction", type=float, default=wws.HOT_FRACTION, metavar="F",
                    help="a page is hot if written in at least this fraction of intervals")
+    w.add_argument("--loop", action="store_true",
+                   help="repeat the trace when the rounds outlast it (default: leave them out)")
     w.add_argument("--plot", type=Path, metavar="FILE.png")
     w.add_argument("--json", type=Path, metavar="FILE", help="the summary as JSON ('-': stdout)")
     w.set_defaults(func=cmd_wws)

@@ -52,7 +52,10 @@ def expected_downtimes(
     rounds: int = DEFAULT_ROUNDS,
     starts: int = MAX_STARTS,
     timeline: Timeline | None = None,
+    loop: bool = False,
 ) -> DowntimeCurves:
+    """The curves at each of ``rates_bps``. Rounds that outlast the trace are NaN,
+    unless ``loop``: then the trace repeats after its end, as in the simulator."""
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, not {rounds}")
     line = timeline or Timeline(trace)
@@ -71,7 +74,7 @@ def expected_downtimes(
             a, length = float(start), first_round
             for k in range(rounds):
                 b = a + length
-                if b > t_end + 1e-9:
+                if b > t_end + 1e-9 and not loop:
                     break  # the trace does not say what happens after its end
                 remaining = line.distinct(a, b)
                 lengths[r, i, k] = length
