@@ -150,7 +150,7 @@ def cmd_wws(args: argparse.Namespace) -> int:
     if args.plot:
         hot = wws.hot_set(trace, args.hot_fraction)
         plots.wws_figure(args.plot, trace, curves, wws.wws_sizes(trace, args.windows),
-                         args.windows, hot.pages)
+                         args.windows, hot.pages, looped=args.loop)
         _say(f"figure: {args.plot}")
     if args.json:
         _write_json(args.json, result)

@@ -25,6 +25,8 @@ def wws_figure(
     sizes: np.ndarray[Any, Any],
     windows: list[int],
     hot_pages: int,
+    *,
+    looped: bool = False,
 ) -> Path:
     """Top: the writable working set over time for each window length (Figure 2).
     Below, one panel per rate: expected downtime after 1..4 rounds for a migration
@@ -65,7 +67,9 @@ def wws_figure(
         ax.set_xlabel("migration start time within the trace (s)")
         ax.set_ylabel("expected downtime (ms)")
         first_round = meta.ram_bytes * 8 / rate
-        ax.set_title(f"Expected downtime at {mbps:g} Mbit/s (round 1 takes {first_round:.1f} s)")
+        repeated = ", the trace repeated after its end" if looped else ""
+        ax.set_title(f"Expected downtime at {mbps:g} Mbit/s (round 1 takes {first_round:.1f} s"
+                     f"{repeated})")
         if np.all(np.isnan(curves.downtime_s[r])):
             ax.text(0.5, 0.5, "the trace is shorter than round 1 at this rate",
                     transform=ax.transAxes, ha="center", va="center")
