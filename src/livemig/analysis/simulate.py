@@ -327,6 +327,8 @@ def _round(
     latest_peek = t0 + c * data_before
     # Pages written before their batch's latest possible peek: only they can be skipped.
     maybe = np.flatnonzero(f < np.repeat(latest_peek, size)[: pages.size])
+    if not maybe.size:
+        return n_data, 0, pages.size - n_data, max(n_data * c + costs.round_s, 1e-9)
     batch, when, is_data = maybe // size, f[maybe], data[maybe]
     skipped_before = _skips_before(batch, when, is_data, latest_peek, c, n_batches)
     hit = when < latest_peek[batch] - c * skipped_before[batch]
@@ -349,6 +351,8 @@ def _skips_before(
     right; in practice a few passes reach the fixed point, which is the exact answer.
     A guest that keeps it moving longer is finished batch by batch."""
     skipped = np.zeros(n_batches, dtype=np.int64)
+    if not is_data.any():
+        return skipped  # skipping pages of zeros takes no time: no peek moves
     for _ in range(max_passes):
         hit = when < latest_peek[batch] - c * skipped[batch]
         per_batch = np.bincount(batch[hit & is_data], minlength=n_batches)
