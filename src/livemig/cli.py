@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from livemig import reporting
+from livemig.analysis import cli_commands as analysis_commands
 from livemig.daemon import control, launch, server
 from livemig.errors import LivemigError, SetupError
 from livemig.experiments import demo
@@ -332,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_probe_commands(commands)
     demo.add_demo_command(commands)
+    analysis_commands.register(commands)  # trace, wws, simulate
     return parser
 
 
