@@ -28,10 +28,13 @@ from livemig.migration.planner import MBIT, Mode, RateLimits
 from livemig.migration.source import MigrationOptions, Progress, SourceMigration
 from livemig.net import testbed
 from livemig.vm import qemu
+from livemig.vm.spec import VMRecord
 from livemig.wire import channel
 from livemig.wire.channel import Channel
 
 log = logging.getLogger("livemigd")
+
+SETTLE_RETRY_S = 10.0
 
 
 class Daemon:
@@ -43,6 +46,7 @@ class Daemon:
         self._engines: dict[str, SourceMigration] = {}
         self._sessions: set[asyncio.Task[None]] = set()
         self.incoming = Incoming(host)
+        self._settling: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
         path = control.socket_path(self.host)
@@ -66,6 +70,8 @@ class Daemon:
             await stop.wait()
         finally:
             recovery.cancel()
+            for task in self._settling:
+                task.cancel()
             local.close()
             peers.close()
             for task in [*self.migrations.values(), *self._sessions]:
@@ -88,19 +94,26 @@ class Daemon:
                 log.error("could not remove %s: %s", record.spec.name, exc)
         self.incoming.recovered.set()  # no orphan left: 'locate' may answer now
         for record in mine:
-            target = source.journal_target(record)
-            if record.incoming or target is None or not record.process_alive():
-                continue
+            if not record.incoming:
+                await self._settle(record)
+
+    async def _settle(self, record: VMRecord) -> None:
+        """Settle ``record``'s switchover, if a journal says it was in one; an in-doubt
+        commit is asked about again every SETTLE_RETRY_S until its target answers."""
+        while (target := source.journal_target(record)) and record.process_alive():
             try:
                 vm = await qemu.VM.attach(record)
                 try:
                     ip = str(testbed.require_host(target).ip)
-                    outcome = await source.recover_switchover(vm, self._connector(ip))
-                    log.info("recovered %s: %s", record.spec.name, outcome)
+                    settled, what = await source.recover_switchover(vm, self._connector(ip))
                 finally:
                     await vm.close()
+                log.log(logging.INFO if settled else logging.WARNING, "%s", what)
+                if settled:
+                    return
             except (LivemigError, OSError, ValueError, KeyError) as exc:
-                log.error("could not recover %s: %s", record.spec.name, exc)
+                log.error("could not settle %s: %s", record.spec.name, exc)
+            await asyncio.sleep(SETTLE_RETRY_S)
 
     def _connector(self, ip: str) -> source.Connect:
         return lambda: channel.connect(ip, control.PEER_PORT, key=self.key, me=self.host,
@@ -204,6 +217,10 @@ class Daemon:
             report = await asyncio.shield(task)
             writer.write(control.encode({"type": "result", "report": report.to_json()}))
         except MigrationError as exc:
+            if exc.vm_runs_on is None:  # the commit is in doubt: keep asking the target
+                settling = asyncio.create_task(self._settle(record))
+                self._settling.add(settling)
+                settling.add_done_callback(self._settling.discard)
             writer.write(control.encode({
                 "type": "error", "message": str(exc), "stage": exc.stage,
                 "vm_runs_on": exc.vm_runs_on,

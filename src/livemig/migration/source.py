@@ -171,27 +171,27 @@ async def locate(vm: str, connect: Connect, patience_s: float) -> dict[str, Any]
     return None
 
 
-async def recover_switchover(vm: VM, connect: Connect) -> str:
-    """A daemon restarting finds ``vm`` with a switchover journal: a migration was
-    stopped in its stop window. Settle it the way the migration would have; return
-    what was done."""
+async def recover_switchover(vm: VM, connect: Connect) -> tuple[bool, str]:
+    """``vm`` has a switchover journal: its migration ended in its stop window (its
+    daemon died, or the commit's fate stayed unknown). Settle it the way the migration
+    would have; returns (settled, what was done). Unsettled means in doubt: ask again."""
     path = journal_file(vm.record)
     entry = json.loads(path.read_text())
     target = entry["target"]
     answer = await locate(vm.name, connect, RESOLVE_TIMEOUT_S)
     if answer is not None and answer["state"] == "running":
         await vm.stop()  # the target runs it: this copy is the stale one
-        return f"{vm.name} runs on {target}; released the copy here"
+        return True, f"{vm.name} runs on {target}; released the copy here"
     if answer is None and entry["commit_sent"]:
-        return (f"{vm.name}: the commit to {target} is in doubt and {target} does not "
-                f"answer; {vm.name} stays paused here")
+        return False, (f"{vm.name}: the commit to {target} is in doubt and {target} does "
+                       f"not answer; {vm.name} stays paused here")
     # Not committed, or the target proved it holds no copy: the VM is ours.
     with contextlib.suppress(LivemigError):
         await vm.qmp_command("migrate_cancel")
     if await vm.status() != "running":
         await vm.resume()
     path.unlink(missing_ok=True)
-    return f"{vm.name} resumed here (its migration to {target} never completed)"
+    return True, f"{vm.name} resumed here (its migration to {target} never completed)"
 
 
 class SourceMigration:

@@ -35,6 +35,7 @@ from livemig.vm.spec import VMRecord, VMSpec
 
 QEMU_BINARY = "qemu-system-x86_64"
 BOOT_TIMEOUT_S = 90.0
+QMP_TIMEOUT_S = 10.0  # every command we send answers in milliseconds; a hung QEMU must not hang us
 AGENT_PORT_NAME = "org.livemig.agent"
 
 
@@ -235,7 +236,11 @@ class VM:
     async def qmp_command(self, command: str, **arguments: Any) -> Any:
         self._check_alive()
         try:
-            return await self.qmp.execute(command, arguments or None)
+            async with asyncio.timeout(QMP_TIMEOUT_S):
+                return await self.qmp.execute(command, arguments or None)
+        except TimeoutError as exc:
+            raise VMError(self.name, f"QEMU of VM {self.name!r} did not answer QMP {command} "
+                                     f"within {QMP_TIMEOUT_S:g} s") from exc
         except QMPError as exc:
             self._check_alive()  # a crash explains the failure better than QMP can
             raise VMError(self.name, f"QMP {command} failed on VM {self.name!r}: {exc}") from exc
