@@ -44,6 +44,7 @@ IDLE_TIMEOUT_S = 10.0  # no frame from the source for this long: it is gone
 MEMORY_MARGIN_BYTES = 64 << 20  # QEMU itself, beyond guest RAM
 INCOMING_TIMEOUT_S = 3.0  # QEMU's device state; ~5 ms when all is well
 QEMU_WATCH_S = 0.1
+ANNOUNCE_DELAY_S = 0.2  # see _announce
 
 
 def free_port(ip: str) -> int:
@@ -319,10 +320,6 @@ class DestinationSession:
         self.vm.record = VMRecord(spec=record.spec, host=record.host, pid=record.pid)
         self.vm.record.save()
         log.info("cont of %s took %.1f ms", self.vm.name, (cont_returned_at - cont_asked) * 1e3)
-        # The switches still send the VM's frames to its old port until a frame from its
-        # MAC reaches them. QEMU's own post-migration announcement waits 50 ms and the
-        # guest agent's arping longer, so QEMU sends RARPs from the VM's NIC now.
-        await self.vm.qmp_command("announce-self", initial=1, max=50, rounds=3, step=50)
         # The source's clock is this one (one machine); across machines it would need
         # the offset measured at connection time.
         try:
@@ -337,16 +334,24 @@ class DestinationSession:
 
     async def _announce(self) -> None:
         """The guest's own unsolicited ARP, from its NIC: it also refreshes the ARP caches
-        of hosts that moved the VM's IP elsewhere (a real failover)."""
+        of hosts that moved the VM's IP elsewhere (a real failover). QMP announce-self is
+        the fallback for a guest without our agent.
+
+        The switches already know: QEMU queued its own post-migration RARP when the
+        device state arrived and sends it the instant ``cont`` runs the VM (straced:
+        0.2 ms after the RESUME event). So the agent's arping, a process the guest must
+        fork and exec on a cold translation cache, waits ANNOUNCE_DELAY_S and leaves the
+        guest's first milliseconds to its service."""
         assert self.vm is not None
+        await asyncio.sleep(ANNOUNCE_DELAY_S)
         started = time.monotonic()
         try:
             await self.vm.agent.announce(timeout=5.0)
             log.info("%s announced itself from its NIC in %.0f ms", self.vm.name,
                      (time.monotonic() - started) * 1000)
         except LivemigError as exc:
-            # A guest without our agent: QEMU's RARPs above have announced it already.
-            log.info("agent announce failed (%s); QEMU's announce-self stands", exc)
+            log.info("agent announce failed (%s); QMP announce-self instead", exc)
+            await self.vm.qmp_command("announce-self", initial=1, max=50, rounds=3, step=50)
 
     async def _tear_down(self) -> None:
         if self.vm is not None:
