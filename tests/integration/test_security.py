@@ -1,0 +1,204 @@
+"""Security on the real test bed: the daemons' mutual TLS, their control sockets, and
+confined QEMUs.
+
+Intruders are played from inside hostA's namespace by ``data/try_peer.py`` against the
+real daemons. Each must be refused before any byte reaches a QEMU: no QEMU starts on the
+target and no VM is recorded there, even though the intruder asks for a reservation
+whenever it gets in, and the target's daemon logs why it refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from livemig import keys, paths
+from livemig.daemon import control
+from livemig.image import builder
+from livemig.net import testbed
+from livemig.vm import qemu
+from livemig.vm.spec import VMSpec, Workload
+
+TRY_PEER = Path(__file__).parent / "data" / "try_peer.py"
+
+
+def qemus_in(host: str) -> list[int]:
+    """PIDs of the QEMUs running in ``host``'s namespace."""
+    target = os.stat(f"/run/netns/{testbed.host_node(host).netns}")
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            ns = os.stat(f"/proc/{entry}/ns/net")
+            comm = Path(f"/proc/{entry}/comm").read_text().strip()
+        except OSError:
+            continue
+        if (ns.st_dev, ns.st_ino) == (target.st_dev, target.st_ino) and comm.startswith("qemu"):
+            found.append(int(entry))
+    return found
+
+
+class Intruder:
+    """Runs try_peer.py in hostA against ``target``'s daemon and checks that nothing
+    happened there."""
+
+    def __init__(self, image: builder.Image, target: str = "hostB") -> None:
+        self.image = image
+        self.target = target
+        self.spec = VMSpec(name="intruder", ip=qemu.free_ip(), mem_mib=64,
+                           workload=Workload.IDLE, image=image.name, kernel=image.kernel,
+                           initrd=image.initrd)
+        self.log = paths.host_dir(target) / "livemigd.log"
+
+    def attempt(self, **args: Any) -> tuple[dict[str, Any], str]:
+        """Returns what the intruder saw and what the target's daemon logged meanwhile."""
+        qemus_before = qemus_in(self.target)
+        records_before = qemu.records()
+        log_from = self.log.stat().st_size
+        request = {"ip": str(testbed.host_node(self.target).ip), "me": "hostA",
+                   "peer_name": self.target, "tls": "files",
+                   "key_file": str(control.key_file()), "spec": self.spec.to_json(), **args}
+        done = subprocess.run(
+            testbed.host_node("hostA").exec_argv([sys.executable, str(TRY_PEER),
+                                                  json.dumps(request)]),
+            capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 0, done.stderr
+        outcome: dict[str, Any] = json.loads(done.stdout)
+        # Refused before any byte reached a QEMU: none started, none recorded.
+        assert qemus_in(self.target) == qemus_before
+        assert qemu.records() == records_before
+        with self.log.open() as f:
+            f.seek(log_from)
+            logged = f.read()
+        assert "incoming migration" not in logged
+        return outcome, logged
+
+
+def host_files(host: str) -> keys.HostFiles:
+    return keys.HostFiles.in_dir(paths.tls_dir(host), host)
+
+
+@pytest.fixture
+def intruder(bed: list[testbed.Node], image: builder.Image) -> Intruder:
+    return Intruder(image)
+
+
+def test_the_test_bed_provisions_mutual_tls(bed: list[testbed.Node]) -> None:
+    ca = (paths.pki_dir() / keys.CA_CERT).read_bytes()
+    for node in testbed.hosts():
+        files = host_files(node.name)
+        assert files.missing() == []
+        assert files.ca.read_bytes() == ca
+        assert stat.S_IMODE(files.key.stat().st_mode) == 0o600
+        assert keys.describe(files.cert)["names"] == [node.name, str(node.ip)]
+        log = (paths.host_dir(node.name) / "livemigd.log").read_text()
+        assert "(mutual TLS)" in log
+    assert stat.S_IMODE((paths.pki_dir() / keys.CA_KEY).stat().st_mode) == 0o600
+
+
+def test_a_real_host_certificate_gets_in(intruder: Intruder) -> None:
+    """The control for the refusals below: the same intruder with hostA's own files is let
+    in and reaches the reservation (which fails on purpose: its spec is refused as too
+    big for nothing, so no QEMU starts either)."""
+    a = host_files("hostA")
+    too_big = {**intruder.spec.to_json(), "mem_mib": 1 << 30}
+    outcome, logged = intruder.attempt(ca=str(a.ca), cert=str(a.cert), key=str(a.key),
+                                       spec=too_big)
+    assert outcome["stage"] == "reserve" and outcome["error"] is None, outcome
+    assert outcome["ok"] is False and "MiB" in outcome["body"]["error"]
+    assert "accepted hostA from" in logged
+
+
+def test_a_certificate_from_a_foreign_ca_is_refused(intruder: Intruder, tmp_path: Path) -> None:
+    keys.init_ca(tmp_path, name="a foreign CA")
+    forged = keys.issue_host(tmp_path, "hostA", [str(testbed.host_node("hostA").ip)])
+    outcome, logged = intruder.attempt(ca=str(host_files("hostA").ca), cert=str(forged.cert),
+                                       key=str(forged.key))
+    assert outcome["stage"] == "connect", outcome
+    assert outcome["error"] == "PeerNotTrusted" and outcome["by_peer"] is True
+    assert "TLS handshake failed: certificate refused" in logged
+
+
+def test_a_client_without_a_certificate_is_refused(intruder: Intruder) -> None:
+    outcome, logged = intruder.attempt(tls="bare", ca=str(host_files("hostA").ca))
+    assert outcome["stage"] == "connect", outcome
+    assert outcome["error"] == "PeerNotTrusted" and outcome["by_peer"] is True
+    assert "TLS handshake failed: peer did not return a certificate" in logged
+
+
+def test_a_valid_certificate_of_another_host_is_refused(intruder: Intruder) -> None:
+    """hostC holds a genuine certificate of our CA. Calling itself hostA, it is refused
+    by hostB; answering in hostB's place, it is refused by the source."""
+    c = host_files("hostC")
+    files = {"ca": str(c.ca), "cert": str(c.cert), "key": str(c.key)}
+    outcome, logged = intruder.attempt(**files)  # claims to be hostA (me)
+    assert outcome["stage"] == "connect", outcome
+    assert outcome["error"] == "PeerAborted"
+    assert "is not trusted" in logged
+
+    # The source means hostB, but reaches hostC's daemon (a stale address, a spoof).
+    a = host_files("hostA")
+    impostor = Intruder(intruder.image, target="hostC")
+    outcome, _ = impostor.attempt(ca=str(a.ca), cert=str(a.cert), key=str(a.key),
+                                  peer_name="hostB")
+    assert outcome["stage"] == "connect", outcome
+    assert outcome["error"] == "PeerNotTrusted" and outcome["by_peer"] is False
+    assert "hostB" in outcome["message"]
+
+
+def test_a_plaintext_peer_is_told_that_tls_is_required(intruder: Intruder) -> None:
+    outcome, logged = intruder.attempt(tls=None)
+    assert outcome["stage"] == "connect", outcome
+    assert outcome["error"] == "PeerAborted" and "mutual TLS" in outcome["reason"]
+    assert "speaks livemig in plaintext" in logged
+
+
+def test_the_right_certificate_with_the_wrong_key_is_refused(
+        intruder: Intruder, tmp_path: Path) -> None:
+    """The HMAC stays as an inner check: a host certificate alone does not let a peer in
+    without the cluster's shared key."""
+    wrong = tmp_path / "wrong.key"
+    wrong.write_bytes(b"w" * 32)
+    a = host_files("hostA")
+    outcome, logged = intruder.attempt(ca=str(a.ca), cert=str(a.cert), key=str(a.key),
+                                       key_file=str(wrong))
+    assert outcome["stage"] == "connect", outcome
+    assert outcome["error"] == "AuthenticationError"
+    assert "does not hold our key" in logged
+
+
+def test_the_control_socket_is_root_only(bed: list[testbed.Node]) -> None:
+    path = control.socket_path("hostB")
+    st = path.stat()
+    assert stat.S_ISSOCK(st.st_mode) and st.st_uid == 0
+    assert stat.S_IMODE(st.st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    probe = ("import socket, sys\n"
+             "s = socket.socket(socket.AF_UNIX)\n"
+             "try:\n"
+             "    s.connect(sys.argv[1])\n"
+             "except PermissionError:\n"
+             "    print('refused')\n"
+             "else:\n"
+             "    print('connected')\n")
+    as_nobody = subprocess.run(
+        ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+         "/usr/bin/python3", "-c", probe, str(path)],
+        capture_output=True, text=True, timeout=30, check=True)
+    assert as_nobody.stdout.strip() == "refused"
+    as_root = subprocess.run(["/usr/bin/python3", "-c", probe, str(path)],
+                             capture_output=True, text=True, timeout=30, check=True)
+    assert as_root.stdout.strip() == "connected"
+    with socket.socket(socket.AF_UNIX) as s:  # and the daemon answers root
+        s.connect(str(path))
+        s.sendall(control.encode({"op": "ping"}))
+        assert json.loads(s.makefile().readline())["host"] == "hostB"
