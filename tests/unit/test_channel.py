@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -551,4 +552,22 @@ def test_send_pages_is_paced() -> None:
                 await channel.request("done", timeout=5)
                 elapsed = time.monotonic() - started
         assert 0.15 < elapsed < 0.6  # ideal (1 MiB - 50 kB) / 5 MB/s = 0.2 s
+    run(main())
+
+
+def test_accepted_connections_send_small_frames_at_once() -> None:
+    """Replies are small frames; a delayed ACK (40 ms) must not hold them back."""
+    nodelay: list[int] = []
+
+    async def handler(channel: Channel) -> None:
+        sock = channel._transport.get_extra_info("socket")
+        nodelay.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        await answer_requests(channel)
+
+    async def main() -> None:
+        async with Served(handler) as served:
+            async with await connect(LOOPBACK, served.port, key=KEY, me="hostA") as channel:
+                await channel.request("ping", timeout=5)
+            assert await served.done.get() is None
+        assert nodelay and nodelay[0] != 0
     run(main())

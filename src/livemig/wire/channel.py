@@ -664,6 +664,10 @@ async def serve(host: str, port: int, *, key: bytes, me: str, handler: Handler,
                     await asyncio.sleep(0.1)
                     continue
                 conn.setblocking(False)
+                # asyncio sets TCP_NODELAY only on sockets whose proto field says TCP,
+                # and create_server() leaves it 0: without this, every small frame
+                # (a Reply, the handshake) waits up to 40 ms for a delayed ACK.
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 task = loop.create_task(_serve_socket(
                     conn, _address(addr), key=key, me=me, handler=handler, ssl=ssl,
                     timeout=handshake_timeout))
