@@ -9,7 +9,8 @@ tunnelled through the daemons' channel.
    the engine downtime and the device-state step of the stop window, with medians.
 
 Usage: ``.venv/bin/python bench/security.py [--runs 7] [--connects 50]``; run alone on
-the machine (it measures time). Uses the test bed instance of LIVEMIG_INSTANCE.
+the machine (it measures time). Uses the test bed instance of LIVEMIG_INSTANCE, and takes
+it down at the end.
 """
 
 from __future__ import annotations
@@ -104,8 +105,11 @@ def main() -> int:
     print(f"connect + handshakes, median of {args.connects}: " + ", ".join(
         f"{k} {v:.2f} ms" for k, v in hs.items()))
     testbed.up(2)
-    launch.ensure_daemons()
-    rows = asyncio.run(switchovers(args.runs))
+    try:
+        launch.ensure_daemons()
+        rows = asyncio.run(switchovers(args.runs))
+    finally:
+        testbed.down()
     medians = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
     print(f"medians of {len(rows)} switchovers: " + ", ".join(
         f"{k}={v:.1f} ms" for k, v in medians.items()))

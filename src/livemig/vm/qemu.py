@@ -234,6 +234,17 @@ class VM:
             self._check_alive()  # a crash explains the failure better than QMP can
             raise VMError(self.name, f"QMP {command} failed on VM {self.name!r}: {exc}") from exc
 
+    async def pass_fd(self, fd: int, name: str) -> None:
+        """Give QEMU a copy of ``fd`` (SCM_RIGHTS on the QMP socket) as ``name``, for a
+        ``fd:NAME`` migration URI. QEMU holds it for this QMP connection only."""
+        self._check_alive()
+        try:
+            self.qmp.send_fd_scm(fd)
+        except (QMPError, OSError) as exc:
+            raise VMError(self.name, f"could not pass a descriptor to VM {self.name!r}: "
+                                     f"{exc}") from exc
+        await self.qmp_command("getfd", fdname=name)
+
     async def status(self) -> str:
         """QEMU's run state: ``running``, ``paused``, ``inmigrate``, ``postmigrate``, ..."""
         result = await self.qmp_command("query-status")
