@@ -9,12 +9,16 @@ whenever it gets in, and the target's daemon logs why it refused.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
+import pwd
 import socket
 import stat
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +27,7 @@ import pytest
 from livemig import keys, paths
 from livemig.daemon import control
 from livemig.image import builder
+from livemig.migration.tunnel import StateSink
 from livemig.net import testbed
 from livemig.vm import qemu
 from livemig.vm.spec import VMSpec, Workload
@@ -202,3 +207,82 @@ def test_the_control_socket_is_root_only(bed: list[testbed.Node]) -> None:
         s.connect(str(path))
         s.sendall(control.encode({"op": "ping"}))
         assert json.loads(s.makefile().readline())["host"] == "hostB"
+
+
+# -- confined QEMUs and the tunnel --------------------------------------------------------
+
+
+def confinement(pid: int) -> dict[str, str]:
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text()
+                  .splitlines() if ":" in line)
+    return {k: " ".join(fields[k].split()) for k in ("Uid", "Gid", "CapEff", "CapPrm",
+                                                     "NoNewPrivs", "Seccomp")}
+
+
+def assert_confined(pid: int) -> None:
+    uid = pwd.getpwnam(qemu.QEMU_USER).pw_uid
+    seen = confinement(pid)
+    assert seen["Uid"] == " ".join([str(uid)] * 4), seen  # real, effective, saved, fs
+    assert seen["CapEff"] == seen["CapPrm"] == "0000000000000000", seen
+    assert seen["NoNewPrivs"] == "1" and seen["Seccomp"] == "2", seen  # 2: filter mode
+
+
+def tcp_sockets_of(pid: int) -> set[int]:
+    """Inodes of the TCP sockets ``pid`` holds (any state), from its namespace's tables."""
+    tcp = set()
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            tcp.add(int(line.split()[9]))
+    held = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                held.add(int(target[8:-1]))
+    return held & tcp
+
+
+def test_every_qemu_runs_confined_and_the_dirty_log_still_works(
+        start_vm: Callable[..., qemu.VM], loop: asyncio.AbstractEventLoop) -> None:
+    vm = start_vm("conf", Workload.MMUNCHER, options=(("mm_mib", "16"), ("mm_rate", "8")))
+    loop.run_until_complete(vm.close())
+    assert_confined(vm.pid)
+    assert "-sandbox" in Path(f"/proc/{vm.pid}/cmdline").read_bytes().decode().split("\0")
+    # There and back: the first destination becomes a source, still confined.
+    for source, target in (("hostA", "hostB"), ("hostB", "hostA")):
+        request = {"op": "migrate", "vm": vm.name, "to": target}
+        report = loop.run_until_complete(control.migrate(source, request))
+        assert report["tracker"] == "uffd", report["tracker"]  # the shim and pagemap work
+        assert report["verified"] is True
+        (record,) = [r for r in qemu.records() if r.spec.name == vm.name]
+        assert record.host == target
+        assert_confined(record.pid)
+    moved = loop.run_until_complete(qemu.VM.attach(record))
+    try:
+        stats = loop.run_until_complete(moved.agent.verify())["stats"]["mmuncher"]
+        assert stats["errors"] == 0, stats
+    finally:
+        loop.run_until_complete(moved.close())
+
+
+def test_an_incoming_qemu_listens_on_no_port(
+        bed: list[testbed.Node], image: builder.Image, loop: asyncio.AbstractEventLoop) -> None:
+    daemon = int((paths.host_dir("hostB") / "livemigd.pid").read_text())
+    assert tcp_sockets_of(daemon)  # the check sees a listener where there is one
+    spec = VMSpec(name="incoming", ip=qemu.free_ip(), mem_mib=64, workload=Workload.IDLE,
+                  image=image.name, kernel=image.kernel, initrd=image.initrd)
+
+    async def main() -> None:
+        vm = await qemu.VM.start(spec, "hostB", incoming=True)
+        try:
+            sink = await StateSink.open(vm)
+            try:
+                await vm.qmp_command("migrate-incoming", uri=sink.uri)
+                assert await vm.status() == "inmigrate"
+                assert_confined(vm.pid)
+                assert tcp_sockets_of(vm.pid) == set()
+            finally:
+                sink.close()
+        finally:
+            await vm.stop()
+    loop.run_until_complete(main())
