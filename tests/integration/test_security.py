@@ -14,10 +14,12 @@ import contextlib
 import json
 import os
 import pwd
+import signal
 import socket
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ from typing import Any
 import pytest
 
 from livemig import keys, paths
-from livemig.daemon import control
+from livemig.daemon import control, launch
 from livemig.image import builder
 from livemig.migration.tunnel import StateSink
 from livemig.net import testbed
@@ -286,3 +288,58 @@ def test_an_incoming_qemu_listens_on_no_port(
         finally:
             await vm.stop()
     loop.run_until_complete(main())
+
+
+# -- plaintext, only by choice --------------------------------------------------------------
+
+
+def restart_daemons(hosts: list[str], *, plaintext: bool) -> None:
+    """End these hosts' daemons (ours: this test bed started them) and start them again."""
+    pids = [int(launch.pid_file(h).read_text()) for h in hosts]
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 15
+    while any(Path(f"/proc/{pid}").exists() for pid in pids):
+        assert time.monotonic() < deadline, "a daemon did not stop"
+        time.sleep(0.05)
+    launch.ensure_daemons(plaintext=plaintext)
+
+
+def test_plaintext_only_by_choice_and_refused_by_tls_daemons(
+        start_vm: Callable[..., qemu.VM], loop: asyncio.AbstractEventLoop) -> None:
+    tls_vm = start_vm("ptls", Workload.IDLE, host="hostA")
+    plain_vm = start_vm("pplain", Workload.IDLE, host="hostC")
+    for vm in (tls_vm, plain_vm):
+        loop.run_until_complete(vm.close())
+    restart_daemons(["hostB", "hostC"], plaintext=True)
+    try:
+        for host in ("hostB", "hostC"):
+            log = (paths.host_dir(host) / "livemigd.log").read_text()
+            assert "(PLAINTEXT)" in log and "--insecure-plaintext" in log
+        qemus_before = qemus_in("hostB")
+
+        # A TLS source and a plaintext target: refused, the VM runs on as before.
+        with pytest.raises(control.MigrationFailed) as caught:
+            loop.run_until_complete(control.migrate("hostA", {"op": "migrate", "vm": "ptls",
+                                                              "to": "hostB"}))
+        assert caught.value.vm_runs_on == "hostA"
+        assert "--insecure-plaintext" in str(caught.value)
+        # A plaintext source and a TLS target: told so, in the target's words.
+        with pytest.raises(control.MigrationFailed) as caught:
+            loop.run_until_complete(control.migrate("hostC", {"op": "migrate",
+                                                              "vm": "pplain", "to": "hostA"}))
+        assert caught.value.vm_runs_on == "hostC"
+        assert "requires mutual TLS" in str(caught.value)
+        assert qemus_in("hostB") == qemus_before
+        assert [r.host for r in qemu.records() if r.spec.name == "pplain"] == ["hostC"]
+
+        # Two plaintext daemons, by choice: the migration works (the tunnel included).
+        report = loop.run_until_complete(control.migrate("hostC", {"op": "migrate",
+                                                                   "vm": "pplain",
+                                                                   "to": "hostB"}))
+        assert report["verified"] is True
+        assert [r.host for r in qemu.records() if r.spec.name == "pplain"] == ["hostB"]
+    finally:
+        restart_daemons(["hostB", "hostC"], plaintext=False)
+    log = (paths.host_dir("hostB") / "livemigd.log").read_text()
+    assert log.rstrip().splitlines()[-1].endswith("(mutual TLS)")
