@@ -8,6 +8,7 @@ the server's handler (where a reservation would start QEMU) never runs.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import ssl
@@ -21,7 +22,7 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from livemig import keys
+from livemig import cli, keys
 from livemig.keys import HostFiles
 from livemig.wire import tls
 from livemig.wire.channel import Channel, PeerServer, connect, serve
@@ -294,3 +295,18 @@ def test_tls_1_2_is_refused(pki: PKI) -> None:
     old.load_cert_chain(str(pki.hosts["hostA"].cert), str(pki.hosts["hostA"].key))
     err, _ = refused_before_the_handler(pki, old)
     assert isinstance(err, PeerNotTrusted) and err.by_peer
+
+
+def test_the_keys_command_makes_a_deployable_tls_directory(tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]
+                                                           ) -> None:
+    assert cli.main(["keys", "init", "--dir", str(tmp_path / "ca")]) == 0
+    assert cli.main(["keys", "host", "hostQ", "--ip", "192.0.2.7", "--dir",
+                     str(tmp_path / "ca"), "--out", str(tmp_path / "q")]) == 0
+    files = HostFiles.in_dir(tmp_path / "q", "hostQ")
+    assert files.missing() == []
+    assert not (tmp_path / "q" / keys.CA_KEY).exists()  # the CA's key stays with the CA
+    assert stat.S_IMODE(files.key.stat().st_mode) == 0o600
+    assert cli.main(["keys", "show", str(files.cert)]) == 0
+    assert json.loads(capsys.readouterr().out)["names"] == ["hostQ", "192.0.2.7"]
+    tls.server_context(files)  # loads as a daemon would

@@ -132,6 +132,9 @@ class DestinationSession:
             raise frames.RemoteProtocolError(
                 self.channel.peer, f"malformed VM spec: {exc}"
             ) from exc
+        log.info("%s asks to move %s here (%s)", self.channel.peer, spec.name,
+                 "its certificate names it" if self.channel.certified_host
+                 else "plaintext: only the shared key vouches for it")
         if problem := reservation_problem(spec.ram_bytes):
             self._event(Event.FAILED)
             return frames.Reply(ok=False, body={"error": problem})

@@ -578,13 +578,15 @@ async def connect(host: str, port: int, *, key: bytes, me: str,
             except ssl_module.SSLCertVerificationError as exc:
                 raise PeerNotTrusted(label, f"{peer_name}'s certificate: "
                                             f"{exc.verify_message}") from exc
-            except (ssl_module.SSLError, ConnectionResetError) as exc:
-                # Connected, then the TLS handshake broke: a peer that does not speak
-                # TLS (a daemon run with --insecure-plaintext) hangs up on a ClientHello.
-                raise PeerNotTrusted(
-                    label, f"the TLS handshake failed ({describe_ssl_error(exc)}); does "
-                           "its daemon run with --insecure-plaintext?", by_peer=True) from exc
             except OSError as exc:
+                if ssl is not None and isinstance(exc, ssl_module.SSLError
+                                                  | ConnectionResetError):
+                    # Connected, then the TLS handshake broke: a peer that does not
+                    # speak TLS (run with --insecure-plaintext) hangs up on a ClientHello.
+                    raise PeerNotTrusted(
+                        label, f"the TLS handshake failed ({describe_ssl_error(exc)}); "
+                               "does its daemon run with --insecure-plaintext?",
+                        by_peer=True) from exc
                 raise PeerUnreachable(label, str(exc) or type(exc).__name__) from exc
             channel = Channel(protocol, label)
             if ssl is not None:
