@@ -123,9 +123,14 @@ class StateSource:
 
     async def close(self) -> None:
         """Stop forwarding (what was sent stays sent) and close our end."""
-        if self._pump is not None and not self._pump.done():
-            self._pump.cancel()
-            await asyncio.wait([self._pump])  # the pump's cancellation, not ours
+        if self._pump is not None:
+            if not self._pump.done():
+                self._pump.cancel()
+                await asyncio.wait([self._pump])  # the pump's cancellation, not ours
+            if not self._pump.cancelled():
+                # Seen by check() or finished(), or moot once the migration is given up:
+                # taken here so that asyncio does not log it as never retrieved.
+                self._pump.exception()
         self._sock.close()
 
 
