@@ -732,7 +732,10 @@ async def _serve_socket(sock: socket.socket, label: str, *, key: bytes, me: str,
         return
     except (ssl_module.SSLError, OSError) as exc:
         # No byte of livemig's protocol was read: TLS refused the peer first.
-        log.warning("refused %s: TLS handshake failed: %s", label, describe_ssl_error(exc))
+        why = describe_ssl_error(exc)
+        if isinstance(exc, ConnectionResetError | ssl_module.SSLEOFError):
+            why = "the peer hung up (did it refuse our certificate? its log says why)"
+        log.warning("refused %s: TLS handshake failed: %s", label, why)
         sock.close()
         return
     channel = Channel(protocol, label)
