@@ -310,3 +310,19 @@ def test_the_keys_command_makes_a_deployable_tls_directory(tmp_path: Path,
     assert cli.main(["keys", "show", str(files.cert)]) == 0
     assert json.loads(capsys.readouterr().out)["names"] == ["hostQ", "192.0.2.7"]
     tls.server_context(files)  # loads as a daemon would
+
+
+def test_no_session_ticket_is_offered(pki: PKI) -> None:
+    """A resumed session would skip the client certificate: the server hands out none."""
+    sessions: list[object] = []
+
+    async def main() -> None:
+        async with Served(pki.server("hostB")) as served:
+            channel = await connect(LOOPBACK, served.port, key=KEY, me="hostA",
+                                    ssl=pki.client("hostA"), peer_name="hostB", timeout=5)
+            async with channel:
+                await channel.request("ping", timeout=5)  # tickets come after the handshake
+                sessions.append(channel._transport.get_extra_info("ssl_object").session)
+    run(main())
+    (session,) = sessions
+    assert session is None or not session.has_ticket

@@ -55,8 +55,6 @@ def _configure(ctx: ssl.SSLContext, files: HostFiles) -> ssl.SSLContext:
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.load_verify_locations(cafile=str(files.ca))  # ours only, never the system's
     ctx.load_cert_chain(str(files.cert), str(files.key))
-    # Session tickets would let a client resume without showing its certificate again.
-    ctx.options |= ssl.OP_NO_TICKET
     return ctx
 
 
@@ -71,7 +69,11 @@ def client_context(files: HostFiles) -> ssl.SSLContext:
 def server_context(files: HostFiles) -> ssl.SSLContext:
     """For accepting daemons: a client without a certificate of our CA is refused in
     the TLS handshake."""
-    return _configure(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), files.require())
+    ctx = _configure(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), files.require())
+    # No session tickets: a resumed session would skip the client's certificate, and
+    # each daemon connects once per migration, so there is nothing to save.
+    ctx.num_tickets = 0
+    return ctx
 
 
 def certified_host(peercert: dict[str, Any] | None) -> str | None:
