@@ -14,12 +14,10 @@ import contextlib
 import json
 import os
 import pwd
-import signal
 import socket
 import stat
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -295,13 +293,7 @@ def test_an_incoming_qemu_listens_on_no_port(
 
 def restart_daemons(hosts: list[str], *, plaintext: bool) -> None:
     """End these hosts' daemons (ours: this test bed started them) and start them again."""
-    pids = [int(launch.pid_file(h).read_text()) for h in hosts]
-    for pid in pids:
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 15
-    while any(Path(f"/proc/{pid}").exists() for pid in pids):
-        assert time.monotonic() < deadline, "a daemon did not stop"
-        time.sleep(0.05)
+    launch.stop_daemons(hosts)
     launch.ensure_daemons(plaintext=plaintext)
 
 

@@ -12,8 +12,10 @@ directory, so the daemons speak mutual TLS with no manual step. Only an explicit
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -73,6 +75,23 @@ def _supervised(host: str) -> bool:
     return _running(host, "livemig.daemon.supervise", Path(supervise.pid_file(host)))
 
 
+def stop_daemons(hosts: list[str], timeout: float = 15.0) -> None:
+    """Stop these hosts' daemons for good: their supervisors pass SIGTERM on and do not
+    restart them."""
+    pids = []
+    for host in hosts:
+        for path in (Path(supervise.pid_file(host)), pid_file(host)):
+            with contextlib.suppress(OSError, ValueError):
+                pids.append(int(path.read_text()))
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(int(Path(supervise.pid_file(host)).read_text()), signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while any(Path(f"/proc/{pid}").exists() for pid in pids):
+        if time.monotonic() > deadline:
+            raise DaemonUnavailable(", ".join(hosts), f"a daemon did not stop in {timeout:g} s")
+        time.sleep(0.05)
+
+
 def ensure_daemons(*, plaintext: bool = False) -> None:
     """A daemon on every host that is up; starts only the missing ones. With
     ``plaintext`` the ones it starts run with --insecure-plaintext."""
@@ -80,6 +99,12 @@ def ensure_daemons(*, plaintext: bool = False) -> None:
     ensure_pki()
     started = []
     for node in testbed.hosts():
+        # A supervisor whose daemon is gone is restarting it, or on its way out after a
+        # clean stop: wait for one or the other before deciding.
+        grace = time.monotonic() + supervise.RESTART_DELAY_S + 2.0
+        while (_supervised(node.name) and not _running(node.name)
+               and time.monotonic() < grace):
+            time.sleep(0.05)
         if _supervised(node.name):
             started.append(node.name)  # wait for its daemon below, start no second one
             continue

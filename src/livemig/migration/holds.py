@@ -37,19 +37,21 @@ def hold_file(vm: str, point: HoldPoint) -> Path:
     return paths.run_dir() / "holds" / f"{vm}@{point}"
 
 
-async def hold(vm: str, point: HoldPoint, wanted: HoldPoint | None) -> None:
-    """Wait here while ``holds/VM@POINT`` exists, if the migration asked to hold here."""
+async def hold(vm: str, point: HoldPoint, wanted: HoldPoint | None) -> float:
+    """Wait here while ``holds/VM@POINT`` exists, if the migration asked to hold here;
+    returns the seconds held (a deadline running across a hold moves by as much)."""
     if wanted is not point:
-        return
+        return 0.0
     path = hold_file(vm, point)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.touch()
-    deadline = time.monotonic() + HOLD_TIMEOUT_S
+    started = time.monotonic()
     try:
-        while path.exists() and time.monotonic() < deadline:
+        while path.exists() and time.monotonic() < started + HOLD_TIMEOUT_S:
             await asyncio.sleep(POLL_S)
     finally:
         path.unlink(missing_ok=True)
+    return time.monotonic() - started
 
 
 async def wait_until_held(vm: str, point: HoldPoint, timeout: float) -> None:

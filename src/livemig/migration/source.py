@@ -65,6 +65,7 @@ MIN_BATCH_PAGES = 64
 BATCH_SECONDS = 0.02  # a frame is paced as one lump: keep it to ~20 ms of the rate
 RESERVE_TIMEOUT_S = 30.0  # the target boots a QEMU -incoming meanwhile
 STOP_WINDOW_STALL_S = 2.0  # the VM is paused: no step of the stop window may stall longer
+STOP_WINDOW_S = 2.5  # nor the whole window, beyond the final pages' time at the max rate
 DEVICE_STATE_TIMEOUT_S = 3.0  # ~5 ms when all is well
 COMMIT_TIMEOUT_S = 5.0
 RESOLVE_TIMEOUT_S = 30.0  # how long to keep asking a silent target where the VM runs
@@ -361,19 +362,33 @@ class SourceMigration:
         # A new transfer at the maximum rate: the last round's debt must not delay it.
         pacer.reset(step.rate_bps)
         self._rate_bps = step.rate_bps
-        # The planner plans no further; the stop-and-copy's bytes are counted here.
-        final_bytes = await self._send(len(self.planner.rounds) + 1, last, skip_dirtied=False)
-        await hold(spec.name, HoldPoint.DEVICE_STATE, self.options.hold_at)
-        device_started = time.monotonic()
-        self._device_migration_started = True
-        assert self._state_tunnel is not None
-        self._state_tunnel.start(channel)
-        await self.vm.qmp_command("migrate", uri=self._state_tunnel.uri)
-        await self._wait_device_state()
-        device_state_ms = (time.monotonic() - device_started) * 1000
-        image_asked = time.monotonic()
-        reply = await self._request("image", {"verify": self.options.verify},
-                                    STOP_WINDOW_STALL_S + DEVICE_STATE_TIMEOUT_S)
+        # The VM is paused: the whole window, not just each step, has a deadline, so that
+        # after any fault it runs here again within seconds.
+        window_s = STOP_WINDOW_S + len(last) * PAGE_SIZE * 8 / step.rate_bps
+        window = asyncio.timeout(window_s)
+        try:
+            async with window:
+                # The planner plans no further; the stop-and-copy's bytes are counted here.
+                final_bytes = await self._send(len(self.planner.rounds) + 1, last,
+                                               skip_dirtied=False)
+                held = await hold(spec.name, HoldPoint.DEVICE_STATE, self.options.hold_at)
+                if held and (when := window.when()) is not None:
+                    window.reschedule(when + held)
+                device_started = time.monotonic()
+                self._device_migration_started = True
+                assert self._state_tunnel is not None
+                self._state_tunnel.start(channel)
+                await self.vm.qmp_command("migrate", uri=self._state_tunnel.uri)
+                await self._wait_device_state()
+                device_state_ms = (time.monotonic() - device_started) * 1000
+                image_asked = time.monotonic()
+                reply = await self._request("image", {"verify": self.options.verify},
+                                            STOP_WINDOW_STALL_S + DEVICE_STATE_TIMEOUT_S)
+        except TimeoutError as exc:
+            if not window.expired():
+                raise
+            raise LivemigError(f"the stop-and-copy did not finish within {window_s:.1f} s "
+                               f"({self.target_host} too slow or unreachable)") from exc
         destination_checksum = reply.body.get("checksum")
         verify_ms = float(reply.body.get("verify_ms", 0.0))
         if not reply.ok or not reply.body.get("consistent"):

@@ -475,7 +475,7 @@ class Channel:
         except WireError as err:
             log.debug("could not tell %s that we abort: %s", self.peer, err)
         finally:
-            await self.close()
+            await self.close(5.0 if timeout is None else timeout)  # a silent peer: no wait
 
     def _check_open(self) -> None:
         """Raise what a call on a closed channel deserves: PeerLost (or PeerAborted) if
