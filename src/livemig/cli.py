@@ -17,7 +17,7 @@ from typing import Any
 from livemig import reporting
 from livemig.daemon import control, launch, server
 from livemig.errors import LivemigError, SetupError
-from livemig.experiments import demo
+from livemig.experiments import demo, paper
 from livemig.image import builder
 from livemig.net import testbed
 from livemig.probes.cli import add_probe_commands
@@ -313,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_probe_commands(commands)
     demo.add_demo_command(commands)
+    paper.add_experiment_command(commands)
     return parser
 
 

@@ -1,0 +1,681 @@
+"""``livemig experiment paper``: the paper's evaluation (§6), on this test bed, beside QEMU.
+
+Four workloads, as in the paper: a web server with 100 clients fetching a 512 KB file, a
+SPECweb99-like mix of static and dynamic pages, a game server with 6 players, and
+MMuncher. Each workload gets one VM, booted once; then every engine migrates it in turn,
+to the other host and back (a boot costs more than a migration here):
+
+    ours             our pre-copy, 100-500 Mbit/s (§5.3)
+    stop-and-copy    ours, no pre-copy: everything while the VM is stopped
+    qemu-precopy     QEMU's pre-copy at the same 500 Mbit/s, its default downtime-limit
+    qemu-precopy-30  the same, downtime-limit 30 ms
+    qemu-postcopy    QEMU's postcopy
+
+The same client probes measure all of them (``scenario.measure``). A mode that fails, or
+a QEMU pre-copy that does not converge, is a result in the table, not a crash.
+
+What comes out, in ``--out DIR``: ``results.json`` (every table number and every
+figure's data), ``results.md`` (the tables), and PNG figures (``paper_plots``).
+
+The table and ratio computations here are pure functions of scenario results, so the
+unit tests feed them synthetic ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from livemig.daemon import launch
+from livemig.errors import LivemigError
+from livemig.experiments import baselines, scenario
+from livemig.image import builder
+from livemig.net import testbed
+from livemig.probes.timeseries import bucketize
+from livemig.vm import qemu
+from livemig.vm.spec import Workload
+
+SCHEMA = "livemig-paper/1"
+HOSTS = ("hostA", "hostB")
+
+
+# -- what is measured -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PaperWorkload:
+    key: str
+    title: str
+    workload: Workload
+    options: tuple[tuple[str, str], ...] = ()
+    http_clients: int = 100
+    http_mix: str | None = None
+    game_players: int = 6
+
+
+def specweb_mix() -> str:
+    """A SPECweb99-like request mix for ``probe http --mix``.
+
+    70 % static GETs over SPECweb99's four file classes (35/50/14/1 % of them, the nine
+    files of a class equally often), 30 % dynamic GETs of the guest's CGI, which does
+    real work per request, with sizes from the same classes. SPECweb99's POSTs (4.8 %)
+    go to the dynamic GETs: the probe speaks GET only.
+    """
+    class_share = (0.35, 0.50, 0.14, 0.01)
+    items = [f"/sw/c{c}_{k}:{0.70 * share / 9:.5f}"
+             for c, share in enumerate(class_share) for k in range(1, 10)]
+    # The CGI counts in KiB: class 0 rounds up to 1 KiB.
+    items += [f"/cgi-bin/dyn?kb={kb}:{0.30 * share:.5f}"
+              for kb, share in ((1, 0.35), (5, 0.50), (50, 0.14), (500, 0.01))]
+    return ",".join(items)
+
+
+WORKLOADS = (
+    PaperWorkload("web", "web server, 100 clients fetching a 512 KB file", Workload.WEB,
+                  options=(("web_kb", "512"),)),
+    PaperWorkload("specweb", "SPECweb99-like mix, 100 clients, 70 % static / 30 % dynamic",
+                  Workload.WEB, options=(("web_specweb", "1"),), http_mix=specweb_mix()),
+    PaperWorkload("game", "game server (Quake-3-like, 20 Hz), 6 players", Workload.GAME),
+    # As bench/migration.py: a region written without pause; 64 MiB at 100 MiB/s keeps
+    # the guest write-heavy while TCG can still keep up.
+    PaperWorkload("mmuncher", "MMuncher, 64 MiB written at 100 MiB/s", Workload.MMUNCHER,
+                  options=(("mm_mib", "64"), ("mm_rate", "100"))),
+)
+
+
+@dataclass(frozen=True)
+class Engine:
+    key: str
+    label: str
+    mode: str  # scenario.Scenario.mode
+    downtime_limit_ms: int = 300  # QEMU's, for the qemu-* modes
+
+    @property
+    def is_ours(self) -> bool:
+        return not self.mode.startswith("qemu-")
+
+
+OURS = "ours"
+ENGINES = (
+    Engine(OURS, "ours (pre-copy)", "precopy"),
+    Engine("stop-and-copy", "ours, stop-and-copy", "stop-and-copy"),
+    Engine("qemu-precopy", "QEMU pre-copy, limit 300 ms", "qemu-precopy", 300),
+    Engine("qemu-precopy-30", "QEMU pre-copy, limit 30 ms", "qemu-precopy", 30),
+    Engine("qemu-postcopy", "QEMU postcopy", "qemu-postcopy"),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    runs: int = 3
+    baseline_s: float = 5.0  # probes start, then "throughput before"
+    after_s: float = 3.0
+    mem_mib: int = 256
+    max_rate_mbps: float = 500.0
+    min_rate_mbps: float = 100.0
+    qemu_timeout_s: float = 60.0
+    workloads: tuple[str, ...] = tuple(w.key for w in WORKLOADS)
+    engines: tuple[str, ...] = tuple(e.key for e in ENGINES)
+
+    @classmethod
+    def quick(cls) -> Settings:
+        return cls(runs=1, baseline_s=3.0, after_s=1.5, qemu_timeout_s=30.0)
+
+
+# -- one row of a table from one scenario result -----------------------------------------
+
+# Every number a results table shows, in its order: (key, header, unit).
+COLUMNS = (
+    ("client_downtime_ms", "client downtime", "ms"),
+    ("downtime_ms", "engine downtime", "ms"),
+    ("tcp_stall_ms", "TCP stall", "ms"),
+    ("total_time_s", "total time", "s"),
+    ("data_sent_ratio", "data sent", "x RAM"),
+    ("throughput_before", "throughput before", ""),
+    ("throughput_during", "throughput during", ""),
+    ("service_impact", "during/before", ""),
+)
+# Ours over each baseline, for these (all: lower is better).
+RATIO_KEYS = ("client_downtime_ms", "tcp_stall_ms", "total_time_s", "bytes_sent")
+
+
+def service_scale(unit: str) -> tuple[str, float]:
+    """The table's unit for a service and the factor from per-second events to it."""
+    if unit.startswith("HTTP"):
+        return "MB/s", 1e-6
+    return unit.removesuffix("/s") + "/s", 1.0
+
+
+def summarize(result: dict[str, Any]) -> dict[str, Any]:
+    """The table row of one completed scenario result."""
+    unit, scale = service_scale(result["service_unit"])
+    before = result["service_before_per_s"]
+    during = result["service_during_per_s"]
+    game = result["probes"].get("game")
+    return {
+        "status": "ok",
+        "error": None,
+        "client_downtime_ms": result["client_downtime_ms"],
+        "downtime_ms": result["downtime_ms"],
+        "tcp_stall_ms": result["tcp_stall_ms"],
+        "tcp_survived": result["tcp_survived"],
+        "total_time_s": result["total_time_s"],
+        "bytes_sent": result["bytes_sent"],
+        "ram_bytes": result["ram_bytes"],
+        "data_sent_ratio": result["bytes_sent"] / result["ram_bytes"],
+        "throughput_unit": unit,
+        "throughput_before": None if before is None else before * scale,
+        "throughput_during": None if during is None else during * scale,
+        "service_impact": result["service_impact"],
+        "rounds": len(result["rounds"]),
+        "stop_reason": result["report"].get("stop_reason"),
+        "game_max_gap_ms": None if game is None else game["summary"]["max_gap_ms"],
+        "integrity_errors": (None if result.get("integrity") is None
+                             else result["integrity"].get("errors")),
+    }
+
+
+def failed_row(exc: BaseException, ram_bytes: int, elapsed_s: float) -> dict[str, Any]:
+    """The row of a migration that did not complete: which way, and what it had done."""
+    did_not_converge = isinstance(exc, baselines.DidNotConverge)
+    sent = exc.bytes_sent if isinstance(exc, baselines.DidNotConverge) else None
+    row: dict[str, Any] = {key: None for key, _, _ in COLUMNS}
+    row |= {
+        "status": "did-not-converge" if did_not_converge else "failed",
+        "error": f"{type(exc).__name__}: {exc}",
+        "tcp_survived": None, "bytes_sent": sent, "ram_bytes": ram_bytes,
+        "data_sent_ratio": None if sent is None else sent / ram_bytes,
+        # How long it tried before it gave up: a lower bound of what it would have taken.
+        "total_time_s": elapsed_s if did_not_converge else None,
+        "throughput_unit": None, "rounds": None, "stop_reason": None,
+        "game_max_gap_ms": None, "integrity_errors": None,
+    }
+    return row
+
+
+def _median(values: Sequence[Any]) -> Any:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def median_row(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over the completed runs; ``status`` says how many completed."""
+    done = [r for r in rows if r["status"] == "ok"]
+    keys = [k for k, _, _ in COLUMNS] + ["bytes_sent", "game_max_gap_ms", "rounds"]
+    if done:
+        row = {k: _median([r[k] for r in done]) for k in keys}
+        row["throughput_unit"] = done[0]["throughput_unit"]
+    else:  # what the failed runs had done, for the table's "did not converge" line
+        row = {k: _median([r.get(k) for r in rows]) for k in keys}
+        row["throughput_unit"] = None
+    statuses = sorted({r["status"] for r in rows if r["status"] != "ok"})
+    row["status"] = "ok" if len(done) == len(rows) else (
+        f"{len(done)}/{len(rows)} ok, " + ", ".join(statuses) if done else statuses[0])
+    row["runs"] = len(rows)
+    row["completed"] = len(done)
+    row["tcp_survived"] = all(r["tcp_survived"] for r in done) if done else None
+    return row
+
+
+def ratios(table: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Ours over each other engine, per figure in ``RATIO_KEYS`` (below 1: ours is better).
+
+    A ratio is None where either side has no figure; a baseline that never completed is
+    noted by its status instead."""
+    ours = table.get(OURS)
+    out: dict[str, dict[str, Any]] = {}
+    if ours is None:
+        return out
+    for key, other in table.items():
+        if key == OURS:
+            continue
+        entry: dict[str, Any] = {"baseline_status": other["status"]}
+        for figure in RATIO_KEYS:
+            a, b = ours.get(figure), other.get(figure)
+            usable = other["completed"] > 0 and ours["completed"] > 0
+            entry[figure] = a / b if usable and a is not None and b else None
+        out[key] = entry
+    return out
+
+
+# -- figure data from one scenario result ---------------------------------------------
+
+
+def _bucket_s(workload: Workload) -> float:
+    # 100 ms for bytes of HTTP; the game's 120 snapshots/s need wider buckets to be
+    # more than a count of one or two.
+    return 0.1 if workload is Workload.WEB else 0.25
+
+
+def figure_series(result: dict[str, Any]) -> dict[str, Any]:
+    """What the figures draw for one migration; times in s from the migration's start."""
+    workload = Workload(result["workload"])
+    probes = result["probes"]
+    echo_start = probes["echo"]["started_ns"]
+    start_ns = echo_start + int(result["migration_started_s"] * 1e9)
+    unit, times, weights = scenario.service_events(workload, probes)
+    table_unit, scale = service_scale(unit)
+    width_s = _bucket_s(workload)
+    end_ns = max(int(times.max()) + 1 if len(times) else echo_start + 1,
+                 probes["echo"].get("stopped_ns") or 0, echo_start + 1)
+    buckets = bucketize(times, start_ns=echo_start, end_ns=end_ns,
+                        width_ns=int(width_s * 1e9), weights=weights)
+    per_s = buckets.total_rates_per_s() * scale
+    t_s = (buckets.starts_ns() - start_ns) / 1e9
+    if len(buckets) > 1 and buckets.durations_s()[-1] < width_s / 2:
+        per_s, t_s = per_s[:-1], t_s[:-1]  # a sliver of a bucket is all noise
+    report = result["report"]
+    series: dict[str, Any] = {
+        "throughput": {"unit": table_unit, "bucket_s": width_s,
+                       "t_s": np.round(t_s, 4).tolist(), "values": np.round(per_s, 4).tolist()},
+        "total_time_s": result["total_time_s"],
+        "stages": [{"name": name, "t_s": t} for name, t in report.get("stages", [])],
+        "client_gap": None,
+        "rounds": rounds_series(report) if report.get("rounds") else None,
+        "game_interarrival": None,
+    }
+    summary = probes["echo"]["summary"]
+    if summary.get("gap_start_ns"):
+        series["client_gap"] = {"start_s": (summary["gap_start_ns"] - start_ns) / 1e9,
+                                "end_s": (summary["gap_end_ns"] - start_ns) / 1e9,
+                                "ms": summary["downtime_ms"]}
+    game = probes.get("game")
+    if game is not None:
+        at, gaps = [], []
+        for player in game["players"]:
+            arrivals = np.asarray(player["arrivals_ns"], dtype=np.int64)
+            if arrivals.size > 1:
+                at.append((arrivals[1:] - start_ns) / 1e9)
+                gaps.append(np.diff(arrivals) / 1e6)
+        if at:
+            order = np.argsort(np.concatenate(at))
+            series["game_interarrival"] = {
+                "t_s": np.round(np.concatenate(at)[order], 4).tolist(),
+                "gap_ms": np.round(np.concatenate(gaps)[order], 3).tolist(),
+                "players": len(game["players"]),
+            }
+    return series
+
+
+PAGE_BYTES = 4096
+
+
+def rounds_series(report: dict[str, Any]) -> dict[str, Any]:
+    """Our rounds as the paper's Figures 8-10 draw them: per round its start, length,
+    achieved transfer rate, paced limit and dirty rate; then the stop-and-copy."""
+    start = next((t for name, t in report["stages"] if name == "iterative pre-copy"), 0.0)
+    rounds = []
+    t = start
+    for r in report["rounds"]:
+        duration = max(r["duration_s"], 1e-6)
+        sent_bytes = r["pages_sent"] * PAGE_BYTES
+        rounds.append({
+            "number": r["number"], "start_s": t, "duration_s": r["duration_s"],
+            "transfer_mbps": sent_bytes * 8 / duration / 1e6,
+            "limit_mbps": r["rate_bps"] / 1e6, "dirty_mbps": r["dirty_rate_bps"] / 1e6,
+            "mb_sent": sent_bytes / 1e6, "pages_zero": r.get("pages_zero", 0),
+        })
+        t += r["duration_s"]
+    stop_at = next((t for name, t in report["stages"] if name == "stop-and-copy"), t)
+    final_bytes = report["final_pages"] * PAGE_BYTES
+    final_s = report.get("stop_window_ms", {}).get("final_pages", 0.0) / 1e3
+    return {
+        "rounds": rounds,
+        "stop_and_copy": {
+            "start_s": stop_at, "downtime_ms": report["downtime_ms"],
+            "mb_sent": final_bytes / 1e6,
+            "transfer_mbps": final_bytes * 8 / final_s / 1e6 if final_s > 0 else None,
+        },
+        "stop_reason": report["stop_reason"],
+    }
+
+
+# -- the whole results document ---------------------------------------------------------
+
+
+def build_results(settings: Settings, measured: dict[str, dict[str, list[dict[str, Any]]]],
+                  figures: dict[str, dict[str, dict[str, Any]]],
+                  elapsed_s: float) -> dict[str, Any]:
+    """results.json: ``measured[workload][engine]`` holds the rows of the runs, and
+    ``figures[workload][engine]`` the figure series of the run that the figures show."""
+    titles = {w.key: w.title for w in WORKLOADS}
+    labels = {e.key: e.label for e in ENGINES}
+    workloads = {}
+    for key, by_engine in measured.items():
+        table = {engine: median_row(rows) for engine, rows in by_engine.items()}
+        workloads[key] = {
+            "title": titles.get(key, key),
+            "runs": by_engine,
+            "table": table,
+            "ratios_ours_over": ratios(table),
+            "figures": figures.get(key, {}),
+        }
+    return {
+        "schema": SCHEMA,
+        "settings": {
+            "runs": settings.runs, "baseline_s": settings.baseline_s,
+            "after_s": settings.after_s, "mem_mib": settings.mem_mib,
+            "min_rate_mbps": settings.min_rate_mbps, "max_rate_mbps": settings.max_rate_mbps,
+            "qemu_timeout_s": settings.qemu_timeout_s,
+        },
+        "engines": {e.key: {"label": e.label, "mode": e.mode,
+                            "downtime_limit_ms": None if e.is_ours else e.downtime_limit_ms}
+                    for e in ENGINES if e.key in settings.engines},
+        "columns": [{"key": k, "header": h, "unit": u} for k, h, u in COLUMNS],
+        "engine_labels": labels,
+        "workloads": workloads,
+        "elapsed_s": elapsed_s,
+    }
+
+
+def check_results(results: dict[str, Any]) -> None:
+    """Raise ValueError unless ``results`` has the shape results.json promises."""
+    if results.get("schema") != SCHEMA:
+        raise ValueError(f"schema is {results.get('schema')!r}, not {SCHEMA!r}")
+    for name in ("settings", "engines", "columns", "workloads", "elapsed_s"):
+        if name not in results:
+            raise ValueError(f"results lack {name!r}")
+    for key, workload in results["workloads"].items():
+        for part in ("title", "runs", "table", "ratios_ours_over", "figures"):
+            if part not in workload:
+                raise ValueError(f"workload {key!r} lacks {part!r}")
+        for engine, row in workload["table"].items():
+            missing = [c["key"] for c in results["columns"] if c["key"] not in row]
+            if missing or "status" not in row:
+                raise ValueError(f"{key}/{engine} lacks {missing or ['status']}")
+
+
+# -- tables -----------------------------------------------------------------------------
+
+
+def _fmt(value: Any, key: str) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if key.endswith("_ms"):
+        return f"{value:.0f}"
+    if key in ("data_sent_ratio", "service_impact"):
+        return f"{value:.2f}"
+    if key.startswith("throughput"):
+        return f"{value:.3g}"
+    return f"{value:.2f}"
+
+
+def _headers(unit: str | None) -> list[str]:
+    heads = []
+    for key, header, column_unit in COLUMNS:
+        shown = unit if key.startswith("throughput") else column_unit
+        heads.append(f"{header} ({shown})" if shown else header)
+    return heads
+
+
+def table_rows(workload: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Headers and cells of a workload's results table."""
+    table = workload["table"]
+    unit = next((r["throughput_unit"] for r in table.values() if r["throughput_unit"]), None)
+    labels = {e.key: e.label for e in ENGINES}
+    rows = []
+    for engine, row in table.items():
+        status = "" if row["status"] == "ok" else f" [{row['status']}]"
+        cells = [labels.get(engine, engine) + status]
+        cells += [_fmt(row[k], k) for k, _, _ in COLUMNS]
+        rows.append(cells)
+    return ["engine", *_headers(unit)], rows
+
+
+def ratio_rows(workload: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    labels = {e.key: e.label for e in ENGINES}
+    heads = ["ours over", "client downtime", "TCP stall", "total time", "data sent"]
+    rows = []
+    for engine, entry in workload["ratios_ours_over"].items():
+        note = "" if entry["baseline_status"] == "ok" else f" [{entry['baseline_status']}]"
+        rows.append([labels.get(engine, engine) + note] + [
+            "-" if entry[k] is None else f"{entry[k]:.2f}" for k in RATIO_KEYS])
+    return heads, rows
+
+
+def _text_table(heads: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(heads)]
+    lines = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w)
+                       for i, (h, w) in enumerate(zip(heads, widths, strict=True)))]
+    for r in rows:
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                               for i, (c, w) in enumerate(zip(r, widths, strict=True))))
+    return "\n".join(lines)
+
+
+def _markdown_table(heads: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(heads) + " |",
+             "|" + "|".join("---" if i == 0 else "---:" for i in range(len(heads))) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _caption(results: dict[str, Any]) -> str:
+    s = results["settings"]
+    runs = "1 run" if s["runs"] == 1 else f"medians of {s['runs']} runs"
+    return (f"{s['mem_mib']} MiB guest, {s['min_rate_mbps']:g}-{s['max_rate_mbps']:g} Mbit/s "
+            f"(QEMU: max-bandwidth {s['max_rate_mbps']:g} Mbit/s), {runs}. Client downtime: "
+            f"longest gap of a 1 ms UDP echo; TCP stall: longest stall of one established "
+            f"flow; throughput during: over the migration itself.")
+
+
+def text_report(results: dict[str, Any]) -> str:
+    parts = [_caption(results)]
+    for key, workload in results["workloads"].items():
+        parts.append(f"\n== {key}: {workload['title']}")
+        parts.append(_text_table(*table_rows(workload)))
+        if workload["ratios_ours_over"]:
+            parts.append("")
+            parts.append(_text_table(*ratio_rows(workload)))
+    parts.append(f"\nexperiment wall time {results['elapsed_s']:.0f} s")
+    return "\n".join(parts)
+
+
+def markdown_report(results: dict[str, Any], figures: Sequence[str] = ()) -> str:
+    parts = ["# Live migration, the paper's experiments on this test bed", "",
+             _caption(results), ""]
+    for key, workload in results["workloads"].items():
+        parts += [f"## {key}: {workload['title']}", "", _markdown_table(*table_rows(workload)),
+                  ""]
+        if workload["ratios_ours_over"]:
+            parts += ["Ours over each baseline (below 1: ours is better):", "",
+                      _markdown_table(*ratio_rows(workload)), ""]
+    if figures:
+        parts += ["## Figures", ""] + [f"- ![{name}]({name})" for name in figures] + [""]
+    parts.append(f"Experiment wall time: {results['elapsed_s']:.0f} s.")
+    return "\n".join(parts) + "\n"
+
+
+# -- running it -------------------------------------------------------------------------
+
+
+class Clock:
+    """Progress lines with the experiment's elapsed time."""
+
+    def __init__(self, out: Callable[[str], None] | None = None) -> None:
+        self.started = time.monotonic()
+        self._out = out or (lambda line: print(line, file=sys.stderr, flush=True))
+
+    @property
+    def elapsed_s(self) -> float:
+        return time.monotonic() - self.started
+
+    def say(self, message: str) -> None:
+        self._out(f"[paper {self.elapsed_s:6.1f}s] {message}")
+
+
+def _vm_name(workload: PaperWorkload) -> str:
+    return f"p-{workload.key}"[:15]
+
+
+def _scenario(w: PaperWorkload, engine: Engine, settings: Settings, source: str,
+              target: str) -> scenario.Scenario:
+    return scenario.Scenario(
+        workload=w.workload, source=source, target=target, mem_mib=settings.mem_mib,
+        mode=engine.mode, min_rate_mbps=settings.min_rate_mbps,
+        max_rate_mbps=settings.max_rate_mbps,
+        # The checksum of both images costs downtime; the tests check correctness.
+        verify=False,
+        baseline_s=settings.baseline_s, after_s=settings.after_s, options=w.options,
+        http_clients=w.http_clients, http_mix=w.http_mix, game_players=w.game_players,
+        vm_name=_vm_name(w), qemu_downtime_limit_ms=engine.downtime_limit_ms,
+        qemu_timeout_s=settings.qemu_timeout_s)
+
+
+async def _healthy_host(name: str) -> str | None:
+    """Where the VM runs, if it runs in exactly one copy; else None."""
+    copies = [r for r in qemu.records() if r.spec.name == name]
+    if len(copies) != 1:
+        return None
+    try:
+        vm = await qemu.VM.attach(copies[0])
+    except (LivemigError, OSError, EOFError):
+        return None
+    try:
+        return copies[0].host if await vm.status() == "running" else None
+    except (LivemigError, OSError, EOFError):
+        return None
+    finally:
+        await vm.close()
+
+
+async def _fresh_vm(w: PaperWorkload, settings: Settings) -> str:
+    name = _vm_name(w)
+    if any(r.spec.name == name for r in qemu.records()):
+        with contextlib.suppress(LivemigError):
+            await qemu.stop(name)
+    await scenario.boot(_scenario(w, ENGINES[0], settings, HOSTS[0], HOSTS[1]))
+    return HOSTS[0]
+
+
+def _one_line(row: dict[str, Any]) -> str:
+    if row["status"] != "ok":
+        return f"{row['status'].upper()}: {row['error']}"
+    return (f"client {_fmt(row['client_downtime_ms'], '_ms')} ms, engine "
+            f"{_fmt(row['downtime_ms'], '_ms')} ms, TCP stall {_fmt(row['tcp_stall_ms'], '_ms')}"
+            f" ms, total {row['total_time_s']:.2f} s, {row['data_sent_ratio']:.2f} x RAM")
+
+
+async def run_workload(w: PaperWorkload, settings: Settings, clock: Clock
+                       ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, dict[str, Any]]]:
+    """Every engine on one VM of workload ``w``, ``settings.runs`` times; rows and the
+    figure series of each engine's first completed run."""
+    engines = [e for e in ENGINES if e.key in settings.engines]
+    rows: dict[str, list[dict[str, Any]]] = {e.key: [] for e in engines}
+    series: dict[str, dict[str, Any]] = {}
+    clock.say(f"{w.key}: booting a {settings.mem_mib} MiB VM on {HOSTS[0]} ({w.title})")
+    host = await _fresh_vm(w, settings)
+    ram_bytes = settings.mem_mib << 20
+    try:
+        for run in range(settings.runs):
+            for engine in engines:
+                target = HOSTS[1] if host == HOSTS[0] else HOSTS[0]
+                s = _scenario(w, engine, settings, host, target)
+                started = time.monotonic()
+                try:
+                    result = await scenario.measure(s)
+                except Exception as exc:  # a failed mode is a result; Ctrl-C still ends all
+                    row = failed_row(exc, ram_bytes, time.monotonic() - started)
+                else:
+                    row = summarize(result)
+                    if engine.key not in series:
+                        series[engine.key] = figure_series(result)
+                rows[engine.key].append(row)
+                clock.say(f"{w.key} run {run + 1}/{settings.runs}: {engine.label:<27} "
+                          f"{host}->{target}: {_one_line(row)}")
+                where = await _healthy_host(s.vm_name)
+                if where is None:
+                    clock.say(f"{w.key}: the VM is not running in one copy; booting it again")
+                    where = await _fresh_vm(w, settings)
+                host = where
+    finally:
+        with contextlib.suppress(LivemigError):
+            await qemu.stop(_vm_name(w))
+    return rows, series
+
+
+async def _run_all(settings: Settings, clock: Clock
+                   ) -> tuple[dict[str, Any], dict[str, Any]]:
+    measured: dict[str, Any] = {}
+    figures: dict[str, Any] = {}
+    for w in WORKLOADS:
+        if w.key in settings.workloads:
+            measured[w.key], figures[w.key] = await run_workload(w, settings, clock)
+    return measured, figures
+
+
+def run(settings: Settings, out: Path, clock: Clock | None = None) -> dict[str, Any]:
+    """The whole experiment on a fresh test bed, torn down after, also on failure or
+    Ctrl-C. Writes results.json, results.md and the figures into ``out``."""
+    from livemig.experiments import paper_plots  # matplotlib is slow to import
+
+    clock = clock or Clock()
+    out.mkdir(parents=True, exist_ok=True)
+    clock.say(f"test bed up ({', '.join(HOSTS)}, client) and the guest image")
+    testbed.up(len(HOSTS))
+    try:
+        launch.ensure_daemons()
+        builder.build(log=clock.say)
+        measured, figures = asyncio.run(_run_all(settings, clock))
+    finally:
+        clock.say("tearing down the VMs and the test bed")
+        asyncio.run(qemu.stop_all())
+        testbed.down()
+    results = build_results(settings, measured, figures, clock.elapsed_s)
+    check_results(results)
+    names = paper_plots.draw_all(results, out)
+    clock.say(f"{len(names)} figures drawn")
+    results["figures_files"] = names
+    results["elapsed_s"] = clock.elapsed_s
+    (out / "results.json").write_text(json.dumps(results, indent=1, allow_nan=False) + "\n")
+    (out / "results.md").write_text(markdown_report(results, names))
+    return results
+
+
+def add_experiment_command(commands: Any) -> None:
+    """``livemig experiment paper [--quick] [--out DIR]``."""
+    experiment = commands.add_parser("experiment", help="the paper's experiments").add_subparsers(
+        dest="experiment", required=True)
+    paper = experiment.add_parser(
+        "paper", help="four workloads, ours against QEMU's migration: tables and figures")
+    paper.add_argument("--quick", action="store_true",
+                       help="one run per engine and shorter load windows (under 10 minutes)")
+    paper.add_argument("--out", type=Path, default=Path("paper-results"), metavar="DIR")
+    paper.add_argument("--runs", type=int, default=None, help="runs per engine (default 3; "
+                       "1 with --quick)")
+    paper.add_argument("--workloads", default=",".join(w.key for w in WORKLOADS))
+    paper.add_argument("--engines", default=",".join(e.key for e in ENGINES))
+    paper.set_defaults(func=_command)
+
+
+def _command(args: Any) -> int:
+    settings = Settings.quick() if args.quick else Settings()
+    workloads = tuple(args.workloads.split(","))
+    engines = tuple(args.engines.split(","))
+    unknown = (set(workloads) - {w.key for w in WORKLOADS}) | (
+        set(engines) - {e.key for e in ENGINES})
+    if unknown:
+        raise LivemigError(f"unknown workload or engine: {', '.join(sorted(unknown))}")
+    runs = settings.runs if args.runs is None else args.runs
+    if runs < 1:
+        raise LivemigError(f"--runs must be at least 1, not {runs}")
+    settings = dataclasses.replace(settings, runs=runs, workloads=workloads, engines=engines)
+    results = run(settings, args.out)
+    print(text_report(results))
+    print(f"\nresults: {args.out / 'results.json'}, {args.out / 'results.md'}, "
+          f"{len(results['figures_files'])} figures in {args.out}")
+    return 0

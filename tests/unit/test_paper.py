@@ -1,0 +1,223 @@
+"""The paper experiment's tables, ratios, results.json and figures, from synthetic
+scenario results: no QEMU, no test bed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from livemig.experiments import baselines, paper, paper_plots
+
+MS = 1_000_000
+S = 1_000_000_000
+RAM = 256 << 20
+T0 = 10 * S  # the probes' start on their monotonic clock
+MIGRATION_AT = 3.0  # s after the probes' start
+
+
+def _report(mode: str, downtime_ms: float, total_s: float, sent: int) -> dict[str, Any]:
+    ours = not mode.startswith("qemu-")
+    rounds = [
+        {"number": 1, "pages_planned": 20000, "pages_sent": 20000, "pages_skipped": 0,
+         "pages_dirtied": 300, "rate_bps": 100e6, "duration_s": 0.8 * total_s,
+         "dirty_rate_bps": 5e6, "pages_zero": 40000},
+        {"number": 2, "pages_planned": 300, "pages_sent": 290, "pages_skipped": 10,
+         "pages_dirtied": 40, "rate_bps": 150e6, "duration_s": 0.1 * total_s,
+         "dirty_rate_bps": 2e6, "pages_zero": 0},
+    ] if ours and mode == "precopy" else []
+    return {
+        "vm": "p-web", "source": "hostA", "target": "hostB", "mode": mode,
+        "tracker": "uffd", "ram_bytes": RAM, "downtime_ms": downtime_ms,
+        "total_time_s": total_s, "bytes_sent": sent, "data_sent_ratio": sent / RAM,
+        "rounds": rounds, "stop_reason": "few-pages-left" if ours else "downtime-limit 300 ms",
+        "final_pages": 40 if ours else 0, "device_state_ms": 10.0, "verify_ms": 0.0,
+        "verified": None, "source_checksum": None, "destination_checksum": None,
+        "stages": [["reservation", 0.0], ["iterative pre-copy", 0.05],
+                   ["stop-and-copy", 0.95 * total_s], ["commitment", 0.96 * total_s],
+                   ["activation", 0.97 * total_s]] if ours else [],
+        "stopped_at": None, "cont_returned_at": None,
+        "stop_window_ms": {"final_pages": 2.0} if ours else {},
+    }
+
+
+def scenario_result(workload: str = "web", mode: str = "precopy", *, client_ms: float = 80.0,
+                    downtime_ms: float = 40.0, stall_ms: float = 220.0, total_s: float = 4.0,
+                    sent: int = RAM // 2) -> dict[str, Any]:
+    """What ``scenario.measure`` returns, with probes that saw a service at 10 MB/s (web)
+    or 120 snapshots/s (game) and an echo outage of ``client_ms``."""
+    start_ns = T0 + int(MIGRATION_AT * S)
+    gap_start = start_ns + int(0.9 * total_s * S)
+    probes: dict[str, Any] = {
+        "echo": {"started_ns": T0, "stopped_ns": T0 + 9 * S,
+                 # (seq, sent, received), one every 10 ms
+                 "replies": [v for i in range(0, 9000, 10)
+                             for v in (i, T0 + i * MS, T0 + i * MS + 100_000)],
+                 "summary": {"downtime_ms": client_ms, "gap_start_ns": gap_start,
+                             "gap_end_ns": gap_start + int(client_ms * MS)}},
+        "tcp": {"summary": {"stall_ms": stall_ms, "survived": True}},
+    }
+    if workload == "web":
+        # 100 requests of 100 KB a second, one every 10 ms
+        probes["web"] = {"completions": [[T0 + i * 10 * MS, 100_000, 5 * MS, 0]
+                                         for i in range(900)]}
+    if workload == "game":
+        probes["game"] = {
+            "players": [{"arrivals_ns": [T0 + i * 50 * MS + p * MS for i in range(180)
+                                         if not 100 <= i < 102]} for p in range(6)],
+            "summary": {"max_gap_ms": 150.0},
+        }
+    unit = {"web": "HTTP MB/s", "game": "snapshots/s"}.get(workload, "echo replies/s")
+    before = {"web": 10e6, "game": 120.0}.get(workload, 1000.0)
+    return {
+        "workload": workload, "mode": mode, "downtime_ms": downtime_ms,
+        "client_downtime_ms": client_ms, "client_downtime_breakdown": None,
+        "tcp_stall_ms": stall_ms, "tcp_survived": True, "total_time_s": total_s,
+        "bytes_sent": sent, "ram_bytes": RAM, "data_sent_ratio": sent / RAM,
+        "rounds": _report(mode, downtime_ms, total_s, sent)["rounds"], "verified": None,
+        "service_impact": 0.9, "service_unit": unit, "service_before_per_s": before,
+        "service_during_per_s": 0.9 * before, "integrity": None,
+        "console_ticks_on_destination": [], "migration_started_s": MIGRATION_AT,
+        "report": _report(mode, downtime_ms, total_s, sent), "probes": probes,
+    }
+
+
+def test_a_row_holds_every_column_in_the_tables_units() -> None:
+    row = paper.summarize(scenario_result("web"))
+    assert row["status"] == "ok"
+    assert all(key in row for key, _, _ in paper.COLUMNS)
+    assert row["throughput_unit"] == "MB/s"
+    assert row["throughput_before"] == pytest.approx(10.0)
+    assert row["throughput_during"] == pytest.approx(9.0)
+    assert row["data_sent_ratio"] == pytest.approx(0.5)
+    assert row["rounds"] == 2
+
+
+def test_a_qemu_precopy_that_does_not_converge_is_a_row_not_an_exception() -> None:
+    exc = baselines.DidNotConverge(12.5, 3 * RAM, {"status": "active"})
+    row = paper.failed_row(exc, RAM, 12.7)
+    assert row["status"] == "did-not-converge"
+    assert row["client_downtime_ms"] is None
+    assert row["data_sent_ratio"] == pytest.approx(3.0)
+    assert row["total_time_s"] == pytest.approx(12.7)
+    other = paper.failed_row(OSError("reset"), RAM, 1.0)
+    assert other["status"] == "failed" and other["total_time_s"] is None
+
+
+def test_medians_over_completed_runs_and_a_status_that_counts_them() -> None:
+    rows = [paper.summarize(scenario_result(client_ms=v)) for v in (80.0, 120.0, 90.0)]
+    assert paper.median_row(rows)["client_downtime_ms"] == 90.0
+    assert paper.median_row(rows)["status"] == "ok"
+    mixed = [*rows[:2], paper.failed_row(OSError("x"), RAM, 1.0)]
+    median = paper.median_row(mixed)
+    assert median["client_downtime_ms"] == 100.0
+    assert median["status"] == "2/3 ok, failed"
+    assert median["completed"] == 2 and median["runs"] == 3
+    never = paper.median_row([paper.failed_row(
+        baselines.DidNotConverge(13.0, 3 * RAM, {}), RAM, 13.0)])
+    assert never["status"] == "did-not-converge"
+    assert never["data_sent_ratio"] == pytest.approx(3.0)
+
+
+def test_ratios_are_ours_over_each_baseline_and_none_without_a_baseline_figure() -> None:
+    table = {
+        "ours": paper.median_row([paper.summarize(scenario_result(
+            client_ms=60.0, stall_ms=100.0, total_s=8.0, sent=RAM // 4))]),
+        "qemu-precopy": paper.median_row([paper.summarize(scenario_result(
+            mode="qemu-precopy", client_ms=120.0, stall_ms=250.0, total_s=2.0,
+            sent=RAM // 2))]),
+        "qemu-precopy-30": paper.median_row([paper.failed_row(
+            baselines.DidNotConverge(13.0, 3 * RAM, {}), RAM, 13.0)]),
+    }
+    ratios = paper.ratios(table)
+    assert ratios["qemu-precopy"]["client_downtime_ms"] == pytest.approx(0.5)
+    assert ratios["qemu-precopy"]["tcp_stall_ms"] == pytest.approx(0.4)
+    assert ratios["qemu-precopy"]["total_time_s"] == pytest.approx(4.0)
+    assert ratios["qemu-precopy"]["bytes_sent"] == pytest.approx(0.5)
+    assert ratios["qemu-precopy-30"]["baseline_status"] == "did-not-converge"
+    assert all(ratios["qemu-precopy-30"][k] is None for k in paper.RATIO_KEYS)
+    assert "ours" not in ratios
+
+
+def test_figure_series_line_up_on_the_migrations_start() -> None:
+    series = paper.figure_series(scenario_result("game"))
+    gap = series["client_gap"]
+    assert gap["start_s"] == pytest.approx(0.9 * 4.0)
+    assert gap["end_s"] - gap["start_s"] == pytest.approx(0.08)
+    throughput = series["throughput"]
+    assert throughput["t_s"][0] == pytest.approx(-MIGRATION_AT)
+    assert max(throughput["values"]) == pytest.approx(120.0)
+    game = series["game_interarrival"]
+    assert game["players"] == 6
+    assert max(game["gap_ms"]) == pytest.approx(150.0)  # the two missing snapshots
+    rounds = series["rounds"]["rounds"]
+    assert [r["number"] for r in rounds] == [1, 2]
+    assert rounds[0]["start_s"] == pytest.approx(0.05)
+    assert rounds[1]["start_s"] == pytest.approx(0.05 + 3.2)
+    assert rounds[0]["transfer_mbps"] == pytest.approx(20000 * 4096 * 8 / 3.2 / 1e6)
+
+
+def _results(workloads: tuple[str, ...] = ("web", "game")) -> dict[str, Any]:
+    settings = paper.Settings.quick()
+    measured: dict[str, Any] = {}
+    figures: dict[str, Any] = {}
+    for key in workloads:
+        kind = "game" if key == "game" else "web"
+        ours = scenario_result(kind, "precopy")
+        qemu = scenario_result(kind, "qemu-precopy", client_ms=150.0)
+        measured[key] = {
+            "ours": [paper.summarize(ours)],
+            "qemu-precopy": [paper.summarize(qemu)],
+            "qemu-precopy-30": [paper.failed_row(
+                baselines.DidNotConverge(13.0, 3 * RAM, {}), RAM, 13.0)],
+        }
+        figures[key] = {"ours": paper.figure_series(ours),
+                        "qemu-precopy": paper.figure_series(qemu)}
+    return paper.build_results(settings, measured, figures, elapsed_s=123.0)
+
+
+def test_results_json_has_the_promised_shape_and_round_trips() -> None:
+    results = _results()
+    paper.check_results(results)
+    again = json.loads(json.dumps(results, allow_nan=False))
+    paper.check_results(again)
+    assert set(again["workloads"]) == {"web", "game"}
+    web = again["workloads"]["web"]
+    assert web["table"]["qemu-precopy-30"]["status"] == "did-not-converge"
+    assert web["ratios_ours_over"]["qemu-precopy"]["client_downtime_ms"] == pytest.approx(
+        80.0 / 150.0)
+    broken = json.loads(json.dumps(results))
+    del broken["workloads"]["web"]["table"]["ours"]["tcp_stall_ms"]
+    with pytest.raises(ValueError):
+        paper.check_results(broken)
+
+
+def test_tables_print_every_engine_and_mark_the_one_that_did_not_converge() -> None:
+    results = _results(("web",))
+    text = paper.text_report(results)
+    assert "did-not-converge" in text
+    assert "QEMU pre-copy, limit 300 ms" in text
+    markdown = paper.markdown_report(results, ["downtime.png"])
+    table_lines = [line for line in markdown.splitlines() if line.startswith("|")]
+    assert len({line.count("|") for line in table_lines[:5]}) == 1  # a well-formed table
+    assert "![downtime.png](downtime.png)" in markdown
+
+
+def test_every_figure_is_drawn_from_results_alone(tmp_path: Path) -> None:
+    names = paper_plots.draw_all(_results(), tmp_path)
+    assert set(names) == {"rounds-web.png", "throughput-web.png", "rounds-game.png",
+                          "throughput-game.png", "game-interarrival.png", "downtime.png"}
+    for name in names:
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_specweb_mix_follows_specweb99s_shares() -> None:
+    items = [item.rpartition(":") for item in paper.specweb_mix().split(",")]
+    weights = {path: float(w) for path, _, w in items}
+    static = sum(w for p, w in weights.items() if p.startswith("/sw/"))
+    assert static == pytest.approx(0.70, abs=1e-3)
+    assert sum(weights.values()) == pytest.approx(1.0, abs=1e-3)
+    assert sum(w for p, w in weights.items() if p.startswith("/sw/c1_")) == pytest.approx(
+        0.35, abs=1e-3)
