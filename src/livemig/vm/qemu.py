@@ -188,7 +188,9 @@ class VM:
     async def close(self) -> None:
         """Let go of the VM without stopping it."""
         await self.agent.close()
-        with contextlib.suppress(QMPError, OSError):
+        # qemu.qmp re-raises the EOFError of a QEMU that exited (a destination that gave
+        # up on a cancelled incoming migration): letting go of it is done all the same.
+        with contextlib.suppress(QMPError, OSError, EOFError):
             await self.qmp.disconnect()
         if self._memory is not None:
             self._memory.close()
