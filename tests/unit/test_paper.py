@@ -51,9 +51,11 @@ def scenario_result(workload: str = "web", mode: str = "precopy", *, client_ms: 
     start_ns = T0 + int(MIGRATION_AT * S)
     gap_start = start_ns + int(0.9 * total_s * S)
     def silent(t: int, gap_ms: float) -> bool:
-        # a 30 ms hiccup a second before the migration, and the outage at the switchover
-        hiccup = start_ns - S
-        return (hiccup < t < hiccup + 30 * MS) or (gap_start < t < gap_start + gap_ms * MS)
+        # a 30 ms hiccup a second before the migration, a 500 ms one early in it (a
+        # loaded guest, no switchover), and the outage at the switchover
+        hiccup, loaded = start_ns - S, start_ns + int(0.1 * total_s * S)
+        return (hiccup < t < hiccup + 30 * MS) or (loaded < t < loaded + 500 * MS) or (
+            gap_start < t < gap_start + gap_ms * MS)
 
     probes: dict[str, Any] = {
         "echo": {"started_ns": T0, "stopped_ns": T0 + 20 * S,
@@ -80,6 +82,10 @@ def scenario_result(workload: str = "web", mode: str = "precopy", *, client_ms: 
                                          if not 100 <= i < 102]} for p in range(6)],
             "summary": {"max_gap_ms": 150.0},
         }
+    report = _report(mode, downtime_ms, total_s, sent)
+    # the VM stopped 10 ms into the outage and ran again 10 ms before its end
+    report["stopped_at"] = (gap_start + 10 * MS) / S
+    report["cont_returned_at"] = (gap_start + int(client_ms * MS) - 10 * MS) / S
     unit = {"web": "HTTP MB/s", "game": "snapshots/s"}.get(workload, "echo replies/s")
     before = {"web": 10e6, "game": 120.0}.get(workload, 1000.0)
     return {
@@ -92,7 +98,7 @@ def scenario_result(workload: str = "web", mode: str = "precopy", *, client_ms: 
         "service_impact": 0.9, "service_unit": unit, "service_before_per_s": before,
         "service_during_per_s": 0.9 * before, "integrity": None,
         "console_ticks_on_destination": [], "migration_started_s": MIGRATION_AT,
-        "report": _report(mode, downtime_ms, total_s, sent), "probes": probes,
+        "report": report, "probes": probes,
     }
 
 
@@ -105,7 +111,8 @@ def test_a_row_holds_every_column_in_the_tables_units() -> None:
     assert row["throughput_during"] == pytest.approx(9.0)
     assert row["data_sent_ratio"] == pytest.approx(0.5)
     assert row["rounds"] == 2
-    # Across the switchover only, not the probes' whole run; and the noise floor before.
+    # Across the switchover only, not the probes' whole run nor the 500 ms of load early
+    # in the migration; and the noise floor before.
     assert row["client_downtime_ms"] == pytest.approx(80.0)
     assert row["tcp_stall_ms"] == pytest.approx(220.0)
     assert row["client_downtime_whole_run_ms"] == 999.0
@@ -246,3 +253,17 @@ def test_the_specweb_mix_follows_specweb99s_shares() -> None:
     assert sum(weights.values()) == pytest.approx(1.0, abs=1e-3)
     assert sum(w for p, w in weights.items() if p.startswith("/sw/c1_")) == pytest.approx(
         0.35, abs=1e-3)
+
+
+def test_a_guest_kernel_that_complains_is_caught_on_its_console() -> None:
+    console = ("lm: tick 4\n[   28.97] list_del corruption. prev->next should be ...\n"
+               "[   28.98] Kernel panic - not syncing: Fatal exception in interrupt\n")
+    assert paper.guest_kernel_trouble(console) == (
+        "[   28.97] list_del corruption. prev->next should be ...")
+    assert paper.guest_kernel_trouble("lm: ready workload=web\nlm: tick 1\n") is None
+    row = paper.summarize(scenario_result())
+    row["guest_kernel_trouble"] = "hostB: Kernel panic"
+    median = paper.median_row([row])
+    assert median["guest_kernel_trouble"] == ["hostB: Kernel panic"]
+    results = paper.build_results(paper.Settings.quick(), {"web": {"ours": [row]}}, {}, 1.0)
+    assert "guest kernel trouble x1" in paper.text_report(results)

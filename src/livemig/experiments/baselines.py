@@ -60,14 +60,24 @@ async def migrate(name: str, target: str, how: QemuMigration) -> dict[str, Any]:
         ip = str(testbed.host_node(target).ip)
         await destination.qmp_command("migrate-incoming", uri=f"tcp:{ip}:{port}")
         await source.qmp_command("migrate", uri=f"tcp:{ip}:{port}")
+        # The switchover's instants on this machine's CLOCK_MONOTONIC, as our engine
+        # reports them, so that the client's outage can be lined up with it.
+        stopped_at = cont_returned_at = None
         if how.postcopy:
             await asyncio.sleep(0.2)  # one pre-copy pass of some pages, then switch
+            stopped_at = time.monotonic()
             await source.qmp_command("migrate-start-postcopy")
+            cont_returned_at = await _wait_running(destination, how.timeout_s)
         info = await _wait(source, {"completed"}, how.timeout_s,
                            max_bytes=int(how.max_sent_factor * record.spec.ram_bytes))
+        if stopped_at is None:
+            # QEMU's "downtime" runs from its stop to the completion on the source.
+            stopped_at = time.monotonic() - float(info.get("downtime", 0)) / 1e3
         # Without postcopy the destination waits paused for us; with it QEMU resumes it.
         if await destination.status() != "running":
             await destination.resume()
+        if cont_returned_at is None:
+            cont_returned_at = time.monotonic()
         # The moved VM may be migrated again, by our engine, which needs x-ignore-shared:
         # QEMU refuses that next to postcopy-ram, so no capability of ours stays behind.
         await destination.qmp_command("migrate-set-capabilities", capabilities=[
@@ -87,7 +97,8 @@ async def migrate(name: str, target: str, how: QemuMigration) -> dict[str, Any]:
             "final_pages": 0, "device_state_ms": 0.0, "verify_ms": 0.0, "verified": None,
             "source_checksum": None, "destination_checksum": None,
             "stages": [], "qemu_info": info,
-            "stopped_at": None, "cont_returned_at": None, "stop_window_ms": {},
+            "stopped_at": stopped_at, "cont_returned_at": cont_returned_at,
+            "stop_window_ms": {},
         }
     except BaseException:
         # As a failed migration of ours would: the VM runs on at the source. Each step is
@@ -107,6 +118,16 @@ async def migrate(name: str, target: str, how: QemuMigration) -> dict[str, Any]:
         await source.close()
         if destination is not None:
             await destination.close()
+
+
+async def _wait_running(vm: qemu.VM, timeout_s: float) -> float:
+    """When ``vm`` was first seen running (monotonic s), polled every 5 ms."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if await vm.status() == "running":
+            return time.monotonic()
+        await asyncio.sleep(0.005)
+    raise LivemigError(f"the destination of QEMU's postcopy did not run within {timeout_s:g} s")
 
 
 class DidNotConverge(LivemigError):

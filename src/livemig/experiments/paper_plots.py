@@ -22,6 +22,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display here, and none needed
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 
 ENGINE_COLOURS = {
     "ours": "#1f5fa0",
@@ -96,7 +98,7 @@ def rounds_figure(results: dict[str, Any], key: str, out: Path) -> str | None:
     ax.set_xlim(0, end * 1.03)
     # Round 1 dominates the time axis; the later rounds and the stop-and-copy, which
     # decide the downtime, get an enlarged view of their own.
-    if len(rounds) > 1 and rounds[1]["start_s"] > 0.5 * end:
+    if len(rounds) > 1 and end - rounds[1]["start_s"] < 0.15 * end:
         inset = ax.inset_axes((0.06, 0.42, 0.42, 0.4))
         _draw_rounds(inset, data, max_rate, labels=False)
         first = rounds[1]["start_s"]
@@ -108,8 +110,8 @@ def rounds_figure(results: dict[str, Any], key: str, out: Path) -> str | None:
                 inset.text(later["start_s"] + later["duration_s"] / 2, top * 0.02,
                            str(later["number"]), ha="center", va="bottom", fontsize=7,
                            color="white")
-        inset.set_title(f"rounds 2-{len(rounds)} and the stop-and-copy, enlarged",
-                        fontsize=8)
+        later = "round 2" if len(rounds) == 2 else f"rounds 2-{len(rounds)}"
+        inset.set_title(f"{later} and the stop-and-copy, enlarged", fontsize=8)
         inset.tick_params(labelsize=7)
         ax.indicate_inset_zoom(inset, edgecolor="#555555")
     ax.set_xlabel("elapsed time since the migration began (s)")
@@ -230,6 +232,7 @@ def downtime_figure(results: dict[str, Any], out: Path) -> str | None:
     width = 0.8 / len(engines)
     x = np.arange(len(workloads))
     top = 1.0
+    handles: list[Any] = []
     for i, engine in enumerate(engines):
         for j, key in enumerate(workloads):
             row = results["workloads"][key]["table"].get(engine)
@@ -242,15 +245,21 @@ def downtime_figure(results: dict[str, Any], out: Path) -> str | None:
             ax.bar(xpos, value, width=width * 0.92,
                    color=ENGINE_COLOURS.get(engine, "#444444"))
             top = max(top, value)
-        ax.bar([], [], color=ENGINE_COLOURS.get(engine, "#444444"),
-               label=_label(results, engine))
+            floor = row.get("echo_gap_before_ms")
+            if floor:
+                ax.hlines(floor, xpos - width * 0.46, xpos + width * 0.46, colors="black",
+                          linewidth=1.5)
+        handles.append(Patch(color=ENGINE_COLOURS.get(engine, "#444444"),
+                             label=_label(results, engine)))
     ax.set_yscale("log")
     ax.set_ylim(1, top * 3)
     ax.set_xticks(x, workloads)
     ax.set_ylabel("client-observed downtime (ms, log scale)")
     ax.set_title("longest gap in a 1 ms UDP echo across the migration, per workload and engine",
                  fontsize=10)
-    ax.legend(fontsize=8, loc="upper left", ncol=3)
+    handles.append(Line2D([], [], color="black", linewidth=1.5,
+                          label="longest echo gap before the migration (noise floor)"))
+    ax.legend(handles=handles, fontsize=8, loc="upper left", ncol=3)
     ax.grid(axis="y", alpha=0.3, which="both")
     fig.tight_layout()
     return _save(fig, out, "downtime.png")
