@@ -267,3 +267,15 @@ def test_a_guest_kernel_that_complains_is_caught_on_its_console() -> None:
     assert median["guest_kernel_trouble"] == ["hostB: Kernel panic"]
     results = paper.build_results(paper.Settings.quick(), {"web": {"ours": [row]}}, {}, 1.0)
     assert "guest kernel trouble x1" in paper.text_report(results)
+
+
+def test_a_guest_that_never_answers_again_is_no_success() -> None:
+    result = scenario_result(client_ms=80.0)
+    echo = result["probes"]["echo"]
+    stop = result["report"]["stopped_at"] * S
+    echo["replies"] = [v for i, v in enumerate(echo["replies"])
+                       if echo["replies"][i - i % 3 + 2] < stop]
+    row = paper.summarize(result)
+    assert row["status"] == "guest-unresponsive"
+    # silent from just before the stop to the end of the run
+    assert row["client_downtime_ms"] > 10_000
