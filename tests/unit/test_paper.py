@@ -279,3 +279,10 @@ def test_a_guest_that_never_answers_again_is_no_success() -> None:
     assert row["status"] == "guest-unresponsive"
     # silent from just before the stop to the end of the run
     assert row["client_downtime_ms"] > 10_000
+
+
+def test_figures_are_drawn_when_a_run_lacks_a_figure(tmp_path: Path) -> None:
+    results = _results(("game",))
+    results["workloads"]["game"]["table"]["ours"]["client_downtime_ms"] = None
+    results["workloads"]["game"]["table"]["ours"]["data_sent_ratio"] = None
+    assert "throughput-game.png" in paper_plots.draw_all(results, tmp_path)

@@ -87,13 +87,13 @@ def specweb_mix() -> str:
 
 WORKLOADS = (
     PaperWorkload("web", "web server, 100 clients fetching a 512 KB file", Workload.WEB,
-                  options=(("web_kb", "512"),), warmup_s=3.5),
+                  options=(("web_kb", "512"),), warmup_s=2.5),
     # The CGI forks a shell per request, which TCG makes dear: 10 clients already keep
     # the guest's one vCPU busy (measured: 10, 25, 50 and 100 clients all got 40-80
     # requests/s), and more would measure a queue, not a service.
     PaperWorkload("specweb", "SPECweb99-like mix, 10 clients, 70 % static / 30 % dynamic",
                   Workload.WEB, options=(("web_specweb", "1"),), http_mix=specweb_mix(),
-                  http_clients=10, warmup_s=1.5),
+                  http_clients=10, warmup_s=1.0),
     PaperWorkload("game", "game server (Quake-3-like, 20 Hz), 6 players", Workload.GAME),
     # As bench/migration.py: a region written without pause; 64 MiB at 100 MiB/s keeps
     # the guest write-heavy while TCG can still keep up.
@@ -134,8 +134,8 @@ RUN_ORDER = ("qemu-precopy", OURS, "qemu-precopy-30", "stop-and-copy", "qemu-pos
 @dataclass(frozen=True)
 class Settings:
     runs: int = 3
-    # The probes start (seconds on a loaded machine), then "throughput before".
-    baseline_s: float = 6.0
+    # From when the probes measure to the migration: "throughput before" is its end.
+    baseline_s: float = 5.0
     after_s: float = 3.0
     mem_mib: int = 256
     max_rate_mbps: float = 500.0
@@ -146,7 +146,7 @@ class Settings:
 
     @classmethod
     def quick(cls) -> Settings:
-        return cls(runs=1, baseline_s=4.5, after_s=1.5, qemu_timeout_s=30.0)
+        return cls(runs=1, baseline_s=3.0, after_s=1.5, qemu_timeout_s=30.0)
 
 
 # -- one row of a table from one scenario result -----------------------------------------
@@ -406,9 +406,14 @@ def figure_series(result: dict[str, Any]) -> dict[str, Any]:
         "total_time_s": result["total_time_s"],
         "stages": [{"name": name, "t_s": t} for name, t in report.get("stages", [])],
         "client_gap": None,
+        "switchover": None,
         "rounds": rounds_series(report) if report.get("rounds") else None,
         "game_interarrival": None,
     }
+    if report.get("stopped_at") and report.get("cont_returned_at"):
+        stop_ns, running_ns = switchover_ns(result)
+        series["switchover"] = {"stop_s": (stop_ns - start_ns) / 1e9,
+                                "running_s": (running_ns - start_ns) / 1e9}
     gap = client_gaps(result)["client_gap_ns"]
     if gap is not None:
         series["client_gap"] = {"start_s": (gap[0] - start_ns) / 1e9,
@@ -792,12 +797,18 @@ def write_outputs(settings: Settings, measured: dict[str, Any], figures: dict[st
     out.mkdir(parents=True, exist_ok=True)
     results = build_results(settings, measured, figures, clock.elapsed_s)
     check_results(results)
-    names = paper_plots.draw_all(results, out)
-    clock.say(f"{len(names)} figures drawn")
-    results["figures_files"] = names
-    results["elapsed_s"] = clock.elapsed_s
-    (out / "results.json").write_text(json.dumps(results, indent=1, allow_nan=False) + "\n")
-    (out / "results.md").write_text(markdown_report(results, names))
+    results["figures_files"] = []
+
+    def save() -> None:
+        results["elapsed_s"] = clock.elapsed_s
+        (out / "results.json").write_text(json.dumps(results, indent=1, allow_nan=False)
+                                          + "\n")
+        (out / "results.md").write_text(markdown_report(results, results["figures_files"]))
+
+    save()  # the measurements are safe on disk before any figure is drawn
+    results["figures_files"] = paper_plots.draw_all(results, out)
+    clock.say(f"{len(results['figures_files'])} figures drawn")
+    save()
     return results
 
 

@@ -45,6 +45,11 @@ def _label(results: dict[str, Any], engine: str) -> str:
     return str(results["engine_labels"].get(engine, engine))
 
 
+def _num(value: float | None, spec: str) -> str:
+    """A figure for a title; a run that did not produce it says so."""
+    return "n/a" if value is None else format(value, spec)
+
+
 def _save(fig: Any, out: Path, name: str) -> str:
     fig.savefig(out / name, dpi=DPI)
     plt.close(fig)
@@ -117,7 +122,7 @@ def rounds_figure(results: dict[str, Any], key: str, out: Path) -> str | None:
     ax.set_xlabel("elapsed time since the migration began (s)")
     ax.set_ylabel("rate (Mbit/s)")
     ax.set_title(f"{key}: {workload['title']}\nour pre-copy, rate per round: "
-                 f"{len(rounds)} rounds, {row['data_sent_ratio']:.2f} x RAM sent, "
+                 f"{len(rounds)} rounds, {_num(row['data_sent_ratio'], '.2f')} x RAM sent, "
                  f"stop-and-copy of {stop['mb_sent']:.1f} MB in {stop['downtime_ms']:.0f} ms "
                  f"(pre-copy ended: {data['stop_reason']})", fontsize=10)
     ax.plot([], [], color="#4878a8", linewidth=8, label="transfer rate of the round "
@@ -146,6 +151,11 @@ def _mark(ax: Any, series: dict[str, Any], engine: str) -> None:
     else:
         ax.axvline(0.0, color="#1f77b4", linestyle="--", linewidth=1.2,
                    label="migration starts")
+        switch = series.get("switchover")
+        if switch:  # as our stages: the VM stops, then runs on the target
+            ax.axvline(switch["stop_s"], color="#d62728", linewidth=1.2, label="VM stopped")
+            ax.axvline(switch["running_s"], color="#2ca02c", linewidth=1.2,
+                       label="VM runs on the target")
     ax.axvline(series["total_time_s"], color="black", linestyle=":", linewidth=1.2,
                label="source released" if ours else "QEMU: completed")
     gap = series.get("client_gap")
@@ -175,7 +185,8 @@ def throughput_figure(results: dict[str, Any], key: str, out: Path) -> str | Non
         row = workload["table"][engine]
         impact = row.get("service_impact")
         ax.set_title(f"{_label(results, engine)}: client downtime "
-                     f"{row['client_downtime_ms']:.0f} ms, total {row['total_time_s']:.1f} s"
+                     f"{_num(row['client_downtime_ms'], '.0f')} ms, total "
+                     f"{_num(row['total_time_s'], '.1f')} s"
                      + (f", throughput during/before {impact:.2f}" if impact is not None else ""),
                      fontsize=9, loc="left")
         ax.set_ylabel(unit)
@@ -238,9 +249,11 @@ def downtime_figure(results: dict[str, Any], out: Path) -> str | None:
             row = results["workloads"][key]["table"].get(engine)
             value = None if row is None else row["client_downtime_ms"]
             xpos = x[j] - 0.4 + (i + 0.5) * width
+            if row is None:
+                continue
             if value is None:
-                ax.text(xpos, 1.5, "did not\ncomplete" if row else "not run", rotation=90,
-                        ha="center", va="bottom", fontsize=7, color="#666666")
+                ax.text(xpos, 1.5, "did not\ncomplete" if row["status"] != "ok" else "n/a",
+                        rotation=90, ha="center", va="bottom", fontsize=7, color="#666666")
                 continue
             ax.bar(xpos, value, width=width * 0.92,
                    color=ENGINE_COLOURS.get(engine, "#444444"))
@@ -253,6 +266,7 @@ def downtime_figure(results: dict[str, Any], out: Path) -> str | None:
                              label=_label(results, engine)))
     ax.set_yscale("log")
     ax.set_ylim(1, top * 3)
+    ax.set_xlim(-0.5, len(workloads) - 0.5)
     ax.set_xticks(x, workloads)
     ax.set_ylabel("client-observed downtime (ms, log scale)")
     ax.set_title("longest gap in a 1 ms UDP echo across the migration, per workload and engine",

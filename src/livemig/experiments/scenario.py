@@ -26,7 +26,7 @@ import numpy as np
 from livemig.daemon import control
 from livemig.errors import LivemigError
 from livemig.experiments import baselines
-from livemig.experiments.probing import ProbeRun
+from livemig.experiments.probing import ProbeRun, wait_measuring
 from livemig.image import builder
 from livemig.net import testbed
 from livemig.probes.timeseries import service_impact
@@ -114,6 +114,8 @@ async def measure(s: Scenario, on_progress: ProgressPrinter = None) -> dict[str,
             ProbeRun(testbed.CLIENT, "tcp", ip) as tcp:
         workload_probe = _workload_probe(s, ip)
         try:
+            # The baseline counts from when the probes measure, not from their launch.
+            await wait_measuring([p for p in (echo, tcp, workload_probe) if p is not None])
             await asyncio.sleep(s.baseline_s)
             request = {"op": "migrate", "vm": s.vm_name, "to": s.target, "mode": s.mode,
                        "min_rate_mbps": s.min_rate_mbps, "max_rate_mbps": s.max_rate_mbps,
