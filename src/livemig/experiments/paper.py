@@ -602,7 +602,8 @@ def _caption(results: dict[str, Any]) -> str:
             f"(QEMU: max-bandwidth {s['max_rate_mbps']:g} Mbit/s), {runs}. Client downtime: "
             f"the longest gap of a 1 ms UDP echo that overlaps the switchover (the VM's stop "
             f"to its running again on the target); TCP stall: the same for one established "
-            f"flow; echo gap before: "
+            f"flow; engine downtime: ours from the stop to the target's cont, QEMU's its own "
+            f"'downtime' figure; echo gap before: "
             f"the echo's longest gap before the migration, the noise floor of a loaded guest; "
             f"throughput during: over the migration itself.")
 
