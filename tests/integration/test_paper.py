@@ -8,12 +8,19 @@ import dataclasses
 import json
 from pathlib import Path
 
+import pytest
+
 from livemig.experiments import paper
 from livemig.image import builder
 from livemig.net import testbed
 from livemig.vm import qemu
 
 
+# A QEMU outlives the Popen that started it by design: the VM runs on after the code
+# that booted or moved it lets go, and is stopped (and reaped) by PID later. Python warns
+# when such a Popen is collected.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
 def test_one_workload_two_engines_on_one_vm(
     bed: list[testbed.Node], image: builder.Image, loop: asyncio.AbstractEventLoop,
     tmp_path: Path,
@@ -39,9 +46,9 @@ def test_one_workload_two_engines_on_one_vm(
         assert row["status"] == "ok", row
         assert 0 < row["client_downtime_ms"] < 5000
         assert row["throughput_before"] > 0
-    # Ours moved it to hostB, QEMU's brought it back: the progress says so, step by step.
-    assert any("hostA->hostB" in line and "ours" in line for line in lines)
-    assert any("hostB->hostA" in line and "QEMU" in line for line in lines)
+    # QEMU's moved it to hostB, ours brought it back: the progress says so, step by step.
+    assert any("hostA->hostB" in line and "QEMU" in line for line in lines)
+    assert any("hostB->hostA" in line and "ours" in line for line in lines)
     assert game["figures"]["ours"]["rounds"]["rounds"]
     assert game["figures"]["qemu-precopy"]["game_interarrival"]["gap_ms"]
     assert game["ratios_ours_over"]["qemu-precopy"]["client_downtime_ms"] > 0
