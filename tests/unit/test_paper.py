@@ -286,3 +286,12 @@ def test_figures_are_drawn_when_a_run_lacks_a_figure(tmp_path: Path) -> None:
     results["workloads"]["game"]["table"]["ours"]["client_downtime_ms"] = None
     results["workloads"]["game"]["table"]["ours"]["data_sent_ratio"] = None
     assert "throughput-game.png" in paper_plots.draw_all(results, tmp_path)
+
+
+def test_a_mix_of_pages_counts_requests_not_bytes() -> None:
+    row = paper.summarize(scenario_result("web"), by_requests=True)
+    assert row["throughput_unit"] == "requests/s"
+    assert row["throughput_before"] == pytest.approx(100.0)
+    assert row["throughput_during"] == pytest.approx(90.0)
+    series = paper.figure_series(scenario_result("web"), by_requests=True)
+    assert series["throughput"]["unit"] == "requests/s"

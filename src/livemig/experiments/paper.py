@@ -66,6 +66,7 @@ class PaperWorkload:
     # More time before the migration: 100 clients that start together complete their
     # first 512 KB files only seconds later, and "throughput before" needs the steady state.
     warmup_s: float = 0.0
+    service_by_requests: bool = False  # HTTP throughput in requests/s, not MB/s
 
 
 def specweb_mix() -> str:
@@ -93,7 +94,7 @@ WORKLOADS = (
     # requests/s), and more would measure a queue, not a service.
     PaperWorkload("specweb", "SPECweb99-like mix, 10 clients, 70 % static / 30 % dynamic",
                   Workload.WEB, options=(("web_specweb", "1"),), http_mix=specweb_mix(),
-                  http_clients=10, warmup_s=1.0),
+                  http_clients=10, warmup_s=1.0, service_by_requests=True),
     PaperWorkload("game", "game server (Quake-3-like, 20 Hz), 6 players", Workload.GAME),
     # As bench/migration.py: a region written without pause; 64 MiB at 100 MiB/s keeps
     # the guest write-heavy while TCG can still keep up.
@@ -174,6 +175,21 @@ def service_scale(unit: str) -> tuple[str, float]:
     return unit.removesuffix("/s") + "/s", 1.0
 
 
+def service_events(result: dict[str, Any], by_requests: bool) -> tuple[str, Any, Any]:
+    """(table unit, event times, weights) of the service; ``by_requests`` counts HTTP
+    requests instead of their bytes (a mix where a few large files would drown out the
+    many small pages and the dynamic ones)."""
+    unit, times, weights = scenario.service_events(Workload(result["workload"]),
+                                                   result["probes"])
+    if by_requests and unit.startswith("HTTP"):
+        return "requests/s", times, None
+    return service_scale(unit)[0], times, weights
+
+
+def _unit_scale(unit: str) -> float:
+    return 1e-6 if unit == "MB/s" else 1.0
+
+
 # Where an engine does not say when it stopped the VM, the switchover lies somewhere in
 # the migration or shortly after it (TCG rebuilding its code cache, the ARP announcement).
 SETTLE_S = 1.0
@@ -249,15 +265,15 @@ BEFORE_S = 2.0  # "throughput before": at most this long, just before the migrat
 RAMP_S = 0.5  # a service's first events after its probe starts are its ramp, not its rate
 
 
-def service_rates(result: dict[str, Any]) -> tuple[float | None, float | None]:
+def service_rates(result: dict[str, Any], by_requests: bool = False
+                  ) -> tuple[float | None, float | None]:
     """(before, during) in events (or bytes) per second of the service.
 
     "Before" is the last ``BEFORE_S`` before the migration, but never the probe's own
     start: on a loaded machine a probe process can take seconds to get going, and its
     ramp is not the service's rate. None when less than half a second of it is left.
     """
-    unit, times, weights = scenario.service_events(Workload(result["workload"]),
-                                                   result["probes"])
+    _, times, weights = service_events(result, by_requests)
     start, _ = migration_window_ns(result)
     end = start + max(int(result["total_time_s"] * 1e9), 1)
     if len(times) == 0:
@@ -270,10 +286,11 @@ def service_rates(result: dict[str, Any]) -> tuple[float | None, float | None]:
     return impact.before_per_s, impact.during_per_s
 
 
-def summarize(result: dict[str, Any]) -> dict[str, Any]:
+def summarize(result: dict[str, Any], by_requests: bool = False) -> dict[str, Any]:
     """The table row of one completed scenario result."""
-    unit, scale = service_scale(result["service_unit"])
-    before, during = service_rates(result)
+    unit = service_events(result, by_requests)[0]
+    scale = _unit_scale(unit)
+    before, during = service_rates(result, by_requests)
     game = result["probes"].get("game")
     gaps = client_gaps(result)
     return {
@@ -382,14 +399,14 @@ def _bucket_s(workload: Workload) -> float:
     return 0.2 if workload is Workload.WEB else 0.25
 
 
-def figure_series(result: dict[str, Any]) -> dict[str, Any]:
+def figure_series(result: dict[str, Any], by_requests: bool = False) -> dict[str, Any]:
     """What the figures draw for one migration; times in s from the migration's start."""
     workload = Workload(result["workload"])
     probes = result["probes"]
     echo_start = probes["echo"]["started_ns"]
     start_ns = echo_start + int(result["migration_started_s"] * 1e9)
-    unit, times, weights = scenario.service_events(workload, probes)
-    table_unit, scale = service_scale(unit)
+    table_unit, times, weights = service_events(result, by_requests)
+    scale = _unit_scale(table_unit)
     width_s = _bucket_s(workload)
     end_ns = max(int(times.max()) + 1 if len(times) else echo_start + 1,
                  probes["echo"].get("stopped_ns") or 0, echo_start + 1)
@@ -754,9 +771,9 @@ async def run_workload(w: PaperWorkload, settings: Settings, clock: Clock
                 except Exception as exc:  # a failed mode is a result; Ctrl-C still ends all
                     row = failed_row(exc, ram_bytes, time.monotonic() - started)
                 else:
-                    row = summarize(result)
+                    row = summarize(result, w.service_by_requests)
                     if engine.key not in series:
-                        series[engine.key] = figure_series(result)
+                        series[engine.key] = figure_series(result, w.service_by_requests)
                 # The guest's kernel is the witness of a migration that lost or tore
                 # memory; a VM that complained is not migrated again.
                 row["guest_kernel_trouble"] = _console_trouble(s.vm_name)

@@ -50,6 +50,14 @@ def _num(value: float | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+def _in_table_order(results: dict[str, Any], figures: dict[str, Any]
+                    ) -> list[tuple[str, Any]]:
+    """The engines' figure series in the tables' order, not the order they ran in."""
+    order = list(results["engines"])
+    return sorted(figures.items(), key=lambda item: (
+        order.index(item[0]) if item[0] in order else len(order)))
+
+
 def _save(fig: Any, out: Path, name: str) -> str:
     fig.savefig(out / name, dpi=DPI)
     plt.close(fig)
@@ -167,7 +175,8 @@ def _mark(ax: Any, series: dict[str, Any], engine: str) -> None:
 
 def throughput_figure(results: dict[str, Any], key: str, out: Path) -> str | None:
     workload = results["workloads"][key]
-    shown = [(e, s) for e, s in workload["figures"].items() if s.get("throughput")]
+    shown = [(e, s) for e, s in _in_table_order(results, workload["figures"])
+             if s.get("throughput")]
     if not shown:
         return None
     fig, axes = plt.subplots(len(shown), 1, figsize=(11, 2.3 * len(shown) + 0.9),
@@ -207,7 +216,8 @@ def game_figure(results: dict[str, Any], out: Path) -> str | None:
     workload = results["workloads"].get("game")
     if workload is None:
         return None
-    shown = [(e, s) for e, s in workload["figures"].items() if s.get("game_interarrival")]
+    shown = [(e, s) for e, s in _in_table_order(results, workload["figures"])
+             if s.get("game_interarrival")]
     if not shown:
         return None
     fig, axes = plt.subplots(len(shown), 1, figsize=(10, 2.2 * len(shown) + 0.9), sharex=True,
