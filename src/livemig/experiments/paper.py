@@ -777,12 +777,18 @@ async def run_workload(w: PaperWorkload, settings: Settings, clock: Clock
                 # The guest's kernel is the witness of a migration that lost or tore
                 # memory; a VM that complained is not migrated again.
                 row["guest_kernel_trouble"] = _console_trouble(s.vm_name)
+                if row["guest_kernel_trouble"] and row["status"] == "ok":
+                    # The console was clean before (a VM that complained is replaced), so
+                    # this migration broke the guest: its figures compare with nothing.
+                    row["status"] = "guest-kernel-trouble"
+                    row["error"] = row["guest_kernel_trouble"]
                 rows[engine.key].append(row)
                 clock.say(f"{w.key} run {run + 1}/{settings.runs}: {engine.label:<27} "
                           f"{host}->{target}: {_one_line(row)}")
                 where = await _healthy_host(s.vm_name)
                 # (A pre-copy that did not converge left the VM running as it was.)
-                broken = row["status"] in ("failed", "guest-unresponsive")
+                broken = row["status"] in ("failed", "guest-unresponsive",
+                                           "guest-kernel-trouble")
                 if where is None or row["guest_kernel_trouble"] or broken:
                     why = (row["guest_kernel_trouble"] or row["error"]
                            or "the VM is not running in one copy")

@@ -36,7 +36,7 @@ async def wait_measuring(probes: list[ProbeRun], timeout: float = 30.0) -> None:
     """Wait until every probe has opened its socket (or exited, or ``timeout`` passed)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if all(p.has_socket() or p._process.poll() is not None for p in probes):
+        if all(p.has_socket() or p.exited() for p in probes):
             return
         await asyncio.sleep(0.05)
 
@@ -70,6 +70,9 @@ class ProbeRun:
         except OSError:
             pass  # exited already: stop() reports why
         return False
+
+    def exited(self) -> bool:
+        return self._process.poll() is not None
 
     def stop(self, timeout: float = 30.0) -> dict[str, Any]:
         """End the probe (if it still runs) and return its JSON."""
