@@ -738,7 +738,8 @@ async def _fresh_vm(w: PaperWorkload, settings: Settings) -> str:
 
 def _one_line(row: dict[str, Any]) -> str:
     trouble = (f"; GUEST KERNEL TROUBLE: {row['guest_kernel_trouble']}"
-               if row.get("guest_kernel_trouble") else "")
+               if row.get("guest_kernel_trouble") and row["error"] != row["guest_kernel_trouble"]
+               else "")
     if row["status"] != "ok":
         return f"{row['status'].upper()}: {row['error']}{trouble}"
     return (f"client {_fmt(row['client_downtime_ms'], '_ms')} ms, engine "
