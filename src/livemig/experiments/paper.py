@@ -421,6 +421,7 @@ def figure_series(result: dict[str, Any], by_requests: bool = False) -> dict[str
         "throughput": {"unit": table_unit, "bucket_s": width_s,
                        "t_s": np.round(t_s, 4).tolist(), "values": np.round(per_s, 4).tolist()},
         "total_time_s": result["total_time_s"],
+        "data_sent_ratio": result["bytes_sent"] / result["ram_bytes"],
         "stages": [{"name": name, "t_s": t} for name, t in report.get("stages", [])],
         "client_gap": None,
         "switchover": None,

@@ -100,7 +100,7 @@ def rounds_figure(results: dict[str, Any], key: str, out: Path) -> str | None:
     if not series or not series.get("rounds"):
         return None
     data = series["rounds"]
-    row = workload["table"]["ours"]
+    ratio = series.get("data_sent_ratio", workload["table"]["ours"]["data_sent_ratio"])
     max_rate = float(results["settings"]["max_rate_mbps"])
     rounds = data["rounds"]
     stop = data["stop_and_copy"]
@@ -130,7 +130,7 @@ def rounds_figure(results: dict[str, Any], key: str, out: Path) -> str | None:
     ax.set_xlabel("elapsed time since the migration began (s)")
     ax.set_ylabel("rate (Mbit/s)")
     ax.set_title(f"{key}: {workload['title']}\nour pre-copy, rate per round: "
-                 f"{len(rounds)} rounds, {_num(row['data_sent_ratio'], '.2f')} x RAM sent, "
+                 f"{len(rounds)} rounds, {_num(ratio, '.2f')} x RAM sent, "
                  f"stop-and-copy of {stop['mb_sent']:.1f} MB in {stop['downtime_ms']:.0f} ms "
                  f"(pre-copy ended: {data['stop_reason']})", fontsize=10)
     ax.plot([], [], color="#4878a8", linewidth=8, label="transfer rate of the round "
@@ -191,13 +191,11 @@ def throughput_figure(results: dict[str, Any], key: str, out: Path) -> str | Non
         ax.step(t, v, where="post", color=ENGINE_COLOURS.get(engine, "#444444"), linewidth=1.2)
         ax.set_ylim(0, max(float(v.max()) if v.size else 1.0, 1e-9) * 1.15)
         _mark(ax, s, engine)
-        row = workload["table"][engine]
-        impact = row.get("service_impact")
+        # The figures of the run drawn here, which the table's medians need not be.
+        gap = s.get("client_gap") or {}
         ax.set_title(f"{_label(results, engine)}: client downtime "
-                     f"{_num(row['client_downtime_ms'], '.0f')} ms, total "
-                     f"{_num(row['total_time_s'], '.1f')} s"
-                     + (f", throughput during/before {impact:.2f}" if impact is not None else ""),
-                     fontsize=9, loc="left")
+                     f"{_num(gap.get('ms'), '.0f')} ms, total "
+                     f"{_num(s.get('total_time_s'), '.1f')} s", fontsize=9, loc="left")
         ax.set_ylabel(unit)
         ax.legend(loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=7, frameon=False)
         ax.grid(axis="y", alpha=0.3)
@@ -206,8 +204,10 @@ def throughput_figure(results: dict[str, Any], key: str, out: Path) -> str | Non
     missing = [_label(results, e) for e, r in workload["table"].items()
                if e not in workload["figures"]]
     note = f"\nnot shown, did not complete: {', '.join(missing)}" if missing else ""
+    runs = results["settings"]["runs"]
+    which = "" if runs == 1 else f" (the first of {runs} runs)"
     fig.suptitle(f"{key}: {workload['title']}\nservice throughput ({width * 1000:.0f} ms "
-                 f"buckets) during each engine's migration{note}", fontsize=10)
+                 f"buckets) during each engine's migration{which}{note}", fontsize=10)
     fig.tight_layout()
     return _save(fig, out, f"throughput-{key}.png")
 
