@@ -322,7 +322,7 @@ def summarize(result: dict[str, Any], by_requests: bool = False) -> dict[str, An
     }
 
 
-def failed_row(exc: BaseException, ram_bytes: int, elapsed_s: float) -> dict[str, Any]:
+def failed_row(exc: BaseException, ram_bytes: int) -> dict[str, Any]:
     """The row of a migration that did not complete: which way, and what it had done."""
     did_not_converge = isinstance(exc, baselines.DidNotConverge)
     sent = exc.bytes_sent if isinstance(exc, baselines.DidNotConverge) else None
@@ -332,8 +332,8 @@ def failed_row(exc: BaseException, ram_bytes: int, elapsed_s: float) -> dict[str
         "error": f"{type(exc).__name__}: {exc}",
         "tcp_survived": None, "bytes_sent": sent, "ram_bytes": ram_bytes,
         "data_sent_ratio": None if sent is None else sent / ram_bytes,
-        # How long it tried before it gave up: a lower bound of what it would have taken.
-        "total_time_s": elapsed_s if did_not_converge else None,
+        # How long QEMU tried before it gave up: a lower bound of what it would have taken.
+        "total_time_s": exc.elapsed_s if isinstance(exc, baselines.DidNotConverge) else None,
         "throughput_unit": None, "rounds": None, "stop_reason": None,
         "client_downtime_whole_run_ms": None, "tcp_stall_whole_run_ms": None,
         "game_max_gap_ms": None, "integrity_errors": None,
@@ -767,11 +767,10 @@ async def run_workload(w: PaperWorkload, settings: Settings, clock: Clock
             for engine in engines:
                 target = HOSTS[1] if host == HOSTS[0] else HOSTS[0]
                 s = _scenario(w, engine, settings, host, target)
-                started = time.monotonic()
                 try:
                     result = await scenario.measure(s)
                 except Exception as exc:  # a failed mode is a result; Ctrl-C still ends all
-                    row = failed_row(exc, ram_bytes, time.monotonic() - started)
+                    row = failed_row(exc, ram_bytes)
                 else:
                     row = summarize(result, w.service_by_requests)
                     if engine.key not in series:
