@@ -18,7 +18,7 @@ from livemig import keys, reporting
 from livemig.analysis import cli_commands as analysis_commands
 from livemig.daemon import control, launch, server
 from livemig.errors import LivemigError, SetupError
-from livemig.experiments import demo
+from livemig.experiments import demo, paper
 from livemig.image import builder
 from livemig.migration.holds import HoldPoint
 from livemig.net import testbed
@@ -383,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_probe_commands(commands)
     demo.add_demo_command(commands)
     analysis_commands.register(commands)  # trace, wws, simulate
+    paper.add_experiment_command(commands)
     return parser
 
 

@@ -7,6 +7,7 @@ caller needs: until ``stop()``, which sends SIGINT; the probe then writes its JS
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -14,6 +15,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -28,6 +30,15 @@ class ProbeFailed(LivemigError):
         self.kind = kind
         self.returncode = returncode
         self.stderr = stderr
+
+
+async def wait_measuring(probes: list[ProbeRun], timeout: float = 30.0) -> None:
+    """Wait until every probe has opened its socket (or exited, or ``timeout`` passed)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(p.has_socket() or p.exited() for p in probes):
+            return
+        await asyncio.sleep(0.05)
 
 
 class ProbeRun:
@@ -46,6 +57,22 @@ class ProbeRun:
             stderr=subprocess.PIPE,
             text=True,
         )
+
+    def has_socket(self) -> bool:
+        """Whether the probe has opened a socket yet: it is past its start-up (an
+        interpreter and its imports, seconds on a loaded machine) and measuring."""
+        fd_dir = Path(f"/proc/{self._process.pid}/fd")
+        try:
+            for fd in fd_dir.iterdir():
+                with contextlib.suppress(OSError):
+                    if os.readlink(fd).startswith("socket:"):
+                        return True
+        except OSError:
+            pass  # exited already: stop() reports why
+        return False
+
+    def exited(self) -> bool:
+        return self._process.poll() is not None
 
     def stop(self, timeout: float = 30.0) -> dict[str, Any]:
         """End the probe (if it still runs) and return its JSON."""

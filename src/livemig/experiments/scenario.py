@@ -26,7 +26,7 @@ import numpy as np
 from livemig.daemon import control
 from livemig.errors import LivemigError
 from livemig.experiments import baselines
-from livemig.experiments.probing import ProbeRun
+from livemig.experiments.probing import ProbeRun, wait_measuring
 from livemig.image import builder
 from livemig.net import testbed
 from livemig.probes.timeseries import service_impact
@@ -52,6 +52,7 @@ class Scenario:
     after_s: float = 2.0
     options: tuple[tuple[str, str], ...] = ()
     http_clients: int = 4
+    http_mix: str | None = None  # weighted paths (``probe http --mix``) instead of file.bin
     game_players: int = 6
     vm_name: str = "demo"
     qemu_downtime_limit_ms: int = 300  # for the qemu-* modes: QEMU's own default
@@ -61,8 +62,9 @@ class Scenario:
 
 def _workload_probe(s: Scenario, ip: str) -> ProbeRun | None:
     if s.workload is Workload.WEB:
+        mix = ("--mix", s.http_mix) if s.http_mix else ()
         return ProbeRun(testbed.CLIENT, "http", f"http://{ip}/file.bin", "--clients",
-                        str(s.http_clients))
+                        str(s.http_clients), *mix)
     if s.workload is Workload.GAME:
         return ProbeRun(testbed.CLIENT, "game", ip, "--players", str(s.game_players))
     return None
@@ -84,50 +86,65 @@ def service_events(workload: Workload, probes: dict[str, Any]) -> tuple[str, Any
 
 async def run(s: Scenario, on_progress: ProgressPrinter = None) -> dict[str, Any]:
     """Run the scenario on a test bed that is up with its daemons; the VM is stopped after."""
+    await boot(s)
+    try:
+        return await measure(s, on_progress)
+    finally:
+        with contextlib.suppress(LivemigError):  # gone already: a failed start, say
+            await qemu.stop(s.vm_name)
+
+
+async def boot(s: Scenario) -> VMSpec:
+    """Start the scenario's VM on ``s.source`` and wait for its workload."""
     image = builder.Image.load()
     spec = VMSpec(name=s.vm_name, ip=qemu.free_ip(), mem_mib=s.mem_mib, workload=s.workload,
                   image=image.name, kernel=image.kernel, initrd=image.initrd, options=s.options)
     vm = await qemu.VM.start(spec, s.source)
     await vm.close()  # the source daemon takes hold of it for the migration
-    ip = str(spec.ip)
+    return spec
+
+
+async def measure(s: Scenario, on_progress: ProgressPrinter = None) -> dict[str, Any]:
+    """Migrate the running VM ``s.vm_name`` from ``s.source`` to ``s.target`` under the
+    probes. The VM keeps running wherever it ends up, so that the next measurement can
+    take it back (a boot costs more than a migration here)."""
+    ip = str(qemu.find(s.vm_name).spec.ip)
     probes: dict[str, Any] = {}
-    try:
-        with ProbeRun(testbed.CLIENT, "echo", ip) as echo, \
-                ProbeRun(testbed.CLIENT, "tcp", ip) as tcp:
-            workload_probe = _workload_probe(s, ip)
-            try:
-                await asyncio.sleep(s.baseline_s)
-                request = {"op": "migrate", "vm": s.vm_name, "to": s.target, "mode": s.mode,
-                           "min_rate_mbps": s.min_rate_mbps, "max_rate_mbps": s.max_rate_mbps,
-                           "tracker": s.tracker, "verify": s.verify, **s.extra_request}
-                started_ns = time.monotonic_ns()
-                if s.mode.startswith("qemu-"):
-                    report = await baselines.migrate(s.vm_name, s.target, baselines.QemuMigration(
-                        postcopy=s.mode == "qemu-postcopy", max_bandwidth_mbps=s.max_rate_mbps,
-                        downtime_limit_ms=s.qemu_downtime_limit_ms,
-                        timeout_s=s.qemu_timeout_s))
-                else:
-                    report = await control.migrate(s.source, request, on_progress)
-                ended_ns = time.monotonic_ns()
-                await asyncio.sleep(s.after_s)
-            finally:
-                if workload_probe is not None:
-                    with workload_probe:
-                        probes[str(s.workload)] = workload_probe.stop()
-            probes["echo"] = echo.stop()
-            probes["tcp"] = tcp.stop()
-        moved = qemu.find(s.vm_name)
-        guest = await qemu.VM.attach(moved)
+    with ProbeRun(testbed.CLIENT, "echo", ip) as echo, \
+            ProbeRun(testbed.CLIENT, "tcp", ip) as tcp:
+        workload_probe = _workload_probe(s, ip)
         try:
-            integrity = None
-            if s.workload is Workload.MMUNCHER:
-                integrity = (await guest.agent.verify()).get("stats", {}).get("mmuncher")
-            console_ticks = _ticks(guest.console())
+            # The baseline counts from when the probes measure, not from their launch.
+            await wait_measuring([p for p in (echo, tcp, workload_probe) if p is not None])
+            await asyncio.sleep(s.baseline_s)
+            request = {"op": "migrate", "vm": s.vm_name, "to": s.target, "mode": s.mode,
+                       "min_rate_mbps": s.min_rate_mbps, "max_rate_mbps": s.max_rate_mbps,
+                       "tracker": s.tracker, "verify": s.verify, **s.extra_request}
+            started_ns = time.monotonic_ns()
+            if s.mode.startswith("qemu-"):
+                report = await baselines.migrate(s.vm_name, s.target, baselines.QemuMigration(
+                    postcopy=s.mode == "qemu-postcopy", max_bandwidth_mbps=s.max_rate_mbps,
+                    downtime_limit_ms=s.qemu_downtime_limit_ms,
+                    timeout_s=s.qemu_timeout_s))
+            else:
+                report = await control.migrate(s.source, request, on_progress)
+            ended_ns = time.monotonic_ns()
+            await asyncio.sleep(s.after_s)
         finally:
-            await guest.close()
+            if workload_probe is not None:
+                with workload_probe:
+                    probes[str(s.workload)] = workload_probe.stop()
+        probes["echo"] = echo.stop()
+        probes["tcp"] = tcp.stop()
+    moved = qemu.find(s.vm_name)
+    guest = await qemu.VM.attach(moved)
+    try:
+        integrity = None
+        if s.workload is Workload.MMUNCHER:
+            integrity = (await guest.agent.verify()).get("stats", {}).get("mmuncher")
+        console_ticks = _ticks(guest.console())
     finally:
-        with contextlib.suppress(LivemigError):  # gone already: a failed start, say
-            await qemu.stop(s.vm_name)
+        await guest.close()
 
     unit, times, weights = service_events(s.workload, probes)
     # "Before" is the last second before the migration: the probes' own start-up (a
