@@ -2,6 +2,7 @@
 
     LivemigError
      ├── SetupError          the host lacks something livemig needs (a package, an image)
+ ├── BadName             a VM, image or instance name that cannot be one (also a ValueError)
      ├── TestbedError        the test bed is missing, half-built, or asked for an unknown host
      ├── VMError             about one VM (carries .vm)
      │    ├── VMNotFound
@@ -38,6 +39,19 @@ class LivemigError(Exception):
 
 class SetupError(LivemigError):
     """The host is missing something: run ``make setup``."""
+
+
+class BadName(LivemigError, ValueError):
+    """A name that would not be safe as part of a file path or a namespace.
+
+    Also a ``ValueError``, so code that validates peer data with ``except ValueError``
+    (a VM spec from another daemon) refuses it like any other malformed value.
+    """
+
+    def __init__(self, what: str, name: str, rule: str) -> None:
+        super().__init__(f"{what} {name!r} is not allowed: {rule}")
+        self.what = what
+        self.name = name
 
 
 class TestbedError(LivemigError):
