@@ -192,7 +192,9 @@ class VM:
     async def close(self) -> None:
         """Let go of the VM without stopping it."""
         await self.agent.close()
-        with contextlib.suppress(QMPError, OSError):
+        # qemu.qmp re-raises its reader's end of stream (a bare EOFError) from disconnect()
+        # when QEMU has died meanwhile; letting go of a dead VM must not fail.
+        with contextlib.suppress(QMPError, OSError, EOFError):
             await self.qmp.disconnect()
         if self._memory is not None:
             self._memory.close()
