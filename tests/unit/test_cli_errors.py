@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from livemig import argtypes, cli, paths
-from livemig.errors import BadName
+from livemig.errors import BadName, GuestTimeout, QEMUCrashed
 from livemig.image import builder
 from livemig.vm.spec import VMSpec, Workload
 
@@ -69,6 +69,7 @@ USAGE_ERRORS = [
     (["migrate", "v1", "--to", "hostB", "--json", "/nonexistent-dir/r.json"], ["/nonexistent-dir"]),
     (["migrate", "v1", "--to", "hostB", "--json", "/"], ["/"]),
     (["vm", "start", "v1", "--host", "hostA", "--workload", "idle", "--mem", "10"], ["10"]),
+    (["vm", "start", "v1", "--host", "hostA", "--workload", "idle", "--mem", "80"], ["80"]),
     (["vm", "start", "v1", "--host", "hostA", "--workload", "idle", "--mem", "-256"], ["-256"]),
     (["vm", "start", "v1", "--host", "hostA", "--workload", "idle", "--mem", "99999999"],
      ["99999999"]),
@@ -138,8 +139,8 @@ COMMAND_ERRORS = [
      ["-1"]),
     (["vm", "start", "v1", "--host", "hostA", "--workload", "web", "--opt", "web_kb=1 2"],
      ["1 2"]),
-    (["vm", "start", "v1", "--host", "hostA", "--workload", "mmuncher", "--mem", "64"],
-     ["mm_mib", "64"]),
+    (["vm", "start", "v1", "--host", "hostA", "--workload", "mmuncher", "--mem", "128"],
+     ["mm_mib", "64", "128"]),  # mmuncher's default region
     (["vm", "start", "v1", "--host", "hostA", "--workload", "mmuncher", "--mem", "128",
       "--opt", "mm_mib=100"], ["100", "128"]),
     (["vm", "start", "v1", "--host", "pluto", "--workload", "idle"], ["pluto"]),
@@ -152,7 +153,7 @@ COMMAND_ERRORS = [
     (["testbed", "up", "--hosts", "27"], ["27"]),
     (["daemon", "--host", "pluto"], ["pluto"]),
     (["daemon", "--host", "hostA", "--key-file", "/nonexistent-key"], ["/nonexistent-key"]),
-    (["demo", "--workload", "mmuncher", "--mem", "64"], ["mm_mib"]),
+    (["demo", "--workload", "mmuncher", "--mem", "128"], ["mm_mib"]),
 ]
 
 
@@ -284,3 +285,17 @@ def test_an_existing_file_stays_untouched_by_the_writability_check(tmp_path: Pat
 def test_a_read_only_place_is_refused_even_for_root() -> None:
     with pytest.raises(argparse.ArgumentTypeError):
         argtypes.writable_file("/proc/livemig-report.json")
+
+
+def test_a_guest_that_died_at_boot_says_why_in_one_line() -> None:
+    """The console log goes with a VM that failed to start; its telling line must not."""
+    panic = ("lm: booting\n[    1.44] Kernel panic - not syncing: System is deadlocked on memory\n"
+             "[    1.45] Kernel Offset: 0x2f800000 from 0xffffffff81000000\n")
+    crashed = str(QEMUCrashed("v1", 0, "", panic))
+    assert "System is deadlocked on memory" in crashed and "\n" not in crashed
+    assert "qemu: could not open" in str(QEMUCrashed("v1", 1, "x\nqemu: could not open\n", panic))
+    oom = ("lm-agent: serving on /dev/vport1p1\n"
+           "[    3.87] Out of memory: Killed process 102 (lm-mmuncher) total-vm:50148kB\n")
+    timeout = str(GuestTimeout("v1", "workload ready", 90, oom))
+    assert "lm-mmuncher" in timeout and "\n" not in timeout
+    assert "console log" in str(GuestTimeout("v1", "workload ready", 90))
