@@ -210,9 +210,17 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         "min_rate_mbps": args.min_rate, "max_rate_mbps": args.max_rate,
         "tracker": args.tracker, "verify": not args.no_verify,
     }
-    report = asyncio.run(
-        control.migrate(record.host, request, None if args.quiet else _show_progress)
-    )
+    try:
+        report = asyncio.run(
+            control.migrate(record.host, request, None if args.quiet else _show_progress)
+        )
+    except KeyboardInterrupt:
+        # Only this command stops: the daemon runs the migration on, by design.
+        fresh_line = "\n" if sys.stderr.isatty() and not args.quiet else ""  # after a \r line
+        print(f"{fresh_line}livemig: interrupted; the migration of {args.name} goes on in "
+              f"{record.host}'s daemon, and 'livemig cancel {args.name}' stops it",
+              file=sys.stderr)
+        return 130
     if not args.quiet and sys.stderr.isatty():
         print(file=sys.stderr)
     print(reporting.report_text(report))

@@ -104,3 +104,19 @@ def test_a_second_daemon_for_a_host_leaves_the_running_one_alone(
 
     # The running daemon still has its control socket: it was not unlinked under it.
     assert loop.run_until_complete(ping()) == {"type": "result", "host": "hostA"}
+
+
+def test_ctrl_c_stops_the_command_but_not_the_migration(idle_vm: qemu.VM) -> None:
+    migrate = subprocess.Popen([LIVEMIG, "migrate", "cli", "--to", "hostB", "--quiet"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=dict(os.environ))
+    time.sleep(3.0)  # inside round 1: 128 MiB at 100 Mbit/s take ~10 s
+    migrate.send_signal(signal.SIGINT)
+    _, err = migrate.communicate(timeout=30)
+    assert migrate.returncode == 130
+    assert "Traceback" not in err
+    assert len(err.splitlines()) == 1 and "livemig cancel cli" in err, err
+    deadline = time.monotonic() + 90
+    while not runs_only_on("cli", "hostB") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert runs_only_on("cli", "hostB")

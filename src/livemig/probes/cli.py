@@ -283,8 +283,11 @@ def _measure_from_client(host: str) -> None:
     """
     try:
         infos = socket.getaddrinfo(host, None)
-    except OSError:
-        return  # the probe itself reports the unknown host, without sending anything
+    except OSError as exc:
+        # Not a result to measure: no request could ever reach a name that resolves to
+        # nothing (the HTTP load would count it as errors for its whole duration).
+        raise LivemigError(f"cannot resolve {host!r} ({exc.strerror}); give the VM's "
+                           f"address, e.g. 10.77.0.100") from exc
     if not all(ipaddress.ip_address(info[4][0]).is_loopback for info in infos):
         testbed.enter_client_namespace()
 
