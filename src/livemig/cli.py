@@ -19,10 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from livemig import argtypes, reporting
+from livemig.analysis import cli_commands as analysis_commands
 from livemig.daemon import control, launch, server
 from livemig.errors import LivemigError, SetupError
 from livemig.experiments import demo
 from livemig.image import builder
+from livemig.migration.holds import HoldPoint
 from livemig.net import testbed
 from livemig.probes.cli import add_probe_commands
 from livemig.vm import qemu
@@ -197,6 +199,16 @@ def _show_progress(update: dict[str, Any]) -> None:
     print(("\r" + line) if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text.removesuffix("s"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value <= 86400:
+        raise argparse.ArgumentTypeError(f"{text!r}: give seconds between 0 and 86400")
+    return value
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     if args.min_rate > args.max_rate:
         raise LivemigError(f"--min-rate {args.min_rate:g} is above --max-rate {args.max_rate:g}; "
@@ -209,6 +221,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         "op": "migrate", "vm": args.name, "to": args.to, "mode": args.mode,
         "min_rate_mbps": args.min_rate, "max_rate_mbps": args.max_rate,
         "tracker": args.tracker, "verify": not args.no_verify,
+        "stall_timeout_s": args.stall_timeout, "timeout_s": args.timeout,
+        "hold_at": args.hold_at,
     }
     try:
         report = asyncio.run(
@@ -329,6 +343,12 @@ def build_parser() -> argparse.ArgumentParser:
     mig.add_argument("--json", type=argtypes.writable_file, metavar="FILE",
                      help="write the report here")
     mig.add_argument("--quiet", action="store_true", help="no live progress")
+    mig.add_argument("--timeout", type=_seconds, default=None, metavar="S",
+                     help="abort cleanly unless committed within S seconds")
+    mig.add_argument("--stall-timeout", type=_seconds, default=10.0, metavar="S",
+                     help="abort if the target takes no data for S seconds (default 10)")
+    mig.add_argument("--hold-at", choices=[str(p) for p in HoldPoint], default=None,
+                     help="fault drills: wait at this point until holds/VM@POINT is removed")
     mig.set_defaults(func=cmd_migrate)
     cancel = commands.add_parser("cancel", help="cancel a running migration")
     cancel.add_argument("name")
@@ -340,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_probe_commands(commands)
     demo.add_demo_command(commands)
+    analysis_commands.register(commands)  # trace, wws, simulate
     return parser
 
 

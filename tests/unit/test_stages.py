@@ -67,3 +67,15 @@ def test_every_illegal_event_raises_and_changes_nothing() -> None:
 
 def test_terminal_stages_accept_nothing() -> None:
     assert all(not TRANSITIONS[s] for s in Stage if s.terminal)
+
+
+def test_only_the_targets_proof_leads_back_from_activation() -> None:
+    """A commit that did not take (the target never ran the VM and holds no copy) makes
+    the source primary again; nothing else after commitment does."""
+    machine = StageMachine()
+    for e, _ in HAPPY_PATH[:5]:
+        machine.handle(e, at=0.0)
+    assert machine.handle(Event.NOT_ACTIVATED, at=1.0) is Stage.ABORTED
+    assert machine.stage.source_is_primary
+    assert [s for s, events in TRANSITIONS.items() if Event.NOT_ACTIVATED in events] == [
+        Stage.ACTIVATION]

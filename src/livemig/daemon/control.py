@@ -93,14 +93,25 @@ async def migrate(
     on_progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Ask ``host``'s daemon to run a migration; returns its report or raises."""
-    async for reply in call(host, request):
-        kind = reply.get("type")
-        if kind == "progress":
-            if on_progress is not None:
-                on_progress(reply)
-        elif kind == "result":
-            report: dict[str, Any] = reply["report"]
-            return report
-        else:
-            raise MigrationFailed(reply)
+    began = False
+    try:
+        async for reply in call(host, request):
+            began = True
+            kind = reply.get("type")
+            if kind == "progress":
+                if on_progress is not None:
+                    on_progress(reply)
+            elif kind == "result":
+                report: dict[str, Any] = reply["report"]
+                return report
+            else:
+                raise MigrationFailed(reply)
+    except DaemonUnavailable:
+        if not began:
+            raise
+        vm = request.get("vm")
+        raise MigrationFailed({"message": (
+            f"{host}'s daemon ended in the middle of the migration of {vm}; restarted, it "
+            f"settles it: {vm} runs on {host} again unless {request.get('to')} already "
+            f"ran it ('livemig vm list' shows where)")}) from None
     raise DaemonUnavailable(host, "it sent no result")

@@ -2,6 +2,7 @@
 
 A daemon is detached (``setsid -f``): it belongs to no caller, outlives the command that
 started it, and is reaped by init when 'testbed down' ends it. It writes its own pid file.
+It runs under ``daemon.supervise``, which starts it again if it dies, as systemd would.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import time
 from pathlib import Path
 
 from livemig import paths
-from livemig.daemon import control
+from livemig.daemon import control, supervise
 from livemig.daemon.control import DaemonUnavailable
 from livemig.net import testbed
 
@@ -34,13 +35,19 @@ def pid_file(host: str) -> Path:
     return paths.host_dir(host) / "livemigd.pid"
 
 
-def _running(host: str) -> bool:
+def _running(host: str, module: str = "livemig.daemon.server", pid_path: Path | None = None
+             ) -> bool:
     try:
-        pid = int(pid_file(host).read_text())
+        pid = int((pid_path or pid_file(host)).read_text())
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except (OSError, ValueError):
         return False
-    return b"livemig.daemon.server" in cmdline and host.encode() in cmdline
+    return module.encode() in cmdline and host.encode() in cmdline
+
+
+def _supervised(host: str) -> bool:
+    """A supervisor runs for ``host``: its daemon runs, or soon will again."""
+    return _running(host, "livemig.daemon.supervise", Path(supervise.pid_file(host)))
 
 
 def ensure_daemons() -> None:
@@ -48,11 +55,12 @@ def ensure_daemons() -> None:
     ensure_key()
     started = []
     for node in testbed.hosts():
-        if _running(node.name):
+        if _supervised(node.name):
+            started.append(node.name)  # wait for its daemon below, start no second one
             continue
         paths.host_dir(node.name).mkdir(parents=True, exist_ok=True)
         control.socket_path(node.name).unlink(missing_ok=True)  # a dead daemon's
-        argv = ["setsid", "-f", sys.executable, "-m", "livemig.daemon.server",
+        argv = ["setsid", "-f", sys.executable, "-m", "livemig.daemon.supervise",
                 "--host", node.name]
         log = paths.host_dir(node.name) / "livemigd.log"
         with log.open("ab") as out:

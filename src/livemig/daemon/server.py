@@ -21,15 +21,20 @@ from typing import Any
 
 from livemig.daemon import control
 from livemig.errors import LivemigError, MigrationError
-from livemig.migration.destination import DestinationSession
+from livemig.migration import source
+from livemig.migration.destination import DestinationSession, Incoming
+from livemig.migration.holds import HoldPoint
 from livemig.migration.planner import MBIT, Mode, RateLimits
 from livemig.migration.source import MigrationOptions, Progress, SourceMigration
 from livemig.net import testbed
 from livemig.vm import qemu
+from livemig.vm.spec import VMRecord
 from livemig.wire import channel, frames
 from livemig.wire.channel import Channel
 
 log = logging.getLogger("livemigd")
+
+SETTLE_RETRY_S = 10.0
 
 
 class Daemon:
@@ -38,7 +43,10 @@ class Daemon:
         self.key = key
         self.ip = str(testbed.host_node(host).ip)
         self.migrations: dict[str, asyncio.Task[Any]] = {}
+        self._engines: dict[str, SourceMigration] = {}
         self._sessions: set[asyncio.Task[None]] = set()
+        self.incoming = Incoming(host)
+        self._settling: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
         path = control.socket_path(self.host)
@@ -67,6 +75,7 @@ class Daemon:
         (path.parent / "livemigd.pid").write_text(str(os.getpid()))
         log.info("livemigd on %s: control %s, peers %s:%d", self.host, path, self.ip,
                  control.PEER_PORT)
+        recovery = asyncio.create_task(self._recover())
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -74,6 +83,9 @@ class Daemon:
         try:
             await stop.wait()
         finally:
+            recovery.cancel()
+            for task in self._settling:
+                task.cancel()
             local.close()
             peers.close()
             for task in [*self.migrations.values(), *self._sessions]:
@@ -82,6 +94,45 @@ class Daemon:
                                  return_exceptions=True)
             path.unlink(missing_ok=True)
 
+    async def _recover(self) -> None:
+        """What a previous daemon on this host left behind: incoming copies that never
+        ran (its migrations died with it) go; VMs it stopped in a switchover are settled
+        as their migration would have been. Every other VM is simply ours again."""
+        mine = [r for r in qemu.records() if r.host == self.host]
+        for record in [r for r in mine if r.incoming]:
+            log.info("removing %s: an incoming copy whose migration died with the previous "
+                     "daemon", record.spec.name)
+            try:
+                await qemu.VM(record).stop()
+            except (LivemigError, OSError) as exc:
+                log.error("could not remove %s: %s", record.spec.name, exc)
+        self.incoming.recovered.set()  # no orphan left: 'locate' may answer now
+        for record in mine:
+            if not record.incoming:
+                await self._settle(record)
+
+    async def _settle(self, record: VMRecord) -> None:
+        """Settle ``record``'s switchover, if a journal says it was in one; an in-doubt
+        commit is asked about again every SETTLE_RETRY_S until its target answers."""
+        while (target := source.journal_target(record)) and record.process_alive():
+            try:
+                vm = await qemu.VM.attach(record)
+                try:
+                    ip = str(testbed.require_host(target).ip)
+                    settled, what = await source.recover_switchover(vm, self._connector(ip))
+                finally:
+                    await vm.close()
+                log.log(logging.INFO if settled else logging.WARNING, "%s", what)
+                if settled:
+                    return
+            except (LivemigError, OSError, ValueError, KeyError) as exc:
+                log.error("could not settle %s: %s", record.spec.name, exc)
+            await asyncio.sleep(SETTLE_RETRY_S)
+
+    def _connector(self, ip: str) -> source.Connect:
+        return lambda: channel.connect(ip, control.PEER_PORT, key=self.key, me=self.host,
+                                       timeout=10.0)
+
     # -- peers ----------------------------------------------------------------------------
 
     async def _on_peer(self, peer: Channel) -> None:
@@ -89,7 +140,7 @@ class Daemon:
         assert task is not None
         self._sessions.add(task)
         try:
-            await DestinationSession(self.host, peer).serve()
+            await DestinationSession(self.host, peer, self.incoming).serve()
         except LivemigError as exc:
             log.warning("incoming migration ended: %s", exc)
         except Exception:
@@ -126,6 +177,10 @@ class Daemon:
         task = self.migrations.get(vm)
         if task is None or task.done():
             return {"type": "error", "message": f"no migration of {vm!r} runs on {self.host}"}
+        engine = self._engines.get(vm)
+        if engine is not None and not engine.stage.source_is_primary:
+            return {"type": "error", "message": f"too late to cancel: {vm} is committed to "
+                                                f"{engine.target_host}"}
         task.cancel()
         return {"type": "result", "cancelled": vm}
 
@@ -150,6 +205,9 @@ class Daemon:
                 mode=Mode(request.get("mode", Mode.PRECOPY)),
                 tracker=str(request.get("tracker", "auto")),
                 verify=bool(request.get("verify", True)),
+                stall_timeout_s=float(request.get("stall_timeout_s", 10.0)),
+                timeout_s=float(request["timeout_s"]) if request.get("timeout_s") else None,
+                hold_at=HoldPoint(request["hold_at"]) if request.get("hold_at") else None,
             )
         except (TypeError, ValueError) as exc:
             # The request comes over a socket: refuse it in a reply, never by dying.
@@ -165,18 +223,22 @@ class Daemon:
             source_host=self.host,
             target_host=target,
             target_ip=target_ip,
-            connect=lambda: channel.connect(target_ip, control.PEER_PORT, key=self.key,
-                                            me=self.host, timeout=10.0),
+            connect=self._connector(target_ip),
             options=options,
             on_progress=progress,
         )
         task = asyncio.get_running_loop().create_task(migration.run())
         self.migrations[name] = task
+        self._engines[name] = migration
         try:
             # shield: the CLI hanging up must not cancel the migration; only 'cancel' does
             report = await asyncio.shield(task)
             writer.write(control.encode({"type": "result", "report": report.to_json()}))
         except MigrationError as exc:
+            if exc.vm_runs_on is None:  # the commit is in doubt: keep asking the target
+                settling = asyncio.create_task(self._settle(record))
+                self._settling.add(settling)
+                settling.add_done_callback(self._settling.discard)
             writer.write(control.encode({
                 "type": "error", "message": str(exc), "stage": exc.stage,
                 "vm_runs_on": exc.vm_runs_on,
@@ -191,6 +253,7 @@ class Daemon:
         finally:
             if task.done():
                 self.migrations.pop(name, None)
+                self._engines.pop(name, None)
                 await vm.close()
 
 

@@ -7,8 +7,13 @@ It answers the source's requests in stage order:
     image     wait for QEMU's device state, checksum the image: "consistent"
     commit    now primary: cont, then announce the VM on the LAN
 
-Anything else, an ``Abort``, a lost peer or a silent one before ``commit`` tears down
-everything the reservation made: QEMU, its tap, its RAM file and its record.
+Anything else, an ``Abort``, a lost peer or a silent one before ``commit``, or its own
+QEMU dying, tears down everything the reservation made: QEMU, its tap, its RAM file and
+its record, and tells the source why if it still can.
+
+A source that lost track of a commit asks on a fresh connection where the VM stands
+(``locate``, answered by ``Incoming``): "running" here, or "absent", in which case no
+copy is left here that could ever run.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from livemig.errors import LivemigError
+from livemig.migration.holds import HoldPoint, hold
 from livemig.migration.stages import Event, Stage, StageMachine
 from livemig.net import testbed
 from livemig.vm import qemu
@@ -34,9 +40,11 @@ from livemig.wire.channel import Channel
 
 log = logging.getLogger(__name__)
 
-IDLE_TIMEOUT_S = 30.0  # no frame from the source for this long: it is gone
+IDLE_TIMEOUT_S = 10.0  # no frame from the source for this long: it is gone
 MEMORY_MARGIN_BYTES = 64 << 20  # QEMU itself, beyond guest RAM
-INCOMING_TIMEOUT_S = 30.0
+INCOMING_TIMEOUT_S = 3.0  # QEMU's device state; ~5 ms when all is well
+QEMU_WATCH_S = 0.1
+ANNOUNCE_DELAY_S = 0.2  # see _announce
 
 
 def free_port(ip: str) -> int:
@@ -62,40 +70,107 @@ def reservation_problem(ram_bytes: int) -> str | None:
     return None
 
 
+class Incoming:
+    """One daemon's destination sessions, by VM name: what ``locate`` needs to know."""
+
+    def __init__(self, host: str) -> None:
+        self.host = host
+        self._sessions: dict[str, tuple[DestinationSession, asyncio.Task[Any]]] = {}
+        self._activated_at: dict[str, float] = {}
+        # Set once the daemon has settled what its predecessor left: until then an
+        # orphaned incoming copy may still be in the records.
+        self.recovered = asyncio.Event()
+
+    def add(self, vm: str, session: DestinationSession, task: asyncio.Task[Any]) -> None:
+        self._sessions[vm] = (session, task)
+
+    def done(self, vm: str, session: DestinationSession, activated_at: float | None) -> None:
+        if self._sessions.get(vm, (None,))[0] is session:
+            del self._sessions[vm]
+        if activated_at is not None:
+            self._activated_at[vm] = activated_at
+
+    async def locate(self, vm: str) -> dict[str, Any]:
+        await asyncio.wait_for(self.recovered.wait(), timeout=60.0)
+        if (entry := self._sessions.get(vm)) is not None:
+            session, task = entry
+            if not session.machine.stage.source_is_primary:
+                return {"state": "activating"}  # committed; cont is under way
+            # Uncommitted, and its source asks: it lost us. This copy must never run.
+            task.cancel()
+            await asyncio.wait({task}, timeout=15.0)
+        for record in qemu.records():
+            if record.spec.name != vm or record.host != self.host:
+                continue
+            if record.incoming or not record.process_alive():
+                # An incoming copy nobody serves: its daemon died before commitment.
+                await qemu.VM(record).stop()
+                continue
+            return {"state": "running", "cont_returned_at": self._activated_at.get(vm)}
+        return {"state": "absent"}
+
+
 class DestinationSession:
-    def __init__(self, host: str, channel: Channel) -> None:
+    def __init__(self, host: str, channel: Channel, incoming: Incoming | None = None) -> None:
         self.host = host
         self.channel = channel
+        if incoming is None:  # alone, not in a daemon: nothing to recover first
+            incoming = Incoming(host)
+            incoming.recovered.set()
+        self.incoming = incoming
         self.machine = StageMachine()
         self.vm: qemu.VM | None = None
         self._written: npt.NDArray[np.bool_] | None = None
         self._page_sums = np.zeros(0, dtype=np.uint64)
         self._started = time.monotonic()
+        self._hold_at: HoldPoint | None = None
+        self._qemu_gone: str | None = None  # why the watchdog ended the session
+        self._activated_at: float | None = None
 
     def _event(self, event: Event) -> None:
         self.machine.handle(event, time.monotonic() - self._started)
 
     async def serve(self) -> None:
         """Answer the source until the VM runs here, or until the migration is abandoned."""
+        watchdog: asyncio.Task[None] | None = None
         try:
             self._event(Event.BEGIN)
             while not self.machine.stage.terminal:
                 message = await self.channel.recv(timeout=IDLE_TIMEOUT_S)
                 await self._dispatch(message)
+                if watchdog is None and self.vm is not None:
+                    watchdog = asyncio.create_task(self._watch_qemu(asyncio.current_task()))
         except BaseException as exc:
             if self.machine.stage.source_is_primary:
+                why = self._qemu_gone or str(exc) or type(exc).__name__
                 log.warning("migration from %s abandoned in %s: %s", self.channel.peer,
-                            self.machine.stage.value, exc)
+                            self.machine.stage.value, why)
                 await self._tear_down()
+                if self._qemu_gone:
+                    await self.channel.abort(f"{self._qemu_gone}; {self.host} tore down",
+                                             timeout=1.0)
+                    return
                 if not isinstance(exc, LivemigError | OSError):
                     raise
             else:
                 log.error("VM %s committed here but: %s", self._vm_name, exc)
                 raise
         finally:
+            if watchdog is not None:
+                watchdog.cancel()
             if self.vm is not None:
+                self.incoming.done(self.vm.name, self, self._activated_at)
                 await self.vm.close()  # frees QEMU's one-client agent and QMP sockets
             await self.channel.close()
+
+    async def _watch_qemu(self, serving: asyncio.Task[Any] | None) -> None:
+        """End the session if our QEMU dies before commitment: the source must hear it
+        now, not after its next time-out."""
+        while self.vm is not None and not self.vm.exited():
+            await asyncio.sleep(QEMU_WATCH_S)
+        if self.vm is not None and self.machine.stage.source_is_primary and serving:
+            self._qemu_gone = f"the destination QEMU of {self.vm.name} on {self.host} exited"
+            serving.cancel()
 
     @property
     def _vm_name(self) -> str:
@@ -115,6 +190,11 @@ class DestinationSession:
             await self.channel.send(await self._image(bool(message.body.get("verify"))))
         elif isinstance(message, frames.Request) and message.kind == "commit":
             await self._commit()
+        elif (isinstance(message, frames.Request) and message.kind == "locate"
+              and stage is Stage.RESERVATION):
+            vm = str(message.body.get("vm"))
+            await self.channel.send(frames.Reply(ok=True, body=await self.incoming.locate(vm)))
+            self._event(Event.FAILED)  # this connection only asked; it reserved nothing
         else:
             raise frames.RemoteProtocolError(
                 self.channel.peer,
@@ -138,6 +218,8 @@ class DestinationSession:
         if problem := reservation_problem(spec.ram_bytes):
             self._event(Event.FAILED)
             return frames.Reply(ok=False, body={"error": problem})
+        if body.get("hold_at"):
+            self._hold_at = HoldPoint(body["hold_at"])
         if not (spec.kernel.is_file() and spec.initrd.is_file()):
             self._event(Event.FAILED)
             return frames.Reply(ok=False, body={"error": f"image {spec.image!r} is not here"})
@@ -146,6 +228,9 @@ class DestinationSession:
         except LivemigError as exc:
             self._event(Event.FAILED)
             return frames.Reply(ok=False, body={"error": str(exc)})
+        task = asyncio.current_task()
+        assert task is not None
+        self.incoming.add(spec.name, self, task)
         ip = str(testbed.host_node(self.host).ip)
         port = free_port(ip)
         await self.vm.qmp_command(
@@ -217,35 +302,56 @@ class DestinationSession:
                 self.channel.peer, f"commit in stage {self.machine.stage.value}"
             )
         self._event(Event.COMMITTED)  # primary from here on: never tear down after this
+        await hold(self.vm.name, HoldPoint.COMMITMENT, self._hold_at)
         cont_asked = time.monotonic()
-        await self.vm.resume()
-        cont_returned_at = time.monotonic()
-        log.info("cont of %s took %.1f ms", self.vm.name, (cont_returned_at - cont_asked) * 1e3)
-        # The switches still send the VM's frames to its old port until a frame from its
-        # MAC reaches them. QEMU's own post-migration announcement waits 50 ms and the
-        # guest agent's arping longer, so QEMU sends RARPs from the VM's NIC now.
-        await self.vm.qmp_command("announce-self", initial=1, max=50, rounds=3, step=50)
-        # The source's clock is this one (one machine); across machines it would need
-        # the offset measured at connection time.
-        await self.channel.send(frames.Reply(ok=True, body={"cont_returned_at": cont_returned_at}))
+        try:
+            await self.vm.resume()
+        except LivemigError as exc:
+            # It never ran here, and it never will: the source may take it back.
+            self._event(Event.FAILED)
+            await self._tear_down()
+            await self.channel.send(frames.Reply(ok=False, body={
+                "running": False, "error": f"cont failed on {self.host}: {exc}"}))
+            return
+        cont_returned_at = self._activated_at = time.monotonic()
+        # First of all, before any I/O that may fail: the record says this copy runs
+        # now. An incoming record is an uncommitted copy, which 'locate' would remove.
         record = self.vm.record
         self.vm.record = VMRecord(spec=record.spec, host=record.host, pid=record.pid)
-        self.vm.record.save()  # no longer incoming: this is the VM now
+        self.vm.record.save()
+        log.info("cont of %s took %.1f ms", self.vm.name, (cont_returned_at - cont_asked) * 1e3)
+        # The source's clock is this one (one machine); across machines it would need
+        # the offset measured at connection time.
+        try:
+            await self.channel.send(
+                frames.Reply(ok=True, body={"cont_returned_at": cont_returned_at}), timeout=5.0)
+        except frames.WireError as exc:
+            # The VM runs here regardless; the source asks where it runs ('locate').
+            log.warning("%s runs here, but %s did not hear it: %s", self.vm.name,
+                        self.channel.peer, exc)
         await self._announce()
         self._event(Event.ACTIVATED)
 
     async def _announce(self) -> None:
         """The guest's own unsolicited ARP, from its NIC: it also refreshes the ARP caches
-        of hosts that moved the VM's IP elsewhere (a real failover)."""
+        of hosts that moved the VM's IP elsewhere (a real failover). QMP announce-self is
+        the fallback for a guest without our agent.
+
+        The switches already know: QEMU queued its own post-migration RARP when the
+        device state arrived and sends it the instant ``cont`` runs the VM (straced:
+        0.2 ms after the RESUME event). So the agent's arping, a process the guest must
+        fork and exec on a cold translation cache, waits ANNOUNCE_DELAY_S and leaves the
+        guest's first milliseconds to its service."""
         assert self.vm is not None
+        await asyncio.sleep(ANNOUNCE_DELAY_S)
         started = time.monotonic()
         try:
             await self.vm.agent.announce(timeout=5.0)
             log.info("%s announced itself from its NIC in %.0f ms", self.vm.name,
                      (time.monotonic() - started) * 1000)
         except LivemigError as exc:
-            # A guest without our agent: QEMU's RARPs above have announced it already.
-            log.info("agent announce failed (%s); QEMU's announce-self stands", exc)
+            log.info("agent announce failed (%s); QMP announce-self instead", exc)
+            await self.vm.qmp_command("announce-self", initial=1, max=50, rounds=3, step=50)
 
     async def _tear_down(self) -> None:
         if self.vm is not None:

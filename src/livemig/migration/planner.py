@@ -256,7 +256,8 @@ class Planner:
         holes = (
             np.empty(0, dtype=np.int64)
             if zero_pages is None
-            else np.unique(self._checked_pages(zero_pages, "zero_pages"))
+            # Sorted already when they come from a hole scan: _as_set skips the sort then.
+            else _as_set(self._checked_pages(zero_pages, "zero_pages"))
         )
         if self._config.mode is Mode.STOP_AND_COPY:
             # The pure baseline (§3.1, "pure stop-and-copy"): no round at all; holes are

@@ -12,21 +12,35 @@
 
 Until the acknowledgement is sent, any failure (or a cancel) resumes the VM here, tells
 the target to tear down, and raises ``MigrationError`` with the VM still running here.
+
+Every wait has a time-out. Pre-copy tolerates a peer that takes no data for
+``stall_timeout_s``; the stop window, where the VM is paused, tolerates at most
+``STOP_WINDOW_STALL_S`` of silence per step, so that after any fault the VM runs here again
+within a few seconds. If the answer to "commit" never comes, the commit is in doubt: the
+target may or may not run the VM. Then we ask the target's daemon afresh where the VM
+runs (``locate``, which also makes it tear down an uncommitted copy) and act on the
+answer: release our copy, or resume it. Until an answer comes the VM stays paused here,
+never running twice. A journal (``switchover.json`` beside the VM's record) lets a daemon
+that restarts mid-switchover settle the same question (``recover_switchover``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from livemig.errors import LivemigError, MigrationCancelled, MigrationError, ReservationRefused
+from livemig.migration.holds import HoldPoint, hold
 from livemig.migration.planner import (
     PAGE_SIZE,
     Mode,
@@ -39,14 +53,21 @@ from livemig.migration.planner import (
 from livemig.migration.stages import Event, Stage, StageMachine
 from livemig.vm import dirtylog
 from livemig.vm.qemu import VM
+from livemig.vm.spec import VMRecord
 from livemig.wire import frames
 from livemig.wire.channel import Channel
+
+log = logging.getLogger(__name__)
 
 MAX_BATCH_PAGES = frames.MAX_PAGES_PER_FRAME
 MIN_BATCH_PAGES = 64
 BATCH_SECONDS = 0.02  # a frame is paced as one lump: keep it to ~20 ms of the rate
-DEVICE_STATE_TIMEOUT_S = 30.0
-REQUEST_TIMEOUT_S = 60.0
+RESERVE_TIMEOUT_S = 30.0  # the target boots a QEMU -incoming meanwhile
+STOP_WINDOW_STALL_S = 2.0  # the VM is paused: no step of the stop window may stall longer
+DEVICE_STATE_TIMEOUT_S = 3.0  # ~5 ms when all is well
+COMMIT_TIMEOUT_S = 5.0
+RESOLVE_TIMEOUT_S = 30.0  # how long to keep asking a silent target where the VM runs
+ABORT_TIMEOUT_S = 1.0  # telling the target to tear down is best effort
 PROGRESS_INTERVAL_S = 0.1
 
 
@@ -57,6 +78,9 @@ class MigrationOptions:
     tracker: str = dirtylog.TrackerKind.AUTO
     verify: bool = True  # checksum both images; costs destination time before cont
     seed: int = 0
+    stall_timeout_s: float = 10.0  # pre-copy: the target took no data for this long
+    timeout_s: float | None = None  # the whole migration's budget, up to commitment
+    hold_at: HoldPoint | None = None  # fault drills: wait at this point (migration.holds)
 
 
 @dataclass(frozen=True)
@@ -112,6 +136,64 @@ ProgressCallback = Callable[[Progress], None]
 Connect = Callable[[], Awaitable[Channel]]
 
 
+class _NotActivated(LivemigError):
+    """The target proved that it did not run the VM and holds no copy that could."""
+
+
+def journal_file(record: VMRecord) -> Path:
+    return record.directory / "switchover.json"
+
+
+def journal_target(record: VMRecord) -> str | None:
+    """The target of the switchover ``record``'s VM was stopped in, if it was."""
+    try:
+        return str(json.loads(journal_file(record).read_text())["target"])
+    except FileNotFoundError:
+        return None
+
+
+async def locate(vm: str, connect: Connect, patience_s: float) -> dict[str, Any] | None:
+    """Ask the target's daemon, on fresh connections, where ``vm`` stands: "running"
+    there, or "absent" (it holds no copy, and tore down any uncommitted one before
+    answering). Asks again on "activating" or no answer, for up to ``patience_s``;
+    None if no final answer came."""
+    deadline = time.monotonic() + patience_s
+    while time.monotonic() < deadline:
+        try:
+            async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
+                async with await connect() as peer:
+                    reply = await peer.request("locate", {"vm": vm}, timeout=5.0)
+            if reply.ok and reply.body.get("state") in ("running", "absent"):
+                return reply.body
+        except (LivemigError, OSError, TimeoutError) as exc:
+            log.info("locating %s: %s", vm, exc)
+        await asyncio.sleep(0.5)
+    return None
+
+
+async def recover_switchover(vm: VM, connect: Connect) -> tuple[bool, str]:
+    """``vm`` has a switchover journal: its migration ended in its stop window (its
+    daemon died, or the commit's fate stayed unknown). Settle it the way the migration
+    would have; returns (settled, what was done). Unsettled means in doubt: ask again."""
+    path = journal_file(vm.record)
+    entry = json.loads(path.read_text())
+    target = entry["target"]
+    answer = await locate(vm.name, connect, RESOLVE_TIMEOUT_S)
+    if answer is not None and answer["state"] == "running":
+        await vm.stop()  # the target runs it: this copy is the stale one
+        return True, f"{vm.name} runs on {target}; released the copy here"
+    if answer is None and entry["commit_sent"]:
+        return False, (f"{vm.name}: the commit to {target} is in doubt and {target} does "
+                       f"not answer; {vm.name} stays paused here")
+    # Not committed, or the target proved it holds no copy: the VM is ours.
+    with contextlib.suppress(LivemigError):
+        await vm.qmp_command("migrate_cancel")
+    if await vm.status() != "running":
+        await vm.resume()
+    path.unlink(missing_ok=True)
+    return True, f"{vm.name} resumed here (its migration to {target} never completed)"
+
+
 class SourceMigration:
     def __init__(
         self,
@@ -141,6 +223,7 @@ class SourceMigration:
         self.planner: Planner | None = None
         self._holes: npt.NDArray[np.bool_] | None = None
         self._rate_bps = 0.0  # of the round under way
+        self._budget: asyncio.Timeout | None = None
 
     @property
     def stage(self) -> Stage:
@@ -153,8 +236,18 @@ class SourceMigration:
     # -- the whole migration ----------------------------------------------------------
 
     async def run(self) -> MigrationReport:
+        budget = self._budget = asyncio.timeout(self.options.timeout_s)
         try:
-            return await self._migrate()
+            async with budget:
+                return await self._migrate()
+        except _NotActivated as exc:
+            # The commit did not take: the target proved it never ran the VM and never will.
+            await self._resume_here(Event.NOT_ACTIVATED)
+            raise MigrationError(
+                self.vm.name, Stage.ACTIVATION.value,
+                f"{self.target_host} did not activate {self.vm.name} ({exc}); "
+                f"it runs on {self.source_host} as before", self.source_host,
+            ) from exc
         except asyncio.CancelledError:
             if self.stage.source_is_primary:
                 await self._abort("the migration was cancelled", Event.CANCELLED)
@@ -164,6 +257,12 @@ class SourceMigration:
                 ) from None
             raise
         except Exception as exc:
+            if isinstance(exc, TimeoutError) and budget.expired():
+                exc = LivemigError(f"it did not finish within its time budget of "
+                                   f"{self.options.timeout_s:g} s")
+            elif (isinstance(exc, frames.WireError) and self._channel is not None
+                  and (why := self._channel.last_words())):
+                exc = LivemigError(f"{self.target_host} gave up: {why}")
             # Any failure before commitment, a bug included, puts the VM back as it was.
             if self.stage.source_is_primary:
                 failed_in = self.stage.value
@@ -180,8 +279,9 @@ class SourceMigration:
                 raise
             raise MigrationError(
                 self.vm.name, Stage.ACTIVATION.value,
-                f"{self.vm.name} was committed to {self.target_host} but its activation "
-                f"failed: {exc}; its last image is paused here and on {self.target_host}",
+                f"the commit of {self.vm.name} to {self.target_host} is in doubt: {exc}. "
+                f"It stays paused on {self.source_host} so that it never runs twice; "
+                f"{self.source_host}'s daemon settles it when {self.target_host} answers",
                 None,
             ) from exc
         finally:
@@ -202,7 +302,10 @@ class SourceMigration:
         reserved_at = time.monotonic()
 
         # -- stage 1: reservation
-        reply = await self._request("reserve", {"spec": spec.to_json(), "source": self.source_host})
+        reserve: dict[str, Any] = {"spec": spec.to_json(), "source": self.source_host}
+        if self.options.hold_at is HoldPoint.COMMITMENT:
+            reserve["hold_at"] = str(HoldPoint.COMMITMENT)  # the target holds that one
+        reply = await self._request("reserve", reserve, RESERVE_TIMEOUT_S)
         if not reply.ok:
             raise ReservationRefused(
                 spec.name, Stage.RESERVATION.value,
@@ -216,6 +319,7 @@ class SourceMigration:
             capabilities=[{"capability": "x-ignore-shared", "state": True}],
         )
         self._event(Event.RESERVED)
+        await hold(spec.name, HoldPoint.RESERVATION, self.options.hold_at)
 
         # -- stage 2: iterative pre-copy
         memory = self.vm.memory
@@ -241,10 +345,12 @@ class SourceMigration:
         assert isinstance(step, StopAndCopy)
 
         # -- stage 3: stop-and-copy
+        self._journal(commit_sent=False)  # first: a daemon restarting now must resume it
         await self.vm.pause()
         stopped_at = time.monotonic()
         self._paused = True
         self._event(Event.PRECOPY_DONE)
+        await hold(spec.name, HoldPoint.STOP_AND_COPY, self.options.hold_at)
         last = np.union1d(step.pages, self._tracker.collect())
         self._holes[last] = False
         # A new transfer at the maximum rate: the last round's debt must not delay it.
@@ -252,13 +358,15 @@ class SourceMigration:
         self._rate_bps = step.rate_bps
         # The planner plans no further; the stop-and-copy's bytes are counted here.
         final_bytes = await self._send(len(self.planner.rounds) + 1, last, skip_dirtied=False)
+        await hold(spec.name, HoldPoint.DEVICE_STATE, self.options.hold_at)
         device_started = time.monotonic()
         self._device_migration_started = True
         await self.vm.qmp_command("migrate", uri=f"tcp:{self.target_ip}:{incoming_port}")
         await self._wait_device_state()
         device_state_ms = (time.monotonic() - device_started) * 1000
         image_asked = time.monotonic()
-        reply = await self._request("image", {"verify": self.options.verify})
+        reply = await self._request("image", {"verify": self.options.verify},
+                                    STOP_WINDOW_STALL_S + DEVICE_STATE_TIMEOUT_S)
         destination_checksum = reply.body.get("checksum")
         verify_ms = float(reply.body.get("verify_ms", 0.0))
         if not reply.ok or not reply.body.get("consistent"):
@@ -268,15 +376,16 @@ class SourceMigration:
         self._event(Event.IMAGE_CONSISTENT)
 
         # -- stage 4: commitment. Once "commit" is on its way, the target may be primary:
-        # from here a failure must never resume the VM here.
+        # from here the VM resumes here only if the target proves it never ran it.
+        self._journal(commit_sent=True)
         self.machine.handle(Event.COMMITTED, time.monotonic() - self._started)
+        budget = self._budget
+        if budget is not None:
+            budget.reschedule(None)  # a time budget never aborts a committed migration
         commit_sent = time.monotonic()
-        reply = await self._request("commit", {})
-        if not reply.ok:
-            raise LivemigError(f"the target refused to activate: {reply.body.get('error')}")
+        cont_returned_at = await self._commit()
 
         # -- stage 5: activation (the target ran cont on commit)
-        cont_returned_at = float(reply.body["cont_returned_at"])
         self._event(Event.ACTIVATED)
         source_checksum = memory.checksum() if self.options.verify else None  # frozen now
         await self.vm.stop()  # release: the source's copy, tap and RAM file go
@@ -351,11 +460,14 @@ class SourceMigration:
                 indexes=send.astype(np.uint32),
                 zero_indexes=zero.astype(np.uint32),
                 data=payload.reshape(-1).data,
-            ))
+            ), timeout=self.options.stall_timeout_s if skip_dirtied else STOP_WINDOW_STALL_S)
             sent_bytes += payload.nbytes
             if skip_dirtied:
                 self.planner.record_batch(sent=len(send), skipped=skipped, zero=len(zero))
             self._progress(pages_left=len(pages) - start - len(batch) - skipped)
+            if start == 0 and skip_dirtied and round_number <= 2:
+                point = HoldPoint.ROUND_1 if round_number == 1 else HoldPoint.LATER_ROUND
+                await hold(self.vm.name, point, self.options.hold_at)
         return sent_bytes
 
     async def _wait_device_state(self) -> None:
@@ -373,9 +485,35 @@ class SourceMigration:
 
     # -- helpers ------------------------------------------------------------------------
 
-    async def _request(self, kind: str, body: dict[str, Any]) -> frames.Reply:
+    async def _request(self, kind: str, body: dict[str, Any], timeout: float) -> frames.Reply:
         assert self._channel is not None
-        return await self._channel.request(kind, body, timeout=REQUEST_TIMEOUT_S)
+        return await self._channel.request(kind, body, timeout=timeout)
+
+    async def _commit(self) -> float:
+        """Send "commit"; return when the target's ``cont`` returned (on its monotonic
+        clock, which is ours: one machine). Raises _NotActivated if the target proves it
+        did not run the VM, LivemigError if nobody can tell."""
+        assert self._channel is not None
+        try:
+            reply = await self._channel.request("commit", {}, timeout=COMMIT_TIMEOUT_S)
+        except frames.WireError as exc:
+            return await self._resolve(f"no answer to commit ({exc})")
+        if reply.ok:
+            return float(reply.body["cont_returned_at"])
+        if reply.body.get("running") is False:
+            raise _NotActivated(str(reply.body.get("error")))
+        return await self._resolve(f"{self.target_host} failed to activate the VM: "
+                                   f"{reply.body.get('error')}")
+
+    async def _resolve(self, why: str) -> float:
+        log.warning("%s: %s; asking %s where %s runs", self.vm.name, why, self.target_host,
+                    self.vm.name)
+        answer = await locate(self.vm.name, self._connect, RESOLVE_TIMEOUT_S)
+        if answer is None:
+            raise LivemigError(f"{why}, and {self.target_host} has not answered since")
+        if answer["state"] == "absent":
+            raise _NotActivated(f"{why}; {self.target_host} holds no copy of it now")
+        return float(answer.get("cont_returned_at") or time.monotonic())
 
     async def _abort(self, reason: str, event: Event) -> None:
         """Put everything back as it was: the VM runs here, the target tears down."""
@@ -385,10 +523,32 @@ class SourceMigration:
         if self._paused:
             await self.vm.resume()
             self._paused = False
+        self._journal(None)
         if self._channel is not None:
-            await self._channel.abort(reason)  # best effort, then closed
+            await self._channel.abort(reason, ABORT_TIMEOUT_S)  # best effort, then closed
         self.machine.handle(event, time.monotonic() - self._started)
         self._progress(force=True)
+
+    async def _resume_here(self, event: Event) -> None:
+        """After a commit that did not take: the VM is ours again."""
+        if self._device_migration_started:
+            with contextlib.suppress(LivemigError):
+                await self.vm.qmp_command("migrate_cancel")
+        await self.vm.resume()
+        self._paused = False
+        self._journal(None)
+        self.machine.handle(event, time.monotonic() - self._started)
+        self._progress(force=True)
+
+    def _journal(self, commit_sent: bool | None) -> None:
+        """What a daemon restarting mid-switchover must know (None: nothing to know)."""
+        path = journal_file(self.vm.record)
+        if commit_sent is None:
+            path.unlink(missing_ok=True)
+            return
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"target": self.target_host, "commit_sent": commit_sent}))
+        tmp.replace(path)  # atomic: a restart sees the old or the new, never half
 
     def _progress(self, *, pages_left: int | None = None, force: bool = False) -> None:
         now = time.monotonic()

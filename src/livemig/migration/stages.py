@@ -8,8 +8,9 @@ an event that the table does not list for the current stage raises ``IllegalTran
 
 Until ``committed``, the source is primary: ``failed`` or ``cancelled`` leads to ABORTED, where
 the VM runs on at the source with nothing lost. After it, the destination is primary and
-there is no way back: a failure then is FAILED_AFTER_COMMIT, and the VM is the
-destination's to run.
+no failure leads back: a failure then is FAILED_AFTER_COMMIT, and the VM is the
+destination's to run. The one way back is the target's proof that the commit did not take
+(``not_activated``: it never ran the VM and has torn its copy down).
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ class Event(enum.Enum):
     ACTIVATED = "activated"  # the destination VM runs and has announced itself
     FAILED = "failed"
     CANCELLED = "cancelled"
+    # The commit did not take: the target proved it never ran the VM and holds no copy.
+    NOT_ACTIVATED = "not_activated"
 
 
 _ABORTABLE = {Event.FAILED: Stage.ABORTED, Event.CANCELLED: Stage.ABORTED}
@@ -69,7 +72,9 @@ TRANSITIONS: dict[Stage, dict[Event, Stage]] = {
     # The commit handshake is the point of no return; a cancel no longer applies once
     # it has begun, but a failure inside it still leaves the source primary.
     Stage.COMMITMENT: {Event.COMMITTED: Stage.ACTIVATION, Event.FAILED: Stage.ABORTED},
-    Stage.ACTIVATION: {Event.ACTIVATED: Stage.DONE, Event.FAILED: Stage.FAILED_AFTER_COMMIT},
+    # Only proof from the target that it never ran the VM leads back: then it is ours.
+    Stage.ACTIVATION: {Event.ACTIVATED: Stage.DONE, Event.FAILED: Stage.FAILED_AFTER_COMMIT,
+                       Event.NOT_ACTIVATED: Stage.ABORTED},
     Stage.DONE: {},
     Stage.ABORTED: {},
     Stage.FAILED_AFTER_COMMIT: {},

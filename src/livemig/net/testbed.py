@@ -22,6 +22,7 @@ import os
 import shutil
 import signal
 import string
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -258,6 +259,36 @@ def add_tap(host: Node, tap: str) -> None:
             raise TestbedError(f"host {host.name} has no bridge; run 'livemig testbed up'")
         index = _link_index(ipr, tap)
         ipr.link("set", index=index, master=bridge, state="up")
+
+
+# -- faults, for drills and the fault-matrix tests ---------------------------------------
+
+BLACKHOLE_TABLE = "livemig_blackhole"
+
+
+def set_uplink(host: Node, up: bool) -> None:
+    """Cut (or mend) ``host``'s cable to the switch: its VMs and daemon fall off the LAN."""
+    with _ipr(host.netns) as ipr:
+        index = _link_index(ipr, HOST_UPLINK)
+        if index is None:
+            raise TestbedError(f"host {host.name} has no uplink; run 'livemig testbed up'")
+        ipr.link("set", index=index, state="up" if up else "down")
+
+
+def set_blackhole(host: Node, on: bool) -> None:
+    """Drop every packet to and from ``host``'s own address, silently (no reset, no ICMP):
+    a peer that simply stops answering. Its VMs, bridged past the host's IP stack, are
+    not affected."""
+    hooks = "type filter hook {} priority -300;"
+    rules = (f"table inet {BLACKHOLE_TABLE} {{\n"
+             f"  chain input {{ {hooks.format('input')} ip daddr {host.ip} drop; }}\n"
+             f"  chain output {{ {hooks.format('output')} ip saddr {host.ip} drop; }}\n"
+             f"}}\n") if on else f"delete table inet {BLACKHOLE_TABLE}\n"
+    done = subprocess.run(host.exec_argv(["nft", "-f", "-"]), input=rules.encode(),
+                          capture_output=True, check=False)
+    if done.returncode != 0 and on:
+        raise TestbedError(f"nft could not blackhole {host.name}: "
+                           f"{done.stderr.decode(errors='replace').strip()}")
 
 
 def del_tap(host: Node, tap: str) -> None:

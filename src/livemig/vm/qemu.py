@@ -43,6 +43,7 @@ from livemig.vm.spec import VMRecord, VMSpec
 
 QEMU_BINARY = "qemu-system-x86_64"
 BOOT_TIMEOUT_S = 90.0
+QMP_TIMEOUT_S = 10.0  # every command we send answers in milliseconds; a hung QEMU must not hang us
 AGENT_PORT_NAME = "org.livemig.agent"
 
 
@@ -200,8 +201,8 @@ class VM:
     async def close(self) -> None:
         """Let go of the VM without stopping it."""
         await self.agent.close()
-        # qemu.qmp re-raises its reader's end of stream (a bare EOFError) from disconnect()
-        # when QEMU has died meanwhile; letting go of a dead VM must not fail.
+        # A QEMU that died leaves qemu.qmp's reader with EOFError, which disconnect()
+        # raises again: the connection is gone either way.
         with contextlib.suppress(QMPError, OSError, EOFError):
             await self.qmp.disconnect()
         if self._memory is not None:
@@ -247,7 +248,11 @@ class VM:
     async def qmp_command(self, command: str, **arguments: Any) -> Any:
         self._check_alive()
         try:
-            return await self.qmp.execute(command, arguments or None)
+            async with asyncio.timeout(QMP_TIMEOUT_S):
+                return await self.qmp.execute(command, arguments or None)
+        except TimeoutError as exc:
+            raise VMError(self.name, f"QEMU of VM {self.name!r} did not answer QMP {command} "
+                                     f"within {QMP_TIMEOUT_S:g} s") from exc
         except QMPError as exc:
             self._check_alive()  # a crash explains the failure better than QMP can
             raise VMError(self.name, f"QMP {command} failed on VM {self.name!r}: {exc}") from exc
@@ -303,6 +308,13 @@ class VM:
 
     def console(self) -> str:
         return self.record.console_log.read_text(errors="replace")
+
+    def exited(self) -> bool:
+        try:
+            self._check_alive()
+        except QEMUCrashed:
+            return True
+        return False
 
     def _check_alive(self) -> None:
         if self._process is not None:

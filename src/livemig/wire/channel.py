@@ -27,6 +27,7 @@ a timed-out receive consumed nothing, so the conversation can go on. A timed-out
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl as ssl_module
 import time
@@ -385,6 +386,15 @@ class Channel:
         if self._conn.need_data():
             self._proto.resume_reading()
         return msg
+
+    def last_words(self) -> str | None:
+        """The reason of an Abort the peer sent before the connection broke, if one
+        arrived: a sender that never reads learns only "connection reset" otherwise."""
+        with contextlib.suppress(WireError):
+            while (msg := self._conn.next_message()) is not None:
+                if isinstance(msg, Abort):
+                    return msg.reason
+        return None
 
     # -- sending ------------------------------------------------------------------------
 

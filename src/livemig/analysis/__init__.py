@@ -1,0 +1,1 @@
+"""Traces of page dirtying, writable-working-set analysis and the pre-copy simulator."""

@@ -1,0 +1,67 @@
+"""``python -m livemig.daemon.supervise --host H``: keep a host's daemon running.
+
+What systemd's ``Restart=on-failure`` does on a real host, for the test bed: a daemon
+that dies (a crash, a SIGKILL) starts again within a second, and its first act is to
+settle what it left behind (``server.Daemon._recover``): incoming copies that never ran
+go, and VMs it had stopped in a switchover are resumed or released. A daemon that exits
+cleanly is not restarted; SIGTERM to the supervisor passes on to the daemon.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from types import FrameType
+
+from livemig import paths
+
+RESTART_DELAY_S = 0.5
+MAX_QUICK_RESTARTS = 5  # within QUICK_S: a daemon that cannot start is not retried for ever
+QUICK_S = 30.0
+
+
+def pid_file(host: str) -> str:
+    return str(paths.host_dir(host) / "supervisor.pid")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m livemig.daemon.supervise")
+    parser.add_argument("--host", required=True)
+    args, daemon_args = parser.parse_known_args(argv)
+    with open(pid_file(args.host), "w") as f:
+        f.write(str(os.getpid()))
+    stopping = False
+    child: subprocess.Popen[bytes] | None = None
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+        if child is not None and child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    starts: list[float] = []
+    while not stopping:
+        starts = [t for t in starts if time.monotonic() - t < QUICK_S] + [time.monotonic()]
+        if len(starts) > MAX_QUICK_RESTARTS:
+            print(f"livemigd on {args.host} died {MAX_QUICK_RESTARTS} times in {QUICK_S:g} s; "
+                  "not restarting it", file=sys.stderr, flush=True)
+            return 1
+        child = subprocess.Popen([sys.executable, "-m", "livemig.daemon.server",
+                                  "--host", args.host, *daemon_args])
+        code = child.wait()
+        if stopping or code == 0:
+            break
+        print(f"livemigd on {args.host} exited with status {code}; restarting it",
+              file=sys.stderr, flush=True)
+        time.sleep(RESTART_DELAY_S)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
