@@ -99,6 +99,16 @@ USAGE_ERRORS = [
     (["probe", "http", "http://10.77.0.100/", "--clients", "zero"], ["zero"]),
     (["probe", "game", "10.77.0.100", "--players", "0"], ["0"]),
     (["probe", "tcp", "10.77.0.100", "-o", "/etc/hostname/t.json"], ["/etc/hostname"]),
+    (["trace", "record", "v1", "-o", "/nonexistent-dir/t.npz"], ["/nonexistent-dir"]),
+    (["trace", "record", "v1", "-o", "t.npz", "--interval", "0"], ["--interval"]),
+    (["wws", "t.npz", "--windows", "x"], ["x"]),
+    (["wws", "t.npz", "--rates", "inf"], ["inf"]),
+    (["wws", "t.npz", "--plot", "/nonexistent-dir/w.png"], ["/nonexistent-dir"]),
+    (["simulate", "--model", "hotset", "--ram", "1e400"], ["1e400"]),
+    (["simulate", "--model", "hotset", "--min-rate", "nan"], ["nan"]),
+    (["simulate", "--model", "hotset", "--json", "/nonexistent-dir/s.json"],
+     ["/nonexistent-dir"]),
+    (["simulate"], ["--model"]),
     (["bogus"], ["bogus"]),
     ([], ["COMMAND"]),
 ]
@@ -154,6 +164,13 @@ COMMAND_ERRORS = [
     (["daemon", "--host", "pluto"], ["pluto"]),
     (["daemon", "--host", "hostA", "--key-file", "/nonexistent-key"], ["/nonexistent-key"]),
     (["demo", "--workload", "mmuncher", "--mem", "128"], ["mm_mib"]),
+    (["trace", "info", "/nonexistent.npz"], ["/nonexistent.npz"]),
+    (["wws", "/etc/hostname"], ["/etc/hostname"]),
+    (["simulate", "--model", "hotset", "--skew", "2"], ["--skew"]),
+    (["simulate", "--model", "hotset", "--hot-set", "2GiB", "--ram", "1GiB"], ["--hot-set"]),
+    (["simulate", "--model", "uniform", "--zero-fraction", "3"], ["--zero-fraction"]),
+    (["simulate", "--model", "uniform", "--ram", "0"], ["--ram"]),
+    (["simulate", "--model", "uniform", "--min-rate", "600"], ["--min-rate"]),
 ]
 
 
