@@ -2,7 +2,7 @@
 
     LivemigError
      ├── SetupError          the host lacks something livemig needs (a package, an image)
- ├── BadName             a VM, image or instance name that cannot be one (also a ValueError)
+     ├── BadName             a VM, image or instance name that cannot be one (also a ValueError)
      ├── TestbedError        the test bed is missing, half-built, or asked for an unknown host
      ├── VMError             about one VM (carries .vm)
      │    ├── VMNotFound
