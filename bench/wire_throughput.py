@@ -8,7 +8,11 @@ to the Reply to a ``done`` request, which the receiver sends only after it has w
 every page; so the figure is end to end. After the runs the receiver's array is hashed
 and compared with the sender's.
 
-Usage: ``.venv/bin/python bench/wire_throughput.py [--runs 5] [--mib 256] [--order random]``
+With ``--tls`` both ends speak mutual TLS 1.3 with certificates from ``livemig keys``, as
+the daemons do: the figure then includes encryption on one side, decryption on the other.
+
+Usage: ``.venv/bin/python bench/wire_throughput.py [--runs 5] [--mib 256] [--order random]
+[--tls]``
 Prints one line per run, the median, and JSON of the figures.
 """
 
@@ -19,14 +23,19 @@ import asyncio
 import hashlib
 import json
 import secrets
+import ssl
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from livemig import keys
+from livemig.wire import tls
 from livemig.wire.channel import Channel, connect, serve
 from livemig.wire.frames import MAX_PAGES_PER_FRAME, PAGE_SIZE, Pages, Reply, Request
 
@@ -41,7 +50,15 @@ def populated(npages: int) -> np.ndarray[Any, np.dtype[np.uint8]]:
     return ram
 
 
-async def receiver(key: bytes, npages: int) -> None:
+def contexts(tls_dir: Path | None, me: str) -> tuple[ssl.SSLContext | None, ...]:
+    """(server, client) contexts for ``me`` from ``tls_dir``; (None, None) without TLS."""
+    if tls_dir is None:
+        return None, None
+    files = keys.HostFiles.in_dir(tls_dir, me)
+    return tls.server_context(files), tls.client_context(files)
+
+
+async def receiver(key: bytes, npages: int, tls_dir: Path | None) -> None:
     """Serve one sender: write its pages into ``ram``; answer ``done`` and ``hash``."""
     ram = populated(npages)
     finished = asyncio.Event()
@@ -68,7 +85,8 @@ async def receiver(key: bytes, npages: int) -> None:
         finally:
             finished.set()
 
-    server = await serve("127.0.0.1", 0, key=key, me=ME_RECEIVER, handler=handle)
+    server = await serve("127.0.0.1", 0, key=key, me=ME_RECEIVER, handler=handle,
+                         ssl=contexts(tls_dir, ME_RECEIVER)[0])
     port = server.sockets[0].getsockname()[1]
     print(port, flush=True)
     await finished.wait()
@@ -76,11 +94,14 @@ async def receiver(key: bytes, npages: int) -> None:
     await server.wait_closed()
 
 
-async def sender(port: int, key: bytes, npages: int, runs: int, order: str) -> dict[str, Any]:
+async def sender(port: int, key: bytes, npages: int, runs: int, order: str,
+                 tls_dir: Path | None) -> dict[str, Any]:
     ram = np.random.default_rng(1).integers(0, 256, (npages, PAGE_SIZE), dtype=np.uint8)
     buf = np.empty((MAX_PAGES_PER_FRAME, PAGE_SIZE), np.uint8)
     none = np.empty(0, np.uint32)
-    channel = await connect("127.0.0.1", port, key=key, me=ME_SENDER, npages=npages)
+    client_ssl = contexts(tls_dir, ME_SENDER)[1]
+    channel = await connect("127.0.0.1", port, key=key, me=ME_SENDER, npages=npages,
+                            ssl=client_ssl, peer_name=ME_RECEIVER if client_ssl else None)
     figures: list[float] = []
     async with channel:
         for run in range(runs):
@@ -112,6 +133,7 @@ async def sender(port: int, key: bytes, npages: int, runs: int, order: str) -> d
         "MiB_per_run": npages * PAGE_SIZE >> 20,
         "pages_per_frame": MAX_PAGES_PER_FRAME,
         "order": order,
+        "tls": tls_dir is not None,
         "content_matches": ok,
     }
 
@@ -121,23 +143,34 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--mib", type=int, default=256)
     parser.add_argument("--order", choices=("random", "sequential"), default="random")
+    parser.add_argument("--tls", action="store_true", help="mutual TLS, as the daemons")
     parser.add_argument("--receiver", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--tls-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     npages = args.mib * (1 << 20) // PAGE_SIZE
     if args.receiver:
-        asyncio.run(receiver(bytes.fromhex(sys.stdin.readline().strip()), npages))
+        asyncio.run(receiver(bytes.fromhex(sys.stdin.readline().strip()), npages,
+                             args.tls_dir))
         return 0
     key = secrets.token_bytes(32)
+    scratch = tempfile.TemporaryDirectory()
+    tls_dir = Path(scratch.name) if args.tls else None
+    if tls_dir is not None:
+        keys.init_ca(tls_dir)
+        for me in (ME_SENDER, ME_RECEIVER):
+            keys.issue_host(tls_dir, me, ["127.0.0.1"])
     child = subprocess.Popen(
-        [sys.executable, __file__, "--receiver", "--mib", str(args.mib)],
+        [sys.executable, __file__, "--receiver", "--mib", str(args.mib),
+         *(["--tls-dir", str(tls_dir)] if tls_dir else [])],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdin is not None and child.stdout is not None
         child.stdin.write(key.hex() + "\n")
         child.stdin.close()
         port = int(child.stdout.readline())
-        result = asyncio.run(sender(port, key, npages, args.runs, args.order))
+        result = asyncio.run(sender(port, key, npages, args.runs, args.order, tls_dir))
     finally:
+        scratch.cleanup()
         if child.wait(timeout=60) != 0:
             print(f"receiver exited with status {child.returncode}", file=sys.stderr)
         if child.stdout is not None:

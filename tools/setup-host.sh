@@ -32,3 +32,11 @@ if [ ${#missing[@]} -gt 0 ]; then
     echo "setup: installing ${missing[*]}"
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
+
+# QEMU drops to this user once it has opened its tap, RAM file and sockets (-runas): a
+# guest that breaks out of QEMU finds itself with no capabilities and no root files.
+if ! getent passwd livemig-qemu >/dev/null; then
+    echo "setup: adding system user livemig-qemu (confined QEMUs run as it)"
+    useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin \
+        livemig-qemu
+fi

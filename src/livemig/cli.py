@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from livemig import argtypes, reporting
+from livemig import argtypes, keys, reporting
 from livemig.analysis import cli_commands as analysis_commands
 from livemig.daemon import control, launch, server
 from livemig.errors import LivemigError, SetupError
@@ -161,7 +161,9 @@ def _vm_action(action: str) -> Any:
 
 def cmd_testbed_up(args: argparse.Namespace) -> int:
     nodes = testbed.up(args.hosts)
-    launch.ensure_daemons()
+    if args.insecure_plaintext:
+        print(f"warning: {server.PLAINTEXT_WARNING}", file=sys.stderr)
+    launch.ensure_daemons(plaintext=args.insecure_plaintext)
     for node in nodes:
         print(f"{node.name:<8} {node.ip}  (netns {node.netns})")
     return 0
@@ -269,7 +271,31 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 def cmd_daemon(args: argparse.Namespace) -> int:
     argv = ["--host", args.host] + (["--key-file", str(args.key_file)] if args.key_file else [])
+    argv += ["--tls-dir", str(args.tls_dir)] if args.tls_dir else []
+    argv += ["--insecure-plaintext"] if args.insecure_plaintext else []
     return server.main(argv)
+
+
+# -- keys -------------------------------------------------------------------------------
+
+
+def cmd_keys_init(args: argparse.Namespace) -> int:
+    cert = keys.init_ca(args.dir, force=args.force)
+    print(f"CA certificate {cert}; its key {args.dir / keys.CA_KEY} (0600) stays with you, "
+          "never on a host", file=sys.stderr)
+    return 0
+
+
+def cmd_keys_host(args: argparse.Namespace) -> int:
+    files = keys.issue_host(args.dir, args.name, args.ip, days=args.days, out=args.out)
+    print(f"{args.name}: {files.cert}, {files.key} (0600), {files.ca}; copy these three to "
+          f"the host's --tls-dir", file=sys.stderr)
+    return 0
+
+
+def cmd_keys_show(args: argparse.Namespace) -> int:
+    print(json.dumps(keys.describe(args.cert), indent=2))
+    return 0
 
 
 # -- parser -----------------------------------------------------------------------------
@@ -321,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bed_up = bed.add_parser("up", help="create the test bed (idempotent)")
     bed_up.add_argument("--hosts", type=int, default=3)
+    bed_up.add_argument("--insecure-plaintext", action="store_true",
+                        help="daemons without TLS (default: mutual TLS, keys made for you)")
     bed_up.set_defaults(func=cmd_testbed_up)
     bed.add_parser("down", help="remove everything livemig made").set_defaults(
         func=cmd_testbed_down
@@ -356,7 +384,28 @@ def build_parser() -> argparse.ArgumentParser:
     daemon = commands.add_parser("daemon", help="run a host's daemon (the test bed starts them)")
     daemon.add_argument("--host", required=True)
     daemon.add_argument("--key-file", type=Path)
+    daemon.add_argument("--tls-dir", type=Path,
+                        help="holds ca.crt, HOST.crt, HOST.key (default: the host's own)")
+    daemon.add_argument("--insecure-plaintext", action="store_true",
+                        help="no TLS; logs a warning; never on a real network")
     daemon.set_defaults(func=cmd_daemon)
+
+    keys_cmd = commands.add_parser("keys", help="a CA and host certificates for mutual TLS")
+    keys_sub = keys_cmd.add_subparsers(dest="action", required=True)
+    k_init = keys_sub.add_parser("init", help="create a CA in --dir")
+    k_init.add_argument("--dir", type=Path, required=True)
+    k_init.add_argument("--force", action="store_true", help="replace an existing CA")
+    k_init.set_defaults(func=cmd_keys_init)
+    k_host = keys_sub.add_parser("host", help="issue a host certificate from --dir's CA")
+    k_host.add_argument("name")
+    k_host.add_argument("--ip", action="append", default=[], help="an address (repeatable)")
+    k_host.add_argument("--dir", type=Path, required=True)
+    k_host.add_argument("--out", type=Path, help="where the host's files go (default --dir)")
+    k_host.add_argument("--days", type=int, default=keys.HOST_DAYS)
+    k_host.set_defaults(func=cmd_keys_host)
+    k_show = keys_sub.add_parser("show", help="what a certificate says")
+    k_show.add_argument("cert", type=Path)
+    k_show.set_defaults(func=cmd_keys_show)
 
     add_probe_commands(commands)
     demo.add_demo_command(commands)

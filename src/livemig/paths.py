@@ -69,6 +69,17 @@ def host_dir(host: str) -> Path:
     return run_dir() / "hosts" / host
 
 
+def pki_dir() -> Path:
+    """The test bed's CA (its private key included). On real hosts the CA lives with the
+    operator, never on a host."""
+    return run_dir() / "pki"
+
+
+def tls_dir(host: str) -> Path:
+    """A host's CA certificate, its own certificate and its key (``livemig.keys``)."""
+    return host_dir(host) / "tls"
+
+
 def vm_dir(host: str, vm: str) -> Path:
     return host_dir(host) / "vms" / vm
 

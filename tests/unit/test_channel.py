@@ -11,12 +11,10 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import shutil
+import socket
 import ssl
-import subprocess
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,6 +23,7 @@ import pytest
 from livemig.wire.channel import Channel, Pacer, TokenBucket, connect, serve
 from livemig.wire.frames import (
     PAGE_SIZE,
+    PROTOCOL_VERSION,
     Abort,
     Auth,
     AuthenticationError,
@@ -414,7 +413,7 @@ def test_server_with_another_version_is_refused() -> None:
     async def old_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read(100)
         bad = bytearray(encode(Challenge("hostB", b"\0" * 32, b"\0" * 32)))
-        bad[4] = 2
+        bad[4] = PROTOCOL_VERSION + 1
         writer.write(bytes(bad))
         await reader.read()
         await close_stream(writer)
@@ -425,57 +424,10 @@ def test_server_with_another_version_is_refused() -> None:
         try:
             with pytest.raises(VersionMismatch) as info:
                 await connect(LOOPBACK, port, key=KEY, me="hostA", timeout=5)
-            assert info.value.theirs == 2
+            assert info.value.theirs == PROTOCOL_VERSION + 1
         finally:
             server.close()
             await server.wait_closed()
-    run(main())
-
-
-# -- TLS --------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def tls(tmp_path: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    if shutil.which("openssl") is None:
-        pytest.skip("needs the openssl command")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-         "-nodes", "-days", "1", "-subj", "/CN=hostB", "-addext",
-         "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True)
-    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_ctx.load_cert_chain(cert, key)
-    client_ctx = ssl.create_default_context(cafile=str(cert))
-    return server_ctx, client_ctx
-
-
-def test_tls_round_trip(tls: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
-    server_ctx, client_ctx = tls
-    pages = np.random.default_rng(2).integers(0, 256, (600, PAGE_SIZE), dtype=np.uint8)
-    got = np.zeros_like(pages)
-
-    async def handler(channel: Channel) -> None:
-        channel.connection.npages = 600
-        while True:
-            msg = await channel.recv(timeout=10)
-            if isinstance(msg, Pages):
-                got[msg.indexes] = np.frombuffer(msg.data, np.uint8).reshape(-1, PAGE_SIZE)
-            elif isinstance(msg, Request):
-                await channel.send(Reply(True, {}))
-                return
-
-    async def main() -> None:
-        async with Served(handler, ssl_context=server_ctx) as served:
-            async with await connect(LOOPBACK, served.port, key=KEY, me="hostA",
-                                     ssl=client_ctx, npages=600) as channel:
-                for first in range(0, 600, 200):
-                    idx = np.arange(first, first + 200, dtype=np.uint32)
-                    await channel.send_pages(Pages(0, idx, NONE, pages[idx].tobytes()))
-                assert (await channel.request("done", timeout=10)).ok
-            assert await served.done.get() is None
-        np.testing.assert_array_equal(got, pages)
     run(main())
 
 
@@ -600,4 +552,22 @@ def test_send_pages_is_paced() -> None:
                 await channel.request("done", timeout=5)
                 elapsed = time.monotonic() - started
         assert 0.15 < elapsed < 0.6  # ideal (1 MiB - 50 kB) / 5 MB/s = 0.2 s
+    run(main())
+
+
+def test_accepted_connections_send_small_frames_at_once() -> None:
+    """Replies are small frames; a delayed ACK (40 ms) must not hold them back."""
+    nodelay: list[int] = []
+
+    async def handler(channel: Channel) -> None:
+        sock = channel._transport.get_extra_info("socket")
+        nodelay.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        await answer_requests(channel)
+
+    async def main() -> None:
+        async with Served(handler) as served:
+            async with await connect(LOOPBACK, served.port, key=KEY, me="hostA") as channel:
+                await channel.request("ping", timeout=5)
+            assert await served.done.get() is None
+        assert nodelay and nodelay[0] != 0
     run(main())

@@ -201,8 +201,13 @@ def test_a_daemon_outside_its_host_namespace_says_where_it_belongs(
 ) -> None:
     key = tmp_path / "peer.key"
     key.write_bytes(os.urandom(32))
-    # Here, in the machine's own namespace, the host's LAN address does not exist.
+    # Without its TLS files first: one sentence that says how to make them.
     status, _, err = run_cli(["daemon", "--host", "hostA", "--key-file", str(key)], capsys)
+    assert status == 1
+    assert_one_sentence(err, "livemig keys")
+    # Here, in the machine's own namespace, the host's LAN address does not exist.
+    status, _, err = run_cli(["daemon", "--host", "hostA", "--key-file", str(key),
+                              "--insecure-plaintext"], capsys)
     assert status == 1
     assert_one_sentence(err, "10.77.0.11", "namespace")
     # It gave its control socket up again: a real daemon started later finds no stale one.

@@ -29,6 +29,7 @@ from livemig.wire.frames import (
     MAX_FRAME_BYTES,
     MAX_PAGES_PER_FRAME,
     MAX_PAYLOAD,
+    MAX_STATE_CHUNK,
     MAX_ZERO_PAGES_PER_FRAME,
     NONCE_BYTES,
     PAGE_SIZE,
@@ -38,6 +39,7 @@ from livemig.wire.frames import (
     AuthenticationError,
     Challenge,
     Connection,
+    DeviceState,
     FrameTooLarge,
     Hello,
     LocalProtocolError,
@@ -46,6 +48,7 @@ from livemig.wire.frames import (
     Pages,
     PeerAborted,
     PeerLost,
+    PeerNotTrusted,
     RemoteProtocolError,
     Reply,
     Request,
@@ -152,6 +155,8 @@ EVERY_MESSAGE: list[Message] = [
     Reply(True, {"pages": 65536}),
     Reply(False, {"error": "no room: 12 MiB free, 256 MiB needed", "ünï": "cödé"}),
     Abort("hostB: out of memory, the VM keeps running on hostA"),
+    DeviceState(b"QEVM" + bytes(range(256)) * 10),
+    DeviceState(b"", last=True),
 ]
 
 
@@ -669,18 +674,18 @@ def test_bad_magic_is_refused_at_the_first_bytes() -> None:
     assert info.value.peer == "10.0.0.9:4242"
 
 
-@pytest.mark.parametrize("version", [0, 2, 255])
+@pytest.mark.parametrize("version", [0, PROTOCOL_VERSION - 1, PROTOCOL_VERSION + 1, 255])
 def test_wrong_version(version: int) -> None:
     server = Connection(Role.SERVER, KEY, "hostB")
     server.receive_data(frame(MsgType.HELLO, b"", version=version))
     with pytest.raises(VersionMismatch) as info:
         server.next_message()
     assert (info.value.theirs, info.value.ours) == (version, PROTOCOL_VERSION)
-    assert f"peer speaks protocol version {version}, we speak 1" in str(info.value)
+    assert f"peer speaks protocol version {version}, we speak {PROTOCOL_VERSION}" in str(info.value)
 
 
 def test_unknown_type_and_flags() -> None:
-    for raw in (frame(0, b""), frame(9, b""), frame(255, b""),
+    for raw in (frame(0, b""), frame(len(MsgType) + 1, b""), frame(255, b""),
                 frame(MsgType.WELCOME, b"", flags=1)):
         client, _ = established()
         client.receive_data(raw)
@@ -932,3 +937,62 @@ def test_every_wire_error_is_a_livemig_error() -> None:
     for cls in (WireError, LocalProtocolError, RemoteProtocolError, VersionMismatch,
                 FrameTooLarge, UnexpectedMessage, AuthenticationError, PeerLost):
         assert issubclass(cls, LivemigError)
+
+
+# -- device state and certified names ---------------------------------------------------
+
+
+def test_device_state_flows_after_the_handshake_and_is_capped() -> None:
+    client, server = established()
+    chunk = bytes(range(256)) * 4096  # 1 MiB: the most one frame may carry
+    assert len(chunk) == MAX_STATE_CHUNK
+    assert transfer(client, server, DeviceState(chunk)) == DeviceState(chunk)
+    assert transfer(client, server, DeviceState(b"", last=True)) == DeviceState(b"", True)
+    with pytest.raises(LocalProtocolError):
+        client.send(DeviceState(chunk + b"x"))
+
+
+@pytest.mark.parametrize("payload", [b"", b"\x02state"], ids=["empty", "bad-last-flag"])
+def test_malformed_device_state_is_refused(payload: bytes) -> None:
+    _, server = established()
+    server.receive_data(frame(MsgType.DEVICE_STATE, payload))
+    with pytest.raises(RemoteProtocolError):
+        server.next_message()
+    assert_dead(server)
+
+
+def test_device_state_before_the_handshake_is_refused() -> None:
+    server = Connection(Role.SERVER, KEY, "hostB")
+    server.receive_data(encode(DeviceState(b"QEVM")))
+    with pytest.raises(UnexpectedMessage):
+        server.next_message()
+
+
+def test_a_client_must_call_itself_what_its_certificate_names() -> None:
+    client, server = pair()
+    server.expect_peer = "hostC"  # what TLS said; the client's Hello says hostA
+    server.receive_data(client.initiate())
+    with pytest.raises(PeerNotTrusted) as info:
+        server.next_message()
+    assert not info.value.by_peer
+    client.receive_data(server.data_to_send())  # told why, in an Abort
+    told = client.next_message()
+    assert isinstance(told, Abort) and "hostC" in told.reason
+
+
+def test_a_server_must_call_itself_what_its_certificate_names() -> None:
+    client, server = pair()
+    client.expect_peer = "hostC"
+    server.receive_data(client.initiate())
+    assert server.next_message() is None
+    client.receive_data(server.data_to_send())  # a Challenge from "hostB"
+    with pytest.raises(PeerNotTrusted):
+        client.next_message()
+    assert not client.established
+
+
+def test_matching_certified_names_complete_the_handshake() -> None:
+    client, server = pair()
+    client.expect_peer, server.expect_peer = "hostB", "hostA"
+    handshake(client, server)
+    assert (client.peer_host, server.peer_host) == ("hostB", "hostA")

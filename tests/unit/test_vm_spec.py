@@ -11,6 +11,7 @@ import pytest
 from livemig.errors import SetupError, TestbedError
 from livemig.image.builder import Addition
 from livemig.net import testbed
+from livemig.vm import qemu
 from livemig.vm.memory import GuestMemory
 from livemig.vm.spec import PAGE_SIZE, VMRecord, VMSpec, Workload
 
@@ -141,3 +142,20 @@ def test_checksum_sees_content_and_position_but_not_how_zeros_are_stored(ram_fil
         mem.pages[40, 100] = 0
         mem.pages[41, 100] = 2
         assert mem.checksum() != before
+
+
+def test_qemu_is_confined_unless_told_otherwise(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LIVEMIG_RUN", str(tmp_path))
+    record = VMRecord(spec=make_spec(), host="hostA", pid=0, incoming=True)
+    monkeypatch.setattr(qemu, "QEMU_USER", "root")  # a user every machine has
+    argv = qemu.qemu_argv(record)
+    sandbox = argv[argv.index("-sandbox") + 1].split(",")
+    assert sandbox[0] == "on"
+    assert {"obsolete=deny", "spawn=deny", "resourcecontrol=deny"} <= set(sandbox)
+    assert argv[argv.index("-runas") + 1] == "root"
+    unconfined = qemu.qemu_argv(record, confined=False)
+    assert "-sandbox" not in unconfined and "-runas" not in unconfined
+    monkeypatch.setattr(qemu, "QEMU_USER", "no-such-user-here")
+    with pytest.raises(SetupError):
+        qemu.qemu_argv(record)

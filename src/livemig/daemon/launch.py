@@ -3,6 +3,11 @@
 A daemon is detached (``setsid -f``): it belongs to no caller, outlives the command that
 started it, and is reaped by init when 'testbed down' ends it. It writes its own pid file.
 It runs under ``daemon.supervise``, which starts it again if it dies, as systemd would.
+
+Before that, the test bed gets what real hosts get from 'livemig keys': a CA (in the run
+directory) and for each host its certificate, key and the CA certificate in its own TLS
+directory, so the daemons speak mutual TLS with no manual step. Only an explicit
+``plaintext=True`` (``testbed up --insecure-plaintext``) starts them without.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from livemig import paths
+from livemig import keys, paths
 from livemig.daemon import control, supervise
 from livemig.daemon.control import DaemonUnavailable
 from livemig.net import testbed
@@ -29,6 +34,24 @@ def ensure_key() -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(secrets.token_bytes(32))
+
+
+def ensure_pki() -> None:
+    """A test bed CA, and a certificate of it for every host that is up, each with
+    the host's name and LAN address. Keeps what is there and matches the CA."""
+    ca_dir = paths.pki_dir()
+    if not (ca_dir / keys.CA_CERT).exists():
+        ca_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(ca_dir, 0o700)
+        keys.init_ca(ca_dir, name="livemig test bed CA", force=True)
+    ca = (ca_dir / keys.CA_CERT).read_bytes()
+    for node in testbed.hosts():
+        files = keys.HostFiles.in_dir(paths.tls_dir(node.name), node.name)
+        if not files.missing() and files.ca.read_bytes() == ca:
+            continue
+        paths.tls_dir(node.name).mkdir(parents=True, exist_ok=True)
+        os.chmod(paths.tls_dir(node.name), 0o700)
+        keys.issue_host(ca_dir, node.name, [str(node.ip)], out=paths.tls_dir(node.name))
 
 
 def pid_file(host: str) -> Path:
@@ -50,9 +73,11 @@ def _supervised(host: str) -> bool:
     return _running(host, "livemig.daemon.supervise", Path(supervise.pid_file(host)))
 
 
-def ensure_daemons() -> None:
-    """A daemon on every host that is up; starts only the missing ones."""
+def ensure_daemons(*, plaintext: bool = False) -> None:
+    """A daemon on every host that is up; starts only the missing ones. With
+    ``plaintext`` the ones it starts run with --insecure-plaintext."""
     ensure_key()
+    ensure_pki()
     started = []
     for node in testbed.hosts():
         if _supervised(node.name):
@@ -61,7 +86,7 @@ def ensure_daemons() -> None:
         paths.host_dir(node.name).mkdir(parents=True, exist_ok=True)
         control.socket_path(node.name).unlink(missing_ok=True)  # a dead daemon's
         argv = ["setsid", "-f", sys.executable, "-m", "livemig.daemon.supervise",
-                "--host", node.name]
+                "--host", node.name] + (["--insecure-plaintext"] if plaintext else [])
         log = paths.host_dir(node.name) / "livemigd.log"
         with log.open("ab") as out:
             subprocess.run(node.exec_argv(argv), stdin=subprocess.DEVNULL, stdout=out,

@@ -2,9 +2,12 @@
 
 It listens in two places. The CLI talks to it on a root-only Unix socket
 (``daemon.control``). Peer daemons reach it over TCP on the host's LAN address, and
-every peer connection must pass the HMAC handshake of ``wire.frames`` before any of its
-requests reaches a ``DestinationSession``. The migrations it drives as a source run as
-tasks, one per VM, so ``cancel`` can stop one at any stage.
+every peer connection must pass mutual TLS (a host certificate of our CA, ``wire.tls``)
+and then the HMAC handshake of ``wire.frames`` before any of its requests reaches a
+``DestinationSession``. As a source it connects the same way and requires the target's
+certificate to name the target. ``--insecure-plaintext`` drops TLS, loudly. The
+migrations it drives as a source run as tasks, one per VM, so ``cancel`` can stop one at
+any stage.
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ import contextlib
 import logging
 import os
 import signal
+import ssl
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from livemig import keys, paths
 from livemig.daemon import control
 from livemig.errors import LivemigError, MigrationError
 from livemig.migration import source
@@ -29,7 +34,7 @@ from livemig.migration.source import MigrationOptions, Progress, SourceMigration
 from livemig.net import testbed
 from livemig.vm import qemu
 from livemig.vm.spec import VMRecord
-from livemig.wire import channel, frames
+from livemig.wire import channel, frames, tls
 from livemig.wire.channel import Channel
 
 log = logging.getLogger("livemigd")
@@ -37,10 +42,23 @@ log = logging.getLogger("livemigd")
 SETTLE_RETRY_S = 10.0
 
 
+PLAINTEXT_WARNING = (
+    "running with --insecure-plaintext: peers are not authenticated by certificate, and "
+    "guest memory and device state cross the network readable and forgeable by anyone on "
+    "it; only the shared key vouches for a peer. Never use this on a real network."
+)
+
+
 class Daemon:
-    def __init__(self, host: str, key: bytes) -> None:
+    def __init__(self, host: str, key: bytes, tls_files: keys.HostFiles | None) -> None:
+        """``tls_files`` None: plaintext, only by the operator's explicit choice."""
         self.host = host
         self.key = key
+        self.server_ssl: ssl.SSLContext | None = None
+        self.client_ssl: ssl.SSLContext | None = None
+        if tls_files is not None:
+            self.server_ssl = tls.server_context(tls_files)
+            self.client_ssl = tls.client_context(tls_files)
         self.ip = str(testbed.host_node(host).ip)
         self.migrations: dict[str, asyncio.Task[Any]] = {}
         self._engines: dict[str, SourceMigration] = {}
@@ -62,7 +80,8 @@ class Daemon:
         os.chmod(path, 0o600)
         try:
             peers = await channel.serve(self.ip, control.PEER_PORT, key=self.key,
-                                        me=self.host, handler=self._on_peer)
+                                        me=self.host, handler=self._on_peer,
+                                        ssl=self.server_ssl)
         except OSError as exc:
             local.close()
             path.unlink(missing_ok=True)
@@ -73,8 +92,10 @@ class Daemon:
             ) from exc
         # Last: the launcher takes a pid file and a socket as a daemon that is ready.
         (path.parent / "livemigd.pid").write_text(str(os.getpid()))
-        log.info("livemigd on %s: control %s, peers %s:%d", self.host, path, self.ip,
-                 control.PEER_PORT)
+        log.info("livemigd on %s: control %s, peers %s:%d (%s)", self.host, path, self.ip,
+                 control.PEER_PORT, "mutual TLS" if self.server_ssl else "PLAINTEXT")
+        if self.server_ssl is None:
+            log.warning(PLAINTEXT_WARNING)
         recovery = asyncio.create_task(self._recover())
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -118,8 +139,7 @@ class Daemon:
             try:
                 vm = await qemu.VM.attach(record)
                 try:
-                    ip = str(testbed.require_host(target).ip)
-                    settled, what = await source.recover_switchover(vm, self._connector(ip))
+                    settled, what = await source.recover_switchover(vm, self._connector(target))
                 finally:
                     await vm.close()
                 log.log(logging.INFO if settled else logging.WARNING, "%s", what)
@@ -129,9 +149,11 @@ class Daemon:
                 log.error("could not settle %s: %s", record.spec.name, exc)
             await asyncio.sleep(SETTLE_RETRY_S)
 
-    def _connector(self, ip: str) -> source.Connect:
+    def _connector(self, target: str) -> source.Connect:
+        """Fresh authenticated connections to ``target``'s daemon."""
+        ip = str(testbed.require_host(target).ip)
         return lambda: channel.connect(ip, control.PEER_PORT, key=self.key, me=self.host,
-                                       timeout=10.0)
+                                       ssl=self.client_ssl, peer_name=target, timeout=10.0)
 
     # -- peers ----------------------------------------------------------------------------
 
@@ -223,7 +245,7 @@ class Daemon:
             source_host=self.host,
             target_host=target,
             target_ip=target_ip,
-            connect=self._connector(target_ip),
+            connect=self._connector(target),
             options=options,
             on_progress=progress,
         )
@@ -285,12 +307,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="livemig daemon", description=__doc__.splitlines()[0])
     parser.add_argument("--host", required=True)
     parser.add_argument("--key-file", type=Path, default=None)
+    parser.add_argument("--tls-dir", type=Path, default=None,
+                        help="ca.crt, HOST.crt and HOST.key (default: the host's own)")
+    parser.add_argument("--insecure-plaintext", action="store_true",
+                        help="no TLS: only for a closed test network")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     testbed.host_node(args.host)  # a host's name, before its files are looked for
     key = _read_key(args.key_file or control.key_file())
-    asyncio.run(Daemon(args.host, key).run())
+    files = None
+    if not args.insecure_plaintext:
+        files = keys.HostFiles.in_dir(args.tls_dir or paths.tls_dir(args.host), args.host)
+    # A LivemigError here (no TLS files, say) is one sentence: printed by the CLI, or
+    # logged by __main__ below for the supervisor's log.
+    asyncio.run(Daemon(args.host, key, files).run())
     return 0
 
 

@@ -40,7 +40,10 @@ async def migrate(name: str, target: str, how: QemuMigration) -> dict[str, Any]:
     destination = None
     started = time.monotonic()
     try:
-        destination = await qemu.VM.start(record.spec, target, incoming=True)
+        # QEMU's postcopy needs kernel-fault userfaultfd on its destination, which its
+        # unprivileged user may not have: that QEMU alone runs unconfined.
+        destination = await qemu.VM.start(record.spec, target, incoming=True,
+                                          confined=not how.postcopy)
         port = QEMU_PORT
         caps = [{"capability": "postcopy-ram", "state": how.postcopy}]
         for vm in (source, destination):

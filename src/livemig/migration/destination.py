@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import socket
 import time
 from typing import Any
 
@@ -31,7 +30,7 @@ import numpy.typing as npt
 from livemig.errors import LivemigError
 from livemig.migration.holds import HoldPoint, hold
 from livemig.migration.stages import Event, Stage, StageMachine
-from livemig.net import testbed
+from livemig.migration.tunnel import StateSink
 from livemig.vm import qemu
 from livemig.vm.memory import page_checksums, sum_checksums
 from livemig.vm.spec import VMRecord, VMSpec
@@ -45,14 +44,6 @@ MEMORY_MARGIN_BYTES = 64 << 20  # QEMU itself, beyond guest RAM
 INCOMING_TIMEOUT_S = 3.0  # QEMU's device state; ~5 ms when all is well
 QEMU_WATCH_S = 0.1
 ANNOUNCE_DELAY_S = 0.2  # see _announce
-
-
-def free_port(ip: str) -> int:
-    """A TCP port free on ``ip`` now, for QEMU's incoming device-state stream."""
-    with socket.socket() as probe:
-        probe.bind((ip, 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def reservation_problem(ram_bytes: int) -> str | None:
@@ -120,6 +111,7 @@ class DestinationSession:
         self.incoming = incoming
         self.machine = StageMachine()
         self.vm: qemu.VM | None = None
+        self._state_sink: StateSink | None = None
         self._written: npt.NDArray[np.bool_] | None = None
         self._page_sums = np.zeros(0, dtype=np.uint64)
         self._started = time.monotonic()
@@ -158,6 +150,8 @@ class DestinationSession:
         finally:
             if watchdog is not None:
                 watchdog.cancel()
+            if self._state_sink is not None:
+                self._state_sink.close()
             if self.vm is not None:
                 self.incoming.done(self.vm.name, self, self._activated_at)
                 await self.vm.close()  # frees QEMU's one-client agent and QMP sockets
@@ -180,6 +174,9 @@ class DestinationSession:
         stage = self.machine.stage
         if isinstance(message, frames.Pages) and stage in (Stage.PRECOPY, Stage.STOP_AND_COPY):
             self._write(message)
+        elif (isinstance(message, frames.DeviceState) and self._state_sink is not None
+              and stage in (Stage.PRECOPY, Stage.STOP_AND_COPY)):
+            await self._state_sink.write(message)
         elif isinstance(message, frames.Abort):
             log.info("source aborted the migration: %s", message.reason)
             self._event(Event.CANCELLED)
@@ -215,6 +212,9 @@ class DestinationSession:
             raise frames.RemoteProtocolError(
                 self.channel.peer, f"malformed VM spec: {exc}"
             ) from exc
+        log.info("%s asks to move %s here (%s)", self.channel.peer, spec.name,
+                 "its certificate names it" if self.channel.certified_host
+                 else "plaintext: only the shared key vouches for it")
         if problem := reservation_problem(spec.ram_bytes):
             self._event(Event.FAILED)
             return frames.Reply(ok=False, body={"error": problem})
@@ -231,19 +231,20 @@ class DestinationSession:
         task = asyncio.current_task()
         assert task is not None
         self.incoming.add(spec.name, self, task)
-        ip = str(testbed.host_node(self.host).ip)
-        port = free_port(ip)
         await self.vm.qmp_command(
             "migrate-set-capabilities",
             capabilities=[{"capability": "x-ignore-shared", "state": True}],
         )
-        await self.vm.qmp_command("migrate-incoming", uri=f"tcp:{ip}:{port}")
+        # No port for QEMU: it reads its device state from a socket only we hold, and
+        # we write into it what arrives on this authenticated channel.
+        self._state_sink = await StateSink.open(self.vm)
+        await self.vm.qmp_command("migrate-incoming", uri=self._state_sink.uri)
         memory = self.vm.memory  # mapped now, writable, for the VM's lifetime here
         self._written = np.zeros(memory.npages, dtype=bool)
         self._page_sums = np.zeros(memory.npages, dtype=np.uint64)
         self.channel.connection.npages = memory.npages  # the codec bounds page indexes
         self._event(Event.RESERVED)
-        return frames.Reply(ok=True, body={"port": port})
+        return frames.Reply(ok=True, body={"tunnel": True})
 
     # -- stages 2 and 3 -----------------------------------------------------------------
 

@@ -51,6 +51,7 @@ from livemig.migration.planner import (
     StopAndCopy,
 )
 from livemig.migration.stages import Event, Stage, StageMachine
+from livemig.migration.tunnel import StateSource
 from livemig.vm import dirtylog
 from livemig.vm.qemu import VM
 from livemig.vm.spec import VMRecord
@@ -216,6 +217,7 @@ class SourceMigration:
         self.machine = StageMachine()
         self._channel: Channel | None = None
         self._tracker: dirtylog.DirtyTracker | None = None
+        self._state_tunnel: StateSource | None = None
         self._paused = False
         self._device_migration_started = False
         self._started = time.monotonic()
@@ -287,6 +289,8 @@ class SourceMigration:
         finally:
             if self._tracker is not None:
                 self._tracker.close()
+            if self._state_tunnel is not None:
+                await self._state_tunnel.close()
             if self._channel is not None:
                 await self._channel.close()
 
@@ -312,12 +316,13 @@ class SourceMigration:
                 f"{self.target_host} cannot take {spec.name}: {reply.body.get('error')}",
                 self.source_host,
             )
-        incoming_port = int(reply.body["port"])
-        # Set now, not in the stop window: every millisecond there is downtime.
+        # Set now, not in the stop window: every millisecond there is downtime. QEMU
+        # migrates into a socket our daemon holds; the state goes on through the channel.
         await self.vm.qmp_command(
             "migrate-set-capabilities",
             capabilities=[{"capability": "x-ignore-shared", "state": True}],
         )
+        self._state_tunnel = await StateSource.open(self.vm)
         self._event(Event.RESERVED)
         await hold(spec.name, HoldPoint.RESERVATION, self.options.hold_at)
 
@@ -361,7 +366,9 @@ class SourceMigration:
         await hold(spec.name, HoldPoint.DEVICE_STATE, self.options.hold_at)
         device_started = time.monotonic()
         self._device_migration_started = True
-        await self.vm.qmp_command("migrate", uri=f"tcp:{self.target_ip}:{incoming_port}")
+        assert self._state_tunnel is not None
+        self._state_tunnel.start(channel)
+        await self.vm.qmp_command("migrate", uri=self._state_tunnel.uri)
         await self._wait_device_state()
         device_state_ms = (time.monotonic() - device_started) * 1000
         image_asked = time.monotonic()
@@ -471,15 +478,20 @@ class SourceMigration:
         return sent_bytes
 
     async def _wait_device_state(self) -> None:
+        """Until QEMU has written its device state and the tunnel has put all of it, and
+        its end, on the channel."""
+        assert self._state_tunnel is not None
         deadline = time.monotonic() + DEVICE_STATE_TIMEOUT_S
         while time.monotonic() < deadline:
             info = await self.vm.qmp_command("query-migrate")
             status = info.get("status")
             if status == "completed":
+                await self._state_tunnel.finished(max(0.0, deadline - time.monotonic()))
                 return
             if status in ("failed", "cancelled"):
                 raise LivemigError(f"QEMU's device-state transfer {status}: "
                                    f"{info.get('error-desc', 'no reason given')}")
+            self._state_tunnel.check()  # a broken channel would leave QEMU waiting
             await asyncio.sleep(0.001)
         raise LivemigError(f"QEMU's device-state transfer took over {DEVICE_STATE_TIMEOUT_S} s")
 

@@ -366,6 +366,7 @@ def down() -> Teardown:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
     shutil.rmtree(paths.run_dir() / "hosts", ignore_errors=True)
+    shutil.rmtree(paths.pki_dir(), ignore_errors=True)  # the CA: a new bed, a new CA
     return Teardown(namespaces, pids, ram_files)
 
 

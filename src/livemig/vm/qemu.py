@@ -6,6 +6,16 @@ the guest agent on virtio-serial and QMP on a Unix socket (spoken through qemu.q
 
 QEMU runs in its own session, so it outlives the process that started it; its
 ``VMRecord`` on the host's disk lets any later process attach to it again.
+
+Every QEMU runs confined, a destination's as much as any (in ping-pong every host is
+both): a seccomp sandbox (``-sandbox``) and, once it has opened its tap, RAM file,
+sockets and logs as root, no root at all (``-runas livemig-qemu``: a user of its own, no
+capabilities, no_new_privs). What still works and why: the uffd shim registers the RAM
+at its mmap, before the drop; the daemon, root, reads /proc/PID/pagemap of a process it
+may ptrace; device state comes on a descriptor passed over QMP (``pass_fd``). Not in the
+sandbox: ``elevateprivileges=deny``, because QEMU 7.2 installs the filter before -runas
+drops privileges, so its own setgid/setuid would be killed (SIGSYS, tried here); after
+the drop set*id cannot gain anything back anyway.
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ import asyncio
 import contextlib
 import fcntl
 import os
+import pwd
 import shutil
 import signal
 import subprocess
@@ -31,6 +42,7 @@ from livemig.errors import (
     GuestTimeout,
     LivemigError,
     QEMUCrashed,
+    SetupError,
     VMError,
     VMExists,
     VMNotFound,
@@ -45,9 +57,25 @@ QEMU_BINARY = "qemu-system-x86_64"
 BOOT_TIMEOUT_S = 90.0
 QMP_TIMEOUT_S = 10.0  # every command we send answers in milliseconds; a hung QEMU must not hang us
 AGENT_PORT_NAME = "org.livemig.agent"
+QEMU_USER = "livemig-qemu"  # made by tools/setup-host.sh
+# Every deny QEMU 7.2 offers but elevateprivileges, which cannot go with -runas (above).
+SANDBOX = "on,obsolete=deny,spawn=deny,resourcecontrol=deny"
 
 
-def qemu_argv(record: VMRecord) -> list[str]:
+def confinement_argv() -> list[str]:
+    """QEMU's sandbox and its unprivileged user."""
+    try:
+        pwd.getpwnam(QEMU_USER)
+    except KeyError as exc:
+        raise SetupError(f"there is no user {QEMU_USER!r} for QEMU to run as; run "
+                         "'make setup' (tools/setup-host.sh adds it)") from exc
+    return ["-sandbox", SANDBOX, "-runas", QEMU_USER]
+
+
+def qemu_argv(record: VMRecord, *, confined: bool = True) -> list[str]:
+    """``confined=False`` only for QEMU's own postcopy baseline, whose destination needs
+    userfaultfd for kernel faults: a privilege its user lacks while
+    vm.unprivileged_userfaultfd is 0."""
     spec = record.spec
     argv = [
         QEMU_BINARY,
@@ -80,6 +108,8 @@ def qemu_argv(record: VMRecord) -> list[str]:
     ]  # fmt: skip
     if record.incoming:
         argv += ["-incoming", "defer"]
+    if confined:
+        argv += confinement_argv()
     return argv
 
 
@@ -150,9 +180,11 @@ class VM:
 
     @classmethod
     async def start(
-        cls, spec: VMSpec, host: str, *, incoming: bool = False, wait_ready: bool = True
+        cls, spec: VMSpec, host: str, *, incoming: bool = False, wait_ready: bool = True,
+        confined: bool = True,
     ) -> VM:
-        """Start QEMU for ``spec`` on ``host``; unless ``incoming``, wait for the workload."""
+        """Start QEMU for ``spec`` on ``host``; unless ``incoming``, wait for the workload.
+        ``confined``: see ``qemu_argv``."""
         # pyroute2's sync API runs its own event loop, so netlink work goes to a thread.
         node = await asyncio.to_thread(testbed.require_host, host)
         with _registry_lock():
@@ -173,7 +205,7 @@ class VM:
                 env["LD_PRELOAD"] = str(shim)
             with record.stderr_log.open("wb") as stderr:
                 process = subprocess.Popen(
-                    node.exec_argv(qemu_argv(record)),
+                    node.exec_argv(qemu_argv(record, confined=confined)),
                     env=env,
                     stdin=subprocess.DEVNULL,
                     stdout=stderr,
@@ -256,6 +288,17 @@ class VM:
         except QMPError as exc:
             self._check_alive()  # a crash explains the failure better than QMP can
             raise VMError(self.name, f"QMP {command} failed on VM {self.name!r}: {exc}") from exc
+
+    async def pass_fd(self, fd: int, name: str) -> None:
+        """Give QEMU a copy of ``fd`` (SCM_RIGHTS on the QMP socket) as ``name``, for a
+        ``fd:NAME`` migration URI. QEMU holds it for this QMP connection only."""
+        self._check_alive()
+        try:
+            self.qmp.send_fd_scm(fd)
+        except (QMPError, OSError) as exc:
+            raise VMError(self.name, f"could not pass a descriptor to VM {self.name!r}: "
+                                     f"{exc}") from exc
+        await self.qmp_command("getfd", fdname=name)
 
     async def status(self) -> str:
         """QEMU's run state: ``running``, ``paused``, ``inmigrate``, ``postmigrate``, ..."""

@@ -1,7 +1,9 @@
 """The wire protocol over asyncio: a thin transport around the sans-IO ``Connection``.
 
-``connect()`` opens a connection and completes the handshake; ``serve()`` accepts them
-and calls ``handler(channel)`` only once a peer has proved that it holds our key. A
+``connect()`` opens a connection and completes the handshakes (mutual TLS when given a
+context from ``wire.tls``, then livemig's own); ``serve()`` accepts them and calls
+``handler(channel)`` only once a peer has shown a host certificate of our CA (over TLS)
+and proved that it holds our key. A
 ``Channel`` sends and receives messages with a timeout on every wait, and translates
 socket failures into the wire errors of ``frames`` (``PeerLost``, ``PeerTimeout``) with
 ``raise ... from``. ``Pacer`` paces page traffic with a token bucket.
@@ -29,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import ssl as ssl_module
 import time
 from collections.abc import Awaitable, Callable
@@ -42,6 +45,7 @@ from livemig.wire.frames import (
     Pages,
     PeerAborted,
     PeerLost,
+    PeerNotTrusted,
     PeerTimeout,
     PeerUnreachable,
     RemoteProtocolError,
@@ -50,14 +54,17 @@ from livemig.wire.frames import (
     Role,
     State,
     WireError,
+    encode,
     printable_reason,
 )
+from livemig.wire.tls import Speaks, certified_host, describe_ssl_error, sniff
 
 __all__ = [
     "DEFAULT_TIMEOUT",
     "Channel",
     "Pacer",
     "PeerLost",
+    "PeerServer",
     "PeerTimeout",
     "PeerUnreachable",
     "TokenBucket",
@@ -326,6 +333,9 @@ class Channel:
         self._closing = False
         self._cause: WireError | None = None  # what closed the channel, if an error did
         self.pacer = Pacer()  # paces send_pages(); unthrottled until a rate is set
+        # The host the peer's TLS certificate names (verified against our CA); None
+        # on a plaintext channel, where only the shared key vouches for the peer.
+        self.certified_host: str | None = None
 
     @property
     def peer(self) -> str:
@@ -548,14 +558,23 @@ def _address(sockname: object) -> str:
 
 
 async def connect(host: str, port: int, *, key: bytes, me: str,
-                  ssl: ssl_module.SSLContext | None = None, timeout: float = 10.0,
-                  npages: int | None = None) -> Channel:
+                  ssl: ssl_module.SSLContext | None = None, peer_name: str | None = None,
+                  timeout: float = 10.0, npages: int | None = None) -> Channel:
     """Connect to the daemon at ``host:port`` as ``me`` and complete the handshake
-    within ``timeout`` seconds. Raises PeerUnreachable (a PeerLost) if nothing accepts,
-    PeerTimeout, AuthenticationError if the peer does not hold ``key``, PeerAborted if
-    the peer refuses us."""
+    within ``timeout`` seconds.
+
+    With ``ssl`` (a ``tls.client_context``), ``peer_name`` is required: the host we mean
+    to reach. Its certificate must name it, and it must call itself so in the livemig
+    handshake. Raises PeerUnreachable (a PeerLost) if nothing accepts, PeerTimeout,
+    PeerNotTrusted if TLS fails either way (its certificate, or it refused ours),
+    AuthenticationError if the peer does not hold ``key``, PeerAborted if the peer
+    refuses us with a reason (a TLS daemon tells a plaintext peer so)."""
     label = _address((host, port))
+    if ssl is not None and not peer_name:
+        raise ValueError("TLS needs peer_name: the host whose certificate we expect")
     conn = Connection(Role.CLIENT, key, me, peer=label, npages=npages)
+    if ssl is not None:
+        conn.expect_peer = peer_name
     loop = asyncio.get_running_loop()
     what = "accept the connection"
     channel: Channel | None = None
@@ -563,12 +582,39 @@ async def connect(host: str, port: int, *, key: bytes, me: str,
         async with asyncio.timeout(timeout):
             try:
                 _, protocol = await loop.create_connection(
-                    lambda: _WireProtocol(conn), host, port, ssl=ssl)
+                    lambda: _WireProtocol(conn), host, port, ssl=ssl,
+                    server_hostname=peer_name if ssl is not None else None)
+            except ssl_module.SSLCertVerificationError as exc:
+                raise PeerNotTrusted(label, f"{peer_name}'s certificate: "
+                                            f"{exc.verify_message}") from exc
             except OSError as exc:
+                if ssl is not None and isinstance(exc, ssl_module.SSLError
+                                                  | ConnectionResetError):
+                    # Connected, then the TLS handshake broke: a peer that does not
+                    # speak TLS (run with --insecure-plaintext) hangs up on a ClientHello.
+                    raise PeerNotTrusted(
+                        label, f"the TLS handshake failed ({describe_ssl_error(exc)}); "
+                               "does its daemon run with --insecure-plaintext?",
+                        by_peer=True) from exc
                 raise PeerUnreachable(label, str(exc) or type(exc).__name__) from exc
             channel = Channel(protocol, label)
+            if ssl is not None:
+                channel.certified_host = peer_name
             what = "complete the handshake"
-            await channel._handshake()
+            try:
+                await channel._handshake()
+            except PeerLost as err:
+                # TLS 1.3: the server checks our certificate after our side of the TLS
+                # handshake is done, so its refusal comes after connect() returned: as
+                # an alert, or (asyncio drops the alert when it aborts) a bare hang-up.
+                if ssl is None:
+                    raise
+                cause = protocol.lost_exc
+                why = (describe_ssl_error(cause) if isinstance(cause, ssl_module.SSLError)
+                       else "it hung up in the TLS handshake")
+                raise PeerNotTrusted(
+                    label, f"it refused our certificate ({why}); its daemon's log says why",
+                    by_peer=True) from err
             return channel
     except TimeoutError as exc:
         raise PeerTimeout(label, what, timeout) from exc
@@ -580,35 +626,141 @@ async def connect(host: str, port: int, *, key: bytes, me: str,
 Handler = Callable[[Channel], Awaitable[None]]
 
 
+class PeerServer:
+    """What ``serve()`` returns: ``sockets``, ``close()``, ``await wait_closed()``, as
+    ``asyncio.Server`` has. Closing stops accepting; connections already accepted run
+    on until their handler returns."""
+
+    def __init__(self, sock: socket.socket, task: asyncio.Task[None]) -> None:
+        self._sock = sock
+        self._task = task
+
+    @property
+    def sockets(self) -> list[socket.socket]:
+        return [] if self._sock.fileno() < 0 else [self._sock]
+
+    def close(self) -> None:
+        self._task.cancel()  # the accept loop closes the socket as it ends
+
+    async def wait_closed(self) -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+
 async def serve(host: str, port: int, *, key: bytes, me: str, handler: Handler,
                 ssl: ssl_module.SSLContext | None = None,
-                handshake_timeout: float = 10.0) -> asyncio.Server:
-    """Listen on ``host:port`` as ``me``. For each connection, complete the handshake
-    within ``handshake_timeout`` and only then run ``handler(channel)``; the channel is
-    closed when the handler returns. A failed handshake closes the connection and logs
-    one line. Close the server as usual (``server.close(); await server.wait_closed()``);
-    connections already handed to a handler run on until their handler returns."""
+                handshake_timeout: float = 10.0) -> PeerServer:
+    """Listen on ``host:port`` as ``me``. For each connection, complete the handshakes
+    (TLS with ``ssl``, a ``tls.server_context``; then livemig's) within
+    ``handshake_timeout`` and only then run ``handler(channel)``; the channel is closed
+    when the handler returns. A refused peer is closed with one log line saying why.
+
+    A peer must speak what we speak, told by its first byte: with ``ssl`` a plaintext
+    livemig peer gets an Abort saying that TLS is required; without, a TLS peer is
+    hung up on (it could not read an answer). Over TLS the client's certificate must be
+    a host certificate of our CA, and the host it names is the only name the client may
+    give itself (``Channel.certified_host``)."""
     loop = asyncio.get_running_loop()
+    sock = socket.create_server((host, port), reuse_port=False)
+    sock.setblocking(False)
     tasks: set[asyncio.Task[None]] = set()
 
-    def started(protocol: _WireProtocol) -> None:
-        task = loop.create_task(_serve_one(protocol, handler, handshake_timeout))
-        tasks.add(task)  # the loop keeps only weak references to tasks
-        task.add_done_callback(tasks.discard)
+    async def accept_loop() -> None:
+        try:
+            while True:
+                try:
+                    conn, addr = await loop.sock_accept(sock)
+                except OSError as exc:  # out of file descriptors, say: go on serving
+                    log.warning("accept on %s:%d failed: %s", host, port, exc)
+                    await asyncio.sleep(0.1)
+                    continue
+                conn.setblocking(False)
+                # asyncio sets TCP_NODELAY only on sockets whose proto field says TCP,
+                # and create_server() leaves it 0: without this, every small frame
+                # (a Reply, the handshake) waits up to 40 ms for a delayed ACK.
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                task = loop.create_task(_serve_socket(
+                    conn, _address(addr), key=key, me=me, handler=handler, ssl=ssl,
+                    timeout=handshake_timeout))
+                tasks.add(task)  # the loop keeps only weak references to tasks
+                task.add_done_callback(tasks.discard)
+        finally:
+            sock.close()
 
-    def factory() -> _WireProtocol:
-        protocol = _WireProtocol(Connection(Role.SERVER, key, me))
-        protocol.on_connect = started
-        return protocol
-
-    return await loop.create_server(factory, host, port, ssl=ssl)
+    return PeerServer(sock, loop.create_task(accept_loop()))
 
 
-async def _serve_one(protocol: _WireProtocol, handler: Handler, timeout: float) -> None:
-    assert protocol.transport is not None
-    label = _address(protocol.transport.get_extra_info("peername"))
-    protocol.conn.label = label
+async def _first_byte(sock: socket.socket) -> bytes:
+    """The peer's first byte, left in the socket for whoever reads next; b"" at EOF."""
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            return sock.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            pass
+        ready: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(sock.fileno(), _resolve, ready)
+        try:
+            await ready
+        finally:
+            loop.remove_reader(sock.fileno())
+
+
+async def _serve_socket(sock: socket.socket, label: str, *, key: bytes, me: str,
+                        handler: Handler, ssl: ssl_module.SSLContext | None,
+                        timeout: float) -> None:
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(timeout):
+            speaks = sniff(await _first_byte(sock))
+            if ssl is not None and speaks is Speaks.PLAINTEXT:
+                log.warning("refused %s: it speaks livemig in plaintext; %s requires "
+                            "mutual TLS", label, me)
+                await loop.sock_sendall(sock, encode(Abort(
+                    f"{me} requires mutual TLS and refuses plaintext peers; give this "
+                    "host a certificate (livemig keys host) and run its daemon without "
+                    "--insecure-plaintext")))
+                sock.close()
+                return
+            if ssl is None and speaks is Speaks.TLS:
+                log.warning("refused %s: it speaks TLS, but %s runs with "
+                            "--insecure-plaintext", label, me)
+                sock.close()
+                return
+            if ssl is not None and speaks is not Speaks.TLS:
+                log.warning("refused %s: it speaks %s, not TLS", label, speaks.value)
+                sock.close()
+                return
+            protocol = _WireProtocol(Connection(Role.SERVER, key, me))
+            protocol.conn.label = label
+            await loop.connect_accepted_socket(lambda: protocol, sock, ssl=ssl,
+                                               ssl_handshake_timeout=timeout if ssl else None)
+    except TimeoutError:
+        log.warning("refused %s: no handshake within %g s", label, timeout)
+        sock.close()
+        return
+    except (ssl_module.SSLError, OSError) as exc:
+        # No byte of livemig's protocol was read: TLS refused the peer first.
+        why = describe_ssl_error(exc)
+        if isinstance(exc, ConnectionResetError | ssl_module.SSLEOFError):
+            why = "the peer hung up (did it refuse our certificate? its log says why)"
+        log.warning("refused %s: TLS handshake failed: %s", label, why)
+        sock.close()
+        return
     channel = Channel(protocol, label)
+    if ssl is not None:
+        host = certified_host(protocol.transport.get_extra_info("peercert")
+                              if protocol.transport is not None else None)
+        if host is None:
+            log.warning("refused %s: its certificate names no host", label)
+            await channel.close()
+            return
+        protocol.conn.expect_peer = channel.certified_host = host
+    await _serve_one(channel, handler, timeout)
+
+
+async def _serve_one(channel: Channel, handler: Handler, timeout: float) -> None:
+    label = channel.address
     try:
         async with asyncio.timeout(timeout):
             await channel._handshake()
@@ -620,6 +772,8 @@ async def _serve_one(protocol: _WireProtocol, handler: Handler, timeout: float) 
         log.warning("refused %s: %s", label, err)
         await channel.close()
         return
+    if channel.certified_host is not None:
+        log.info("accepted %s from %s: a host certificate of our CA", channel.peer, label)
     try:
         await handler(channel)
     except WireError as err:

@@ -28,6 +28,14 @@ Frame layout (all integers little-endian, like the uint32 index arrays they carr
     Pages      round u32 | n u32 | z u32 | indexes n x u32 | zero_indexes z x u32
                | data n x 4096
     Abort      reason (UTF-8, printable, 1..1024 bytes)
+    DeviceState  last u8 (0 or 1) | data (0..1 MiB): a chunk of QEMU's device-state
+               stream, tunnelled; ``last`` ends the stream
+
+Over TLS the peer's certificate already proved who it is; set ``expect_peer`` to the
+host it names, and the handshake then also requires the peer to call itself by that
+name (a Hello or Challenge naming another host raises ``PeerNotTrusted``). The HMAC
+proofs stay as an inner check: the shared key is the cluster's membership secret, which
+can be rotated to cut off every certificate at once (there is no revocation list).
 
 The proofs are HMAC-SHA256 over the two fresh nonces, with a label per direction so that
 neither side's proof can be reflected back as the other's::
@@ -51,6 +59,8 @@ Errors (the root is ``livemig.errors.LivemigError``)::
      │    ├── FrameTooLarge    a header announced more than the cap (.length, .limit)
      │    └── UnexpectedMessage  a legal frame in the wrong state (.state)
      ├── AuthenticationError   a proof did not verify: the peer does not hold our key
+     │    └── PeerNotTrusted   TLS refused a certificate (ours or the peer's), or the
+     │                         peer calls itself other than its certificate (.by_peer)
      ├── PeerAborted           the peer sent Abort (.reason)
      ├── PeerLost              the connection closed or broke (.mid_frame)
      │    └── PeerUnreachable  we could not connect at all
@@ -80,7 +90,7 @@ import numpy.typing as npt
 
 from livemig.errors import LivemigError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: DeviceState, the tunnelled device-state stream
 PAGE_SIZE = 4096
 MAX_PAGES_PER_FRAME = 1024  # data pages; zero pages (indexes only) up to 16x as many
 MAX_ZERO_PAGES_PER_FRAME = 16 * MAX_PAGES_PER_FRAME
@@ -92,6 +102,7 @@ MAX_KIND_BYTES = 32
 MAX_REASON_BYTES = 1024
 MIN_KEY_BYTES = 16
 MAX_NPAGES = 1 << 32  # page indexes are u32 on the wire
+MAX_STATE_CHUNK = 1 << 20  # device state per DeviceState frame
 
 MAGIC: Final = b"LMIG"
 HEADER: Final = struct.Struct("<4sBBHI")  # magic, version, type, flags, payload length
@@ -121,6 +132,7 @@ class MsgType(enum.IntEnum):
     REPLY = 6
     PAGES = 7
     ABORT = 8
+    DEVICE_STATE = 9
 
     @property
     def is_handshake(self) -> bool:
@@ -141,6 +153,7 @@ MAX_PAYLOAD: Final[dict[MsgType, int]] = {
     + 4 * (MAX_PAGES_PER_FRAME + MAX_ZERO_PAGES_PER_FRAME)
     + PAGE_SIZE * MAX_PAGES_PER_FRAME,
     MsgType.ABORT: MAX_REASON_BYTES,
+    MsgType.DEVICE_STATE: 1 + MAX_STATE_CHUNK,
 }
 MAX_FRAME_BYTES: Final = HEADER_SIZE + max(MAX_PAYLOAD.values())
 
@@ -219,7 +232,17 @@ class Abort:
     reason: str
 
 
-Message = Hello | Challenge | Auth | Welcome | Request | Reply | Pages | Abort
+@dataclass(frozen=True)
+class DeviceState:
+    """A chunk of QEMU's device-state stream (CPU and devices, no RAM), carried inside
+    the authenticated channel instead of on a TCP port of QEMU's own. ``last`` marks
+    the end of the stream; its ``data`` may be empty."""
+
+    data: bytes
+    last: bool = False
+
+
+Message = Hello | Challenge | Auth | Welcome | Request | Reply | Pages | Abort | DeviceState
 
 _TYPE_OF: Final[dict[type, MsgType]] = {
     Hello: MsgType.HELLO,
@@ -230,6 +253,7 @@ _TYPE_OF: Final[dict[type, MsgType]] = {
     Reply: MsgType.REPLY,
     Pages: MsgType.PAGES,
     Abort: MsgType.ABORT,
+    DeviceState: MsgType.DEVICE_STATE,
 }
 
 _NAME: Final[dict[MsgType, str]] = {t: cls.__name__ for cls, t in _TYPE_OF.items()}
@@ -316,6 +340,18 @@ class AuthenticationError(WireError):
             "(or something else answered in its place)",
         )
         self.detail = detail
+
+
+class PeerNotTrusted(AuthenticationError):
+    """TLS refused a certificate, or the peer calls itself other than its certificate.
+    ``by_peer``: the peer refused us (our certificate, or TLS at all); else we refused it."""
+
+    def __init__(self, peer: str | None, detail: str, *, by_peer: bool = False) -> None:
+        who = f"peer {peer}" if peer else "the peer"
+        verdict = "refused us" if by_peer else "is not trusted"
+        WireError.__init__(self, peer, f"{who} {verdict}: {detail}")
+        self.detail = detail
+        self.by_peer = by_peer
 
 
 class PeerAborted(WireError):
@@ -483,6 +519,17 @@ def _payload(msg: object) -> tuple[MsgType, bytes]:
             if not isinstance(ok, bool):
                 raise _Invalid(f"ok must be a bool, not {type(ok).__name__}")
             return MsgType.REPLY, bytes((ok,)) + _encode_json(body)
+        case DeviceState(data=data, last=last):
+            if not isinstance(last, bool):
+                raise _Invalid(f"last must be a bool, not {type(last).__name__}")
+            try:
+                raw_state = bytes(data)
+            except TypeError as exc:
+                raise _Invalid("data must be a bytes-like object") from exc
+            if len(raw_state) > MAX_STATE_CHUNK:
+                raise _Invalid(f"a device-state chunk of {len(raw_state)} bytes, more "
+                               f"than {MAX_STATE_CHUNK}")
+            return MsgType.DEVICE_STATE, bytes((last,)) + raw_state
         case Abort(reason=reason):
             if not isinstance(reason, str) or not reason or not reason.isprintable():
                 raise _Invalid("reason must be a non-empty printable one-line string")
@@ -610,6 +657,10 @@ def _decode_small(mtype: MsgType, p: memoryview) -> Message:
             if n < 1 or p[0] not in (0, 1):
                 raise _Malformed("ok flag is neither 0 nor 1")
             return Reply(bool(p[0]), _decode_json(p[1:]))
+        case MsgType.DEVICE_STATE:
+            if n < 1 or p[0] not in (0, 1):
+                raise _Malformed("last flag is neither 0 nor 1")
+            return DeviceState(bytes(p[1:]), bool(p[0]))
         case MsgType.ABORT:
             try:
                 reason = str(p, "utf-8")
@@ -693,7 +744,8 @@ _HANDSHAKE_STATES: Final = frozenset(
 
 _C, _S = Role.CLIENT, Role.SERVER
 _OPEN_TRAFFIC: Final = {MsgType.REQUEST: State.OPEN, MsgType.REPLY: State.OPEN,
-                        MsgType.PAGES: State.OPEN, MsgType.ABORT: State.CLOSED}
+                        MsgType.PAGES: State.OPEN, MsgType.DEVICE_STATE: State.OPEN,
+                        MsgType.ABORT: State.CLOSED}
 
 # Everything that moves a connection's state lives in these two tables (h11's rule).
 # _RECEIVE: what may arrive in each state, the state it leads to, and the handshake
@@ -761,6 +813,9 @@ class Connection:
         self.role = role
         self.host = host
         self.peer_host: str | None = None  # as the peer claims; verified once established
+        # The name the peer must give in its Hello/Challenge: the host its TLS
+        # certificate names. None: any name (the HMAC alone authenticates).
+        self.expect_peer: str | None = None
         self.label = peer  # the peer's address, say: names it until it tells its name
         self._key = key
         self._npages: int | None = None
@@ -1060,10 +1115,12 @@ class Connection:
         after, answer = _RECEIVE[(self.role, self._state)][mtype]
         match msg:
             case Hello():
+                self._check_name(msg.host)
                 self.peer_host = msg.host
                 self._peer_nonce = msg.nonce
                 self._my_nonce = secrets.token_bytes(NONCE_BYTES)
             case Challenge():
+                self._check_name(msg.host)
                 self.peer_host = msg.host
                 self._peer_nonce = msg.nonce
                 if not hmac.compare_digest(msg.proof, self._proof(b"server")):
@@ -1087,6 +1144,12 @@ class Connection:
         elif answer is MsgType.WELCOME:
             self._queue(Welcome())
         return None if mtype.is_handshake else msg
+
+    def _check_name(self, claimed: str) -> None:
+        if self.expect_peer is not None and claimed != self.expect_peer:
+            raise PeerNotTrusted(
+                self.peer, f"it calls itself {claimed!r} but its certificate names "
+                           f"{self.expect_peer!r}")
 
     def _proof(self, label: bytes) -> bytes:
         if self.role is Role.CLIENT:

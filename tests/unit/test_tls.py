@@ -1,0 +1,328 @@
+"""Mutual TLS between daemons: certificates from ``livemig.keys``, contexts from
+``wire.tls``, and the channel's refusals, over real sockets on 127.0.0.1.
+
+Every refusal is checked at both ends: the caller gets the error it can act on, and
+the server's handler (where a reservation would start QEMU) never runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import ssl
+import stat
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from livemig import cli, keys
+from livemig.keys import HostFiles
+from livemig.wire import tls
+from livemig.wire.channel import Channel, PeerServer, connect, serve
+from livemig.wire.frames import (
+    PAGE_SIZE,
+    AuthenticationError,
+    Pages,
+    PeerAborted,
+    PeerLost,
+    PeerNotTrusted,
+    Reply,
+    Request,
+)
+
+KEY = b"k" * 32
+LOOPBACK = "127.0.0.1"
+NONE = np.empty(0, np.uint32)
+
+
+def run(coro: Coroutine[Any, Any, None], timeout: float = 30) -> None:
+    asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+class PKI:
+    """Our CA with hostA, hostB and hostC, and a foreign CA that issued its own hostA."""
+
+    def __init__(self, root: Path) -> None:
+        self.ours = root / "ours"
+        self.foreign = root / "foreign"
+        keys.init_ca(self.ours)
+        keys.init_ca(self.foreign, name="someone else's CA")
+        self.hosts = {h: keys.issue_host(self.ours, h, [LOOPBACK]) for h in
+                      ("hostA", "hostB", "hostC")}
+        self.foreign_hostA = keys.issue_host(self.foreign, "hostA", [LOOPBACK])
+        # A daemon deploys our CA's certificate beside its own, never another's.
+        self.foreign_hostA_trusting_ours = HostFiles(
+            self.ours / keys.CA_CERT, self.foreign_hostA.cert, self.foreign_hostA.key)
+
+    def client(self, host: str) -> ssl.SSLContext:
+        return tls.client_context(self.hosts[host])
+
+    def server(self, host: str) -> ssl.SSLContext:
+        return tls.server_context(self.hosts[host])
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
+    return PKI(tmp_path_factory.mktemp("pki"))
+
+
+class Served:
+    """A ``serve()`` server on a free port that counts its handler's calls."""
+
+    def __init__(self, ssl_context: ssl.SSLContext | None, me: str = "hostB") -> None:
+        self._ssl = ssl_context
+        self._me = me
+        self.calls = 0
+        self.seen: list[tuple[str, str | None]] = []
+        self.server: PeerServer | None = None
+
+    async def _handler(self, channel: Channel) -> None:
+        self.calls += 1
+        self.seen.append((channel.peer, channel.certified_host))
+        channel.connection.npages = 600
+        while True:
+            try:
+                msg = await channel.recv(timeout=10)
+            except PeerLost:
+                return
+            if isinstance(msg, Request):
+                await channel.send(Reply(True, {"kind": msg.kind}))
+
+    async def __aenter__(self) -> Served:
+        self.server = await serve(LOOPBACK, 0, key=KEY, me=self._me, handler=self._handler,
+                                  ssl=self._ssl, handshake_timeout=3)
+        return self
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+        await asyncio.sleep(0.05)  # let refused connections finish closing
+
+
+# -- keys -------------------------------------------------------------------------------
+
+
+def test_keys_are_root_only_and_certificates_name_their_host(pki: PKI) -> None:
+    files = pki.hosts["hostB"]
+    for key in (files.key, pki.ours / keys.CA_KEY):
+        assert stat.S_IMODE(os.stat(key).st_mode) == 0o600
+    cert = x509.load_pem_x509_certificate(files.cert.read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["hostB"]
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == [LOOPBACK]
+    assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert set(usage) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
+    ca = x509.load_pem_x509_certificate((pki.ours / keys.CA_CERT).read_bytes())
+    cert.verify_directly_issued_by(ca)
+    assert files.ca.read_bytes() == (pki.ours / keys.CA_CERT).read_bytes()
+    assert keys.describe(files.cert)["names"] == ["hostB", LOOPBACK]
+
+
+def test_a_ca_is_not_replaced_by_accident(pki: PKI) -> None:
+    before = (pki.ours / keys.CA_CERT).read_bytes()
+    with pytest.raises(keys.KeysError):
+        keys.init_ca(pki.ours)
+    assert (pki.ours / keys.CA_CERT).read_bytes() == before
+
+
+def test_bad_names_and_a_missing_ca_are_refused(tmp_path: Path, pki: PKI) -> None:
+    with pytest.raises(keys.KeysError):
+        keys.issue_host(tmp_path, "hostA", [])  # no CA there
+    with pytest.raises(keys.KeysError):
+        keys.issue_host(pki.ours, "host\nA", [])
+    with pytest.raises(keys.KeysError):
+        keys.issue_host(pki.ours, "hostA", ["not-an-ip"])
+    with pytest.raises(keys.KeysError):
+        tls.server_context(HostFiles.in_dir(tmp_path, "hostA"))
+
+
+# -- sans-IO helpers --------------------------------------------------------------------
+
+
+def test_certified_host_takes_exactly_one_dns_name() -> None:
+    assert tls.certified_host({"subjectAltName": (("DNS", "hostA"), ("IP Address",
+                                                                      "10.0.0.1"))}) == "hostA"
+    assert tls.certified_host(None) is None
+    assert tls.certified_host({}) is None
+    assert tls.certified_host({"subjectAltName": (("DNS", "a"), ("DNS", "b"))}) is None
+    assert tls.certified_host({"subjectAltName": (("DNS", "*.lan"),)}) is None
+
+
+def test_sniff_tells_tls_from_plaintext() -> None:
+    assert tls.sniff(b"\x16\x03\x01") is tls.Speaks.TLS
+    assert tls.sniff(b"LMIG") is tls.Speaks.PLAINTEXT
+    assert tls.sniff(b"GET /") is tls.Speaks.OTHER
+    assert tls.sniff(b"") is tls.Speaks.OTHER
+
+
+# -- over sockets -----------------------------------------------------------------------
+
+
+def test_mutual_tls_round_trip_records_the_certified_client(pki: PKI) -> None:
+    pages = np.random.default_rng(2).integers(0, 256, (600, PAGE_SIZE), dtype=np.uint8)
+
+    async def main() -> None:
+        async with Served(pki.server("hostB")) as served:
+            channel = await connect(LOOPBACK, served.port, key=KEY, me="hostA",
+                                    ssl=pki.client("hostA"), peer_name="hostB",
+                                    npages=600, timeout=5)
+            async with channel:
+                assert channel.certified_host == channel.peer == "hostB"
+                ssl_object = channel._transport.get_extra_info("ssl_object")
+                assert ssl_object.version() == "TLSv1.3"
+                idx = np.arange(0, 600, dtype=np.uint32)
+                await channel.send_pages(Pages(0, idx, NONE, pages.tobytes()))
+                assert (await channel.request("reserve", timeout=5)).body == {"kind": "reserve"}
+            await asyncio.sleep(0.05)
+            assert served.seen == [("hostA", "hostA")]
+    run(main())
+
+
+def refused_before_the_handler(pki: PKI, client: HostFiles | ssl.SSLContext | None, *,
+                               me: str = "hostA", server: str = "hostB",
+                               peer_name: str = "hostB",
+                               server_ssl: ssl.SSLContext | None | str = "tls",
+                               ) -> tuple[BaseException, list[str]]:
+    """Connect as ``me`` with ``client`` (files, a context, or None for plaintext);
+    return what the client raised and what the server logged. The handler never ran."""
+    logged: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            logged.append(record.getMessage())
+
+    channel_log = logging.getLogger("livemig.wire.channel")
+    collector = Collect(logging.WARNING)
+    channel_log.addHandler(collector)
+    caught: list[BaseException] = []
+    ctx = client if not isinstance(client, HostFiles) else tls.client_context(client)
+    server_ctx = pki.server(server) if server_ssl == "tls" else server_ssl
+    assert not isinstance(server_ctx, str)
+
+    async def main() -> None:
+        async with Served(server_ctx, me=server) as served:
+            try:
+                channel = await connect(LOOPBACK, served.port, key=KEY, me=me, ssl=ctx,
+                                        peer_name=peer_name if ctx else None, timeout=5)
+            except AuthenticationError as exc:
+                caught.append(exc)
+            except PeerAborted as exc:
+                caught.append(exc)
+            else:
+                async with channel:  # in case the refusal only comes with the first read
+                    try:
+                        await channel.request("reserve", {}, timeout=5)
+                    except (PeerLost, PeerAborted, AuthenticationError) as exc:
+                        caught.append(exc)
+            await asyncio.sleep(0.1)
+            assert served.calls == 0
+
+    try:
+        run(main())
+    finally:
+        channel_log.removeHandler(collector)
+    assert len(caught) == 1
+    return caught[0], logged
+
+
+def test_a_certificate_from_a_foreign_ca_is_refused(pki: PKI) -> None:
+    err, logged = refused_before_the_handler(pki, pki.foreign_hostA_trusting_ours)
+    assert isinstance(err, PeerNotTrusted) and err.by_peer
+    assert any("refused" in line and "certificate" in line for line in logged), logged
+
+
+def test_a_client_without_a_certificate_is_refused(pki: PKI) -> None:
+    bare = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    bare.minimum_version = ssl.TLSVersion.TLSv1_3
+    bare.load_verify_locations(cafile=str(pki.hosts["hostA"].ca))
+    err, logged = refused_before_the_handler(pki, bare)
+    assert isinstance(err, PeerNotTrusted) and err.by_peer
+    assert any("refused" in line for line in logged), logged
+
+
+def test_a_server_with_a_valid_certificate_for_another_host_is_refused(pki: PKI) -> None:
+    # We mean to reach hostB; hostC (one of ours!) answers at that address.
+    err, _ = refused_before_the_handler(pki, pki.hosts["hostA"], server="hostC",
+                                        peer_name="hostB")
+    assert isinstance(err, PeerNotTrusted) and not err.by_peer
+
+
+def test_a_server_certificate_from_a_foreign_ca_is_refused(pki: PKI) -> None:
+    impostor = keys.issue_host(pki.foreign, "hostB", [LOOPBACK])
+    foreign_server = tls.server_context(HostFiles(pki.ours / keys.CA_CERT, impostor.cert,
+                                                  impostor.key))
+    err, _ = refused_before_the_handler(pki, pki.hosts["hostA"], server_ssl=foreign_server)
+    assert isinstance(err, PeerNotTrusted) and not err.by_peer
+
+
+def test_a_client_that_calls_itself_other_than_its_certificate_is_refused(pki: PKI) -> None:
+    # hostC holds a valid certificate of our CA, and claims to be hostA.
+    err, logged = refused_before_the_handler(pki, pki.hosts["hostC"], me="hostA")
+    assert isinstance(err, PeerAborted)
+    assert any("not trusted" in line for line in logged), logged
+
+
+def test_a_plaintext_client_is_told_that_tls_is_required(pki: PKI) -> None:
+    err, logged = refused_before_the_handler(pki, None)
+    assert isinstance(err, PeerAborted) and "TLS" in err.reason
+    assert any("plaintext" in line for line in logged), logged
+
+
+def test_a_tls_client_at_a_plaintext_daemon_is_refused(pki: PKI) -> None:
+    err, logged = refused_before_the_handler(pki, pki.hosts["hostA"], server_ssl=None)
+    assert isinstance(err, PeerNotTrusted) and err.by_peer
+    assert any("--insecure-plaintext" in line for line in logged), logged
+
+
+def test_tls_1_2_is_refused(pki: PKI) -> None:
+    old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    old.maximum_version = ssl.TLSVersion.TLSv1_2
+    old.load_verify_locations(cafile=str(pki.hosts["hostA"].ca))
+    old.load_cert_chain(str(pki.hosts["hostA"].cert), str(pki.hosts["hostA"].key))
+    err, _ = refused_before_the_handler(pki, old)
+    assert isinstance(err, PeerNotTrusted) and err.by_peer
+
+
+def test_the_keys_command_makes_a_deployable_tls_directory(tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]
+                                                           ) -> None:
+    assert cli.main(["keys", "init", "--dir", str(tmp_path / "ca")]) == 0
+    assert cli.main(["keys", "host", "hostQ", "--ip", "192.0.2.7", "--dir",
+                     str(tmp_path / "ca"), "--out", str(tmp_path / "q")]) == 0
+    files = HostFiles.in_dir(tmp_path / "q", "hostQ")
+    assert files.missing() == []
+    assert not (tmp_path / "q" / keys.CA_KEY).exists()  # the CA's key stays with the CA
+    assert stat.S_IMODE(files.key.stat().st_mode) == 0o600
+    assert cli.main(["keys", "show", str(files.cert)]) == 0
+    assert json.loads(capsys.readouterr().out)["names"] == ["hostQ", "192.0.2.7"]
+    tls.server_context(files)  # loads as a daemon would
+
+
+def test_no_session_ticket_is_offered(pki: PKI) -> None:
+    """A resumed session would skip the client certificate: the server hands out none."""
+    sessions: list[object] = []
+
+    async def main() -> None:
+        async with Served(pki.server("hostB")) as served:
+            channel = await connect(LOOPBACK, served.port, key=KEY, me="hostA",
+                                    ssl=pki.client("hostA"), peer_name="hostB", timeout=5)
+            async with channel:
+                await channel.request("ping", timeout=5)  # tickets come after the handshake
+                sessions.append(channel._transport.get_extra_info("ssl_object").session)
+    run(main())
+    (session,) = sessions
+    assert session is None or not session.has_ticket

@@ -1,0 +1,156 @@
+"""The device-state tunnel between two daemons, over a real channel on 127.0.0.1.
+
+Each QEMU is played by the far end of a socket pair: on the source it writes a stream
+and closes, as QEMU does when its migration completes; on the destination it reads until
+the end of the stream. What arrives must be byte for byte what was written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Coroutine
+from typing import Any
+
+import numpy as np
+import pytest
+
+from livemig.migration.tunnel import StateSink, StateSource, TunnelError
+from livemig.wire.channel import Channel, PeerServer, connect, serve
+from livemig.wire.frames import MAX_STATE_CHUNK, DeviceState, PeerLost, Reply, Request
+
+KEY = b"k" * 32
+LOOPBACK = "127.0.0.1"
+
+
+def run(coro: Coroutine[Any, Any, None], timeout: float = 30) -> None:
+    asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def pair() -> tuple[socket.socket, socket.socket]:
+    """(the daemon's end, non-blocking; QEMU's end)."""
+    ours, qemu_end = socket.socketpair()
+    ours.setblocking(False)
+    qemu_end.setblocking(False)
+    return ours, qemu_end
+
+
+async def qemu_writes(sock: socket.socket, data: bytes) -> None:
+    loop = asyncio.get_running_loop()
+    for start in range(0, len(data), 50_000):  # QEMU writes in pieces, as it goes
+        await loop.sock_sendall(sock, data[start:start + 50_000])
+    sock.close()
+
+
+async def qemu_reads(sock: socket.socket) -> bytes:
+    loop = asyncio.get_running_loop()
+    got = bytearray()
+    while chunk := await loop.sock_recv(sock, 1 << 16):
+        got += chunk
+    sock.close()
+    return bytes(got)
+
+
+@pytest.mark.parametrize("size", [0, 1, 600_000, 3 * MAX_STATE_CHUNK + 7])
+def test_the_stream_arrives_whole_and_ends(size: int) -> None:
+    stream = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+    received: list[bytes] = []
+
+    async def destination(channel: Channel) -> None:
+        ours, qemu_end = pair()
+        sink = StateSink(ours)
+        reader = asyncio.create_task(qemu_reads(qemu_end))
+        try:
+            while not sink.ended:
+                msg = await channel.recv(timeout=10)
+                assert isinstance(msg, DeviceState)
+                assert len(msg.data) <= MAX_STATE_CHUNK
+                await sink.write(msg)
+            received.append(await reader)
+            assert sink.bytes == size
+            assert isinstance(await channel.recv(timeout=10), Request)  # as "image" asks
+            await channel.send(Reply(True, {}))
+            with pytest.raises(TunnelError):  # nothing may follow the end
+                await sink.write(DeviceState(b"late"))
+        finally:
+            sink.close()
+
+    async def main() -> None:
+        server = await serve(LOOPBACK, 0, key=KEY, me="hostB", handler=destination)
+        try:
+            port = server.sockets[0].getsockname()[1]
+            async with await connect(LOOPBACK, port, key=KEY, me="hostA") as channel:
+                ours, qemu_end = pair()
+                source = StateSource(ours)
+                try:
+                    source.start(channel)
+                    await qemu_writes(qemu_end, stream)
+                    assert await source.finished(timeout=10) == size
+                    assert (await channel.request("image", timeout=10)).ok
+                finally:
+                    await source.close()
+        finally:
+            await close(server)
+        assert received == [stream]
+    run(main())
+
+
+async def close(server: PeerServer) -> None:
+    server.close()
+    await server.wait_closed()
+    await asyncio.sleep(0.05)
+
+
+def test_a_broken_channel_is_reported_while_qemu_still_writes() -> None:
+    """The source polls check() while it waits for QEMU: a dead channel must surface
+    there, not as a time-out after QEMU filled its socket."""
+
+    async def hang_up(channel: Channel) -> None:
+        with pytest.raises(PeerLost):  # what the source sends after we left
+            await channel.recv(timeout=0.01)
+
+    async def main() -> None:
+        server = await serve(LOOPBACK, 0, key=KEY, me="hostB", handler=hang_up)
+        try:
+            port = server.sockets[0].getsockname()[1]
+            async with await connect(LOOPBACK, port, key=KEY, me="hostA") as channel:
+                ours, qemu_end = pair()
+                source = StateSource(ours)
+                try:
+                    source.start(channel)
+                    loop = asyncio.get_running_loop()
+                    with pytest.raises((PeerLost, TunnelError)):
+                        for _ in range(200):
+                            await loop.sock_sendall(qemu_end, b"x" * 65536)
+                            source.check()
+                            await asyncio.sleep(0.01)
+                finally:
+                    qemu_end.close()
+                    await source.close()
+        finally:
+            await close(server)
+    run(main())
+
+
+def test_finished_without_an_end_times_out() -> None:
+    async def idle(channel: Channel) -> None:
+        msg = await channel.recv(timeout=5)
+        assert isinstance(msg, Request | DeviceState)
+
+    async def main() -> None:
+        server = await serve(LOOPBACK, 0, key=KEY, me="hostB", handler=idle)
+        try:
+            port = server.sockets[0].getsockname()[1]
+            async with await connect(LOOPBACK, port, key=KEY, me="hostA") as channel:
+                ours, qemu_end = pair()  # QEMU never closes its end
+                source = StateSource(ours)
+                try:
+                    source.start(channel)
+                    with pytest.raises(TunnelError):
+                        await source.finished(timeout=0.2)
+                finally:
+                    qemu_end.close()
+                    await source.close()
+        finally:
+            await close(server)
+    run(main())
