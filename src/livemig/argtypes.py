@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
@@ -93,3 +94,18 @@ def writable_file(text: str, *, makes_parents: bool = False) -> Path:
     except OSError as exc:
         raise argparse.ArgumentTypeError(f"cannot write {text}: {exc.strerror}") from None
     return path
+
+
+def whole_number(low: int, high: int) -> Callable[[str], int]:
+    """A type for a whole number from ``low`` to ``high``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high}, not {value}")
+        return value
+
+    return parse

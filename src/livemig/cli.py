@@ -280,21 +280,34 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_init(args: argparse.Namespace) -> int:
-    cert = keys.init_ca(args.dir, force=args.force)
+    try:
+        cert = keys.init_ca(args.dir, force=args.force)
+    except OSError as exc:
+        raise LivemigError(f"cannot make a CA in {args.dir}: {exc.strerror}") from exc
     print(f"CA certificate {cert}; its key {args.dir / keys.CA_KEY} (0600) stays with you, "
           "never on a host", file=sys.stderr)
     return 0
 
 
 def cmd_keys_host(args: argparse.Namespace) -> int:
-    files = keys.issue_host(args.dir, args.name, args.ip, days=args.days, out=args.out)
+    try:
+        files = keys.issue_host(args.dir, args.name, args.ip, days=args.days, out=args.out)
+    except OSError as exc:
+        raise LivemigError(f"cannot write {args.name}'s certificate: {exc.strerror} "
+                           f"({exc.filename})") from exc
     print(f"{args.name}: {files.cert}, {files.key} (0600), {files.ca}; copy these three to "
           f"the host's --tls-dir", file=sys.stderr)
     return 0
 
 
 def cmd_keys_show(args: argparse.Namespace) -> int:
-    print(json.dumps(keys.describe(args.cert), indent=2))
+    try:
+        described = keys.describe(args.cert)
+    except OSError as exc:
+        raise LivemigError(f"cannot read {args.cert}: {exc.strerror}") from exc
+    except ValueError as exc:  # cryptography's word for "this is no PEM certificate"
+        raise LivemigError(f"{args.cert} is not a PEM certificate") from exc
+    print(json.dumps(described, indent=2))
     return 0
 
 
@@ -401,7 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     k_host.add_argument("--ip", action="append", default=[], help="an address (repeatable)")
     k_host.add_argument("--dir", type=Path, required=True)
     k_host.add_argument("--out", type=Path, help="where the host's files go (default --dir)")
-    k_host.add_argument("--days", type=int, default=keys.HOST_DAYS)
+    # X.509 dates end in 9999: a century is plenty, and 0 days is a certificate never valid.
+    k_host.add_argument("--days", type=argtypes.whole_number(1, 36500), default=keys.HOST_DAYS)
     k_host.set_defaults(func=cmd_keys_host)
     k_show = keys_sub.add_parser("show", help="what a certificate says")
     k_show.add_argument("cert", type=Path)

@@ -109,6 +109,8 @@ USAGE_ERRORS = [
     (["simulate", "--model", "hotset", "--json", "/nonexistent-dir/s.json"],
      ["/nonexistent-dir"]),
     (["simulate"], ["--model"]),
+    (["keys", "host", "hostA", "--dir", "ca", "--days", "0"], ["--days", "0"]),
+    (["keys", "host", "hostA", "--dir", "ca", "--days", "99999999"], ["99999999"]),
     (["bogus"], ["bogus"]),
     ([], ["COMMAND"]),
 ]
@@ -171,6 +173,10 @@ COMMAND_ERRORS = [
     (["simulate", "--model", "uniform", "--zero-fraction", "3"], ["--zero-fraction"]),
     (["simulate", "--model", "uniform", "--ram", "0"], ["--ram"]),
     (["simulate", "--model", "uniform", "--min-rate", "600"], ["--min-rate"]),
+    (["keys", "show", "/nonexistent.crt"], ["/nonexistent.crt"]),
+    (["keys", "show", "/etc/hostname"], ["/etc/hostname"]),
+    (["keys", "init", "--dir", "/proc/livemig-ca"], ["/proc/livemig-ca"]),
+    (["keys", "host", "hostA", "--dir", "/nonexistent-ca"], ["/nonexistent-ca"]),
 ]
 
 
