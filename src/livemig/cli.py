@@ -2,6 +2,9 @@
 
 No policy lives here. Every failure that livemig foresaw is a ``LivemigError`` and ends as
 one sentence on stderr with exit status 1; anything else is a bug and keeps its traceback.
+Bad arguments are found before anything is touched: argument types (``argtypes``) turn
+them into one-line usage errors (status 2), and checks across arguments come first in each
+command.
 """
 
 from __future__ import annotations
@@ -9,12 +12,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from livemig import keys, reporting
+from livemig import argtypes, keys, reporting
 from livemig.analysis import cli_commands as analysis_commands
 from livemig.daemon import control, launch, server
 from livemig.errors import LivemigError, SetupError
@@ -24,7 +28,7 @@ from livemig.migration.holds import HoldPoint
 from livemig.net import testbed
 from livemig.probes.cli import add_probe_commands
 from livemig.vm import qemu
-from livemig.vm.spec import DEFAULT_MEM_MIB, VMSpec, Workload
+from livemig.vm.spec import DEFAULT_MEM_MIB, WORKLOAD_OPTIONS, VMSpec, Workload, workload_misfit
 
 
 def _print_json(value: Any) -> None:
@@ -61,34 +65,47 @@ def cmd_image_build(args: argparse.Namespace) -> int:
 # -- vm ---------------------------------------------------------------------------------
 
 
-def _parse_options(pairs: Sequence[str]) -> tuple[tuple[str, str], ...]:
+def _parse_options(
+    pairs: Sequence[str], workload: Workload, mem_mib: int
+) -> tuple[tuple[str, str], ...]:
+    """The workload options, each a known key with a whole number in its range."""
     options = []
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep or not key.replace("_", "").isalnum() or not key.islower() or " " in value:
-            raise LivemigError(f"--opt takes key=value (lower-case key, no spaces), not {pair!r}")
+        if not sep or not key:
+            raise LivemigError(f"--opt takes KEY=VALUE, e.g. mm_mib=64, not {pair!r}")
+        if key not in WORKLOAD_OPTIONS:
+            raise LivemigError(f"--opt {key!r} is not a workload option; the options are "
+                               f"{', '.join(WORKLOAD_OPTIONS)}")
+        low, high = WORKLOAD_OPTIONS[key]
+        # isdigit alone takes '²' and other digits int() does not.
+        if not (value.isascii() and value.isdigit() and low <= int(value) <= high):
+            raise LivemigError(f"--opt {key} takes a whole number from {low} to {high}, "
+                               f"not {value!r}")
         options.append((key, value))
+    if problem := workload_misfit(workload, tuple(options), mem_mib):
+        raise LivemigError(problem)
     return tuple(options)
 
 
 def cmd_vm_start(args: argparse.Namespace) -> int:
-    if not 64 <= args.mem <= 16384:
-        raise LivemigError(f"--mem must be between 64 and 16384 MiB, not {args.mem}")
-    image = builder.Image.load(args.image)
-    if args.workload == Workload.CUSTOM and image.run is None:
-        raise SetupError(f"image {image.name!r} has no custom workload; build it with --run")
+    workload = Workload(args.workload)
+    options = _parse_options(args.opt, workload, args.mem)
     testbed.require_host(args.host)
+    image = builder.Image.load(args.image)
+    if workload is Workload.CUSTOM and image.run is None:
+        raise SetupError(f"image {image.name!r} has no custom workload; build it with --run")
 
     async def start() -> dict[str, Any]:
         spec = VMSpec(
             name=args.name,
             ip=qemu.free_ip(),
             mem_mib=args.mem,
-            workload=Workload(args.workload),
+            workload=workload,
             image=image.name,
             kernel=image.kernel,
             initrd=image.initrd,
-            options=_parse_options(args.opt),
+            options=options,
         )
         vm = await qemu.VM.start(spec, args.host)
         try:
@@ -178,18 +195,6 @@ def cmd_testbed_status(args: argparse.Namespace) -> int:
 # -- migrate ----------------------------------------------------------------------------
 
 
-def _rate(text: str) -> float:
-    """A rate in Mbit/s: '500', '500M', '1G' or '1g'."""
-    scale = {"k": 1e-3, "m": 1.0, "g": 1e3}.get(text[-1:].lower(), None)
-    try:
-        value = float(text[:-1]) * scale if scale is not None else float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a rate (e.g. 500, 500M, 1G)") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"a rate must be positive, not {text!r}")
-    return value
-
-
 def _show_progress(update: dict[str, Any]) -> None:
     tty = sys.stderr.isatty()
     line = reporting.progress_line(update)
@@ -207,10 +212,13 @@ def _seconds(text: str) -> float:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    record = qemu.find(args.name)
-    testbed.require_host(args.to)
     if args.min_rate > args.max_rate:
-        raise LivemigError(f"--min-rate {args.min_rate:g} is above --max-rate {args.max_rate:g}")
+        raise LivemigError(f"--min-rate {args.min_rate:g} is above --max-rate {args.max_rate:g}; "
+                           f"the minimum must not exceed the maximum")
+    testbed.require_host(args.to)  # first: with the test bed down, no VM can be found either
+    record = qemu.find(args.name)
+    if record.host == args.to:
+        raise LivemigError(f"{args.name} already runs on {args.to}; name another host")
     request = {
         "op": "migrate", "vm": args.name, "to": args.to, "mode": args.mode,
         "min_rate_mbps": args.min_rate, "max_rate_mbps": args.max_rate,
@@ -218,15 +226,32 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         "stall_timeout_s": args.stall_timeout, "timeout_s": args.timeout,
         "hold_at": args.hold_at,
     }
-    report = asyncio.run(
-        control.migrate(record.host, request, None if args.quiet else _show_progress)
-    )
+    try:
+        report = asyncio.run(
+            control.migrate(record.host, request, None if args.quiet else _show_progress)
+        )
+    except KeyboardInterrupt:
+        # Only this command stops: the daemon runs the migration on, by design.
+        fresh_line = "\n" if sys.stderr.isatty() and not args.quiet else ""  # after a \r line
+        print(f"{fresh_line}livemig: interrupted; the migration of {args.name} goes on in "
+              f"{record.host}'s daemon, and 'livemig cancel {args.name}' stops it",
+              file=sys.stderr)
+        return 130
     if not args.quiet and sys.stderr.isatty():
         print(file=sys.stderr)
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(reporting.report_text(report))
+    if args.json:
+        _write_report(args.json, report)
     return 0 if report["verified"] is not False else 1
+
+
+def _write_report(path: Path, report: dict[str, Any]) -> None:
+    try:
+        path.write_text(json.dumps(report, indent=2) + "\n")
+    except OSError as exc:
+        # The migration itself is done: say so, or the operator would retry it.
+        raise LivemigError(f"the migration completed, but its report could not be written to "
+                           f"{path}: {exc.strerror}") from exc
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
@@ -255,21 +280,34 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_init(args: argparse.Namespace) -> int:
-    cert = keys.init_ca(args.dir, force=args.force)
+    try:
+        cert = keys.init_ca(args.dir, force=args.force)
+    except OSError as exc:
+        raise LivemigError(f"cannot make a CA in {args.dir}: {exc.strerror}") from exc
     print(f"CA certificate {cert}; its key {args.dir / keys.CA_KEY} (0600) stays with you, "
           "never on a host", file=sys.stderr)
     return 0
 
 
 def cmd_keys_host(args: argparse.Namespace) -> int:
-    files = keys.issue_host(args.dir, args.name, args.ip, days=args.days, out=args.out)
+    try:
+        files = keys.issue_host(args.dir, args.name, args.ip, days=args.days, out=args.out)
+    except OSError as exc:
+        raise LivemigError(f"cannot write {args.name}'s certificate: {exc.strerror} "
+                           f"({exc.filename})") from exc
     print(f"{args.name}: {files.cert}, {files.key} (0600), {files.ca}; copy these three to "
           f"the host's --tls-dir", file=sys.stderr)
     return 0
 
 
 def cmd_keys_show(args: argparse.Namespace) -> int:
-    print(json.dumps(keys.describe(args.cert), indent=2))
+    try:
+        described = keys.describe(args.cert)
+    except OSError as exc:
+        raise LivemigError(f"cannot read {args.cert}: {exc.strerror}") from exc
+    except ValueError as exc:  # cryptography's word for "this is no PEM certificate"
+        raise LivemigError(f"{args.cert} is not a PEM certificate") from exc
+    print(json.dumps(described, indent=2))
     return 0
 
 
@@ -277,14 +315,15 @@ def cmd_keys_show(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="livemig", description=__doc__.splitlines()[0])
+    parser = argtypes.Parser(prog="livemig", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     image = commands.add_parser("image", help="the guest image").add_subparsers(
         dest="action", required=True
     )
     build = image.add_parser("build", help="build (or find cached) the guest image")
-    build.add_argument("--name", default=builder.DEFAULT_IMAGE, help="image name")
+    build.add_argument("--name", type=argtypes.name, default=builder.DEFAULT_IMAGE,
+                       help="image name")
     build.add_argument("--add", action="append", default=[], metavar="SRC:DEST",
                        help="put a file or static program into the image (repeatable)")
     build.add_argument("--run", metavar="CMD", help="command of the 'custom' workload")
@@ -296,11 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
         dest="action", required=True
     )
     start = vm.add_parser("start", help="boot a VM on a host; prints its IP when ready")
-    start.add_argument("name")
+    start.add_argument("name", type=argtypes.name)
     start.add_argument("--host", required=True)
     start.add_argument("--workload", required=True, choices=[w.value for w in Workload])
-    start.add_argument("--mem", type=int, default=DEFAULT_MEM_MIB, metavar="MiB")
-    start.add_argument("--image", default=builder.DEFAULT_IMAGE)
+    start.add_argument("--mem", type=argtypes.mem_mib, default=DEFAULT_MEM_MIB, metavar="MiB")
+    start.add_argument("--image", type=argtypes.name, default=builder.DEFAULT_IMAGE)
     start.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                        help="workload option, e.g. web_kb=512, mm_mib=64, mm_rate=100")
     start.add_argument("--json", action="store_true")
@@ -334,15 +373,16 @@ def build_parser() -> argparse.ArgumentParser:
     mig = commands.add_parser("migrate", help="live-migrate a VM to another host")
     mig.add_argument("name")
     mig.add_argument("--to", required=True, metavar="HOST")
-    mig.add_argument("--min-rate", type=_rate, default=100.0, metavar="R",
+    mig.add_argument("--min-rate", type=argtypes.rate, default=100.0, metavar="R",
                      help="Mbit/s of round 1 and the floor (default 100)")
-    mig.add_argument("--max-rate", type=_rate, default=500.0, metavar="R",
+    mig.add_argument("--max-rate", type=argtypes.rate, default=500.0, metavar="R",
                      help="Mbit/s ceiling and the stop-and-copy's rate (default 500)")
     mig.add_argument("--mode", choices=["precopy", "stop-and-copy"], default="precopy")
     mig.add_argument("--tracker", choices=["auto", "uffd", "shadow"], default="auto")
     mig.add_argument("--no-verify", action="store_true",
                      help="skip the checksum of both images (it costs downtime)")
-    mig.add_argument("--json", type=Path, metavar="FILE", help="write the report here")
+    mig.add_argument("--json", type=argtypes.writable_file, metavar="FILE",
+                     help="write the report here")
     mig.add_argument("--quiet", action="store_true", help="no live progress")
     mig.add_argument("--timeout", type=_seconds, default=None, metavar="S",
                      help="abort cleanly unless committed within S seconds")
@@ -374,7 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     k_host.add_argument("--ip", action="append", default=[], help="an address (repeatable)")
     k_host.add_argument("--dir", type=Path, required=True)
     k_host.add_argument("--out", type=Path, help="where the host's files go (default --dir)")
-    k_host.add_argument("--days", type=int, default=keys.HOST_DAYS)
+    # X.509 dates end in 9999: a century is plenty, and 0 days is a certificate never valid.
+    k_host.add_argument("--days", type=argtypes.whole_number(1, 36500), default=keys.HOST_DAYS)
     k_host.set_defaults(func=cmd_keys_host)
     k_show = keys_sub.add_parser("show", help="what a certificate says")
     k_show.add_argument("cert", type=Path)
@@ -393,6 +434,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except LivemigError as exc:
         print(f"livemig: {exc}", file=sys.stderr)
+        return 1
+    except PermissionError as exc:
+        if os.geteuid() == 0:
+            raise  # root was refused: that is no foreseen failure
+        print(f"livemig: permission denied on {exc.filename or 'a file it needs'}; "
+              f"livemig runs as root", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("livemig: interrupted", file=sys.stderr)

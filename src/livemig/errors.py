@@ -2,6 +2,7 @@
 
     LivemigError
      ├── SetupError          the host lacks something livemig needs (a package, an image)
+     ├── BadName             a VM, image or instance name that cannot be one (also a ValueError)
      ├── TestbedError        the test bed is missing, half-built, or asked for an unknown host
      ├── VMError             about one VM (carries .vm)
      │    ├── VMNotFound
@@ -40,6 +41,19 @@ class SetupError(LivemigError):
     """The host is missing something: run ``make setup``."""
 
 
+class BadName(LivemigError, ValueError):
+    """A name that would not be safe as part of a file path or a namespace.
+
+    Also a ``ValueError``, so code that validates peer data with ``except ValueError``
+    (a VM spec from another daemon) refuses it like any other malformed value.
+    """
+
+    def __init__(self, what: str, name: str, rule: str) -> None:
+        super().__init__(f"{what} {name!r} is not allowed: {rule}")
+        self.what = what
+        self.name = name
+
+
 class TestbedError(LivemigError):
     """The test bed is not up, or a named host is not part of it."""
 
@@ -50,6 +64,16 @@ class VMError(LivemigError):
     def __init__(self, vm: str, message: str) -> None:
         super().__init__(message)
         self.vm = vm
+
+
+def _last_words(console: str) -> str:
+    """The console line that best says why a guest stopped: a panic or an OOM kill comes
+    a few lines before the last one; else the last line."""
+    lines = [line.strip() for line in console.splitlines() if line.strip()]
+    for marker in ("Kernel panic", "Out of memory"):
+        if found := next((line for line in reversed(lines) if marker in line), None):
+            return found[:200]
+    return lines[-1][:200] if lines else ""
 
 
 class VMNotFound(VMError):
@@ -65,7 +89,13 @@ class VMExists(VMError):
 
 class QEMUCrashed(VMError):
     def __init__(self, vm: str, returncode: int | None, stderr: str, console_tail: str) -> None:
-        detail = stderr.strip().splitlines()[-1] if stderr.strip() else "no message on stderr"
+        # QEMU says nothing when the guest panicked: then the console tells.
+        if stderr.strip():
+            detail = stderr.strip().splitlines()[-1]
+        elif words := _last_words(console_tail):
+            detail = f"the guest's console ended with {words!r}"
+        else:
+            detail = "no message on stderr"
         super().__init__(vm, f"QEMU for VM {vm!r} exited (status {returncode}): {detail}")
         self.returncode = returncode
         self.stderr = stderr
@@ -74,9 +104,10 @@ class QEMUCrashed(VMError):
 
 class GuestTimeout(VMError):
     def __init__(self, vm: str, what: str, seconds: float, console_tail: str = "") -> None:
-        super().__init__(
-            vm, f"VM {vm!r}: {what} did not happen within {seconds:g} s; see its console log"
-        )
+        # The console log goes with the VM that failed to start; its telling line stays.
+        words = _last_words(console_tail)
+        hint = f"its console's last words: {words!r}" if words else "see its console log"
+        super().__init__(vm, f"VM {vm!r}: {what} did not happen within {seconds:g} s; {hint}")
         self.what = what
         self.seconds = seconds
         self.console_tail = console_tail

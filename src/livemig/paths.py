@@ -12,16 +12,33 @@ a test run, never touch each other. Built images are shared: they are only ever 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
+from livemig.errors import BadName
+
 SHM_DIR = Path("/dev/shm")
+NAME_RULE = "use 1 to 32 letters, digits, '.', '_' or '-', starting with a letter or digit"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}")
+
+
+def check_name(name: str, what: str = "the name") -> str:
+    """``name`` if it can be a VM's or an image's name, else ``BadName``.
+
+    Names become file names (/run/livemig/hosts/H/vms/NAME, /dev/shm/...-NAME.ram,
+    /var/lib/livemig/images/NAME), removed recursively on stop or rebuild: a name with a
+    '/' or a leading '.' would reach outside them.
+    """
+    if not _NAME.fullmatch(name):
+        raise BadName(what, name, NAME_RULE)
+    return name
 
 
 def instance() -> str:
     """'' for the default instance, else a short name of letters and digits."""
     name = os.environ.get("LIVEMIG_INSTANCE", "")
     if not (name.isalnum() and name.isascii() and len(name) <= 4) and name:
-        raise ValueError(f"LIVEMIG_INSTANCE must be up to 4 letters or digits, not {name!r}")
+        raise BadName("LIVEMIG_INSTANCE", name, "use up to 4 letters or digits")
     return name
 
 

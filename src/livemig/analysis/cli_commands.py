@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 from collections.abc import Callable
@@ -16,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from livemig.analysis import plots, record, simulate, wws
+from livemig import argtypes
+from livemig.analysis import record, simulate, wws
 from livemig.analysis.trace import Trace
 from livemig.errors import LivemigError
 from livemig.migration.planner import MBIT, PAGE_SIZE, Mode, PlannerConfig, RateLimits
@@ -34,7 +36,10 @@ def parse_size(text: str) -> int:
     match = re.fullmatch(_NUMBER + r"([a-z]*)\s*", text.lower())
     if not match or match.group(2) not in _SIZE_UNITS:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 1GiB, 16MiB, 4096)")
-    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+    value = float(match.group(1)) * _SIZE_UNITS[match.group(2)]
+    if not math.isfinite(value):  # '1e400': int() of it would raise OverflowError
+        raise argparse.ArgumentTypeError(f"{text!r} is too large a size")
+    return int(value)
 
 
 def parse_duration(text: str) -> float:
@@ -60,16 +65,25 @@ def parse_mbps(text: str) -> float:
         value = float(text[:-1]) * scale if scale is not None else float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a rate (e.g. 500, 500M, 1G)") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"a rate must be positive, not {text!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"a rate must be a positive number, not {text!r}")
     return value
 
 
 def parse_list(parse: Any) -> Any:
     def parse_all(text: str) -> list[Any]:
-        return [parse(part) for part in text.split(",") if part.strip()]
+        try:
+            return [parse(part) for part in text.split(",") if part.strip()]
+        except ValueError:  # int('x'): argparse would only say "invalid parse_all value"
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a comma-separated list of numbers") from None
 
     return parse_all
+
+
+def _output(text: str) -> Path:
+    """'-' (stdout) or a file that can be written, checked before the work."""
+    return Path(text) if text == "-" else argtypes.writable_file(text)
 
 
 def _write_json(target: Path, value: Any) -> None:
@@ -149,6 +163,8 @@ def cmd_wws(args: argparse.Namespace) -> int:
     print(wws_text(result))
     if args.plot:
         hot = wws.hot_set(trace, args.hot_fraction)
+        from livemig.analysis import plots  # here: matplotlib costs every command 0.4 s
+
         plots.wws_figure(args.plot, trace, curves, wws.wws_sizes(trace, args.windows),
                          args.windows, hot.pages, looped=args.loop)
         _say(f"figure: {args.plot}")
@@ -201,10 +217,14 @@ def _guest(
     if args.ram % PAGE_SIZE:
         raise LivemigError(f"--ram must be a whole number of pages, not {args.ram} bytes")
     hot = args.hot_set // PAGE_SIZE if args.model == "hotset" else 0
-    model = simulate.Model(
-        npages=args.ram // PAGE_SIZE, write_rate=args.dirty_rate / PAGE_SIZE, hot_pages=hot,
-        skew=args.skew if args.model == "hotset" else 0.0, zero_fraction=args.zero_fraction,
-        seed=args.seed)
+    try:
+        model = simulate.Model(
+            npages=args.ram // PAGE_SIZE, write_rate=args.dirty_rate / PAGE_SIZE,
+            hot_pages=hot, skew=args.skew if args.model == "hotset" else 0.0,
+            zero_fraction=args.zero_fraction, seed=args.seed)
+    except ValueError as exc:
+        raise LivemigError(f"the model's parameters do not fit together: {exc} (see --ram, "
+                           f"--dirty-rate, --hot-set, --skew, --zero-fraction)") from exc
     zeros = simulate.ModelDirtier(model).zero_pages()
     what = (f"{args.model} model: {args.ram / 2**20:g} MiB, writes {args.dirty_rate / 2**20:g} "
             f"MiB/s" + (f", {args.skew:.0%} of them into a {args.hot_set / 2**20:g} MiB hot set"
@@ -232,6 +252,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         ]
         print(sweep_text(cells, what))
         if args.plot:
+            from livemig.analysis import plots  # here: matplotlib costs every command 0.4 s
+
             plots.sweep_figure(args.plot, cells, f"Simulated pre-copy of the {what}")
             _say(f"figure: {args.plot}")
         if args.json:
@@ -294,7 +316,7 @@ def sweep_text(cells: list[dict[str, Any]], what: str) -> str:
 # -- the parser -------------------------------------------------------------------------
 
 
-def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def register(commands: argparse._SubParsersAction[Any]) -> None:
     """Add ``trace``, ``wws`` and ``simulate`` to the main CLI."""
     trace = commands.add_parser("trace", help="dirty-page traces of running VMs").add_subparsers(
         dest="action", required=True)
@@ -305,7 +327,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     rec.add_argument("--duration", type=parse_duration, default=60.0, metavar="T",
                      help="how long to record (default 60s)")
     rec.add_argument("--tracker", choices=["auto", "uffd", "shadow"], default="auto")
-    rec.add_argument("-o", "--output", type=Path, required=True, metavar="FILE.npz")
+    rec.add_argument("-o", "--output", type=argtypes.writable_file, required=True,
+                     metavar="FILE.npz")
     rec.add_argument("--quiet", action="store_true", help="no live progress")
     rec.set_defaults(func=cmd_trace_record)
     info = trace.add_parser("info", help="what a trace file holds")
@@ -324,8 +347,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                    help="a page is hot if written in at least this fraction of intervals")
     w.add_argument("--loop", action="store_true",
                    help="repeat the trace when the rounds outlast it (default: leave them out)")
-    w.add_argument("--plot", type=Path, metavar="FILE.png")
-    w.add_argument("--json", type=Path, metavar="FILE", help="the summary as JSON ('-': stdout)")
+    w.add_argument("--plot", type=argtypes.writable_file, metavar="FILE.png")
+    w.add_argument("--json", type=_output, metavar="FILE", help="the summary as JSON ('-': stdout)")
     w.set_defaults(func=cmd_wws)
 
     s = commands.add_parser("simulate", help="predict a migration: the planner on virtual time")
@@ -361,6 +384,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                    metavar="R,R,...")
     s.add_argument("--sweep-max", type=parse_list(parse_mbps),
                    default=[200, 300, 500, 750, 1000], metavar="R,R,...")
-    s.add_argument("--plot", type=Path, metavar="FILE.png", help="heat maps of a sweep")
-    s.add_argument("--json", type=Path, metavar="FILE", help="the result as JSON ('-': stdout)")
+    s.add_argument("--plot", type=argtypes.writable_file, metavar="FILE.png",
+                   help="heat maps of a sweep")
+    s.add_argument("--json", type=_output, metavar="FILE", help="the result as JSON ('-': stdout)")
     s.set_defaults(func=cmd_simulate)

@@ -34,7 +34,7 @@ from livemig.migration.source import MigrationOptions, Progress, SourceMigration
 from livemig.net import testbed
 from livemig.vm import qemu
 from livemig.vm.spec import VMRecord
-from livemig.wire import channel, tls
+from livemig.wire import channel, frames, tls
 from livemig.wire.channel import Channel
 
 log = logging.getLogger("livemigd")
@@ -70,13 +70,28 @@ class Daemon:
         path = control.socket_path(self.host)
         path.parent.mkdir(parents=True, exist_ok=True)
         os.chmod(path.parent, 0o700)
+        # Unlinking a live daemon's socket would cut it off from the CLI for good.
+        if await _answers(path):
+            raise LivemigError(f"a livemig daemon already serves {self.host}; "
+                               f"'livemig testbed down' ends it")
         path.unlink(missing_ok=True)
         local = await asyncio.start_unix_server(self._on_cli, str(path),
                                                 limit=control.MAX_LINE_BYTES)
         os.chmod(path, 0o600)
+        try:
+            peers = await channel.serve(self.ip, control.PEER_PORT, key=self.key,
+                                        me=self.host, handler=self._on_peer,
+                                        ssl=self.server_ssl)
+        except OSError as exc:
+            local.close()
+            path.unlink(missing_ok=True)
+            raise LivemigError(
+                f"the daemon of {self.host} cannot listen on {self.ip}:{control.PEER_PORT} "
+                f"({exc.strerror}); it runs inside the host's namespace, where "
+                f"'livemig testbed up' starts it"
+            ) from exc
+        # Last: the launcher takes a pid file and a socket as a daemon that is ready.
         (path.parent / "livemigd.pid").write_text(str(os.getpid()))
-        peers = await channel.serve(self.ip, control.PEER_PORT, key=self.key, me=self.host,
-                                    handler=self._on_peer, ssl=self.server_ssl)
         log.info("livemigd on %s: control %s, peers %s:%d (%s)", self.host, path, self.ip,
                  control.PEER_PORT, "mutual TLS" if self.server_ssl else "PLAINTEXT")
         if self.server_ssl is None:
@@ -202,19 +217,23 @@ class Daemon:
         if target == self.host:
             raise LivemigError(f"{name} already runs on {target}")
         target_ip = str(testbed.require_host(target).ip)
-        options = MigrationOptions(
-            limits=RateLimits(
-                min_bps=float(request.get("min_rate_mbps", 100)) * MBIT,
-                max_bps=float(request.get("max_rate_mbps", 500)) * MBIT,
-                increment_bps=float(request.get("increment_mbps", 50)) * MBIT,
-            ),
-            mode=Mode(request.get("mode", Mode.PRECOPY)),
-            tracker=str(request.get("tracker", "auto")),
-            verify=bool(request.get("verify", True)),
-            stall_timeout_s=float(request.get("stall_timeout_s", 10.0)),
-            timeout_s=float(request["timeout_s"]) if request.get("timeout_s") else None,
-            hold_at=HoldPoint(request["hold_at"]) if request.get("hold_at") else None,
-        )
+        try:
+            options = MigrationOptions(
+                limits=RateLimits(
+                    min_bps=float(request.get("min_rate_mbps", 100)) * MBIT,
+                    max_bps=float(request.get("max_rate_mbps", 500)) * MBIT,
+                    increment_bps=float(request.get("increment_mbps", 50)) * MBIT,
+                ),
+                mode=Mode(request.get("mode", Mode.PRECOPY)),
+                tracker=str(request.get("tracker", "auto")),
+                verify=bool(request.get("verify", True)),
+                stall_timeout_s=float(request.get("stall_timeout_s", 10.0)),
+                timeout_s=float(request["timeout_s"]) if request.get("timeout_s") else None,
+                hold_at=HoldPoint(request["hold_at"]) if request.get("hold_at") else None,
+            )
+        except (TypeError, ValueError) as exc:
+            # The request comes over a socket: refuse it in a reply, never by dying.
+            raise LivemigError(f"bad migrate request for {name}: {exc}") from exc
 
         def progress(update: Progress) -> None:
             with contextlib.suppress(OSError, RuntimeError):
@@ -260,6 +279,30 @@ class Daemon:
                 await vm.close()
 
 
+async def _answers(path: Path) -> bool:
+    """Whether a process accepts connections on the Unix socket at ``path``."""
+    try:
+        _, writer = await asyncio.open_unix_connection(str(path))
+    except OSError:
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
+
+
+def _read_key(path: Path) -> bytes:
+    try:
+        key = path.read_bytes()
+    except OSError as exc:
+        raise LivemigError(f"cannot read the peer key {path} ({exc.strerror}); "
+                           f"'livemig testbed up' creates it") from exc
+    if len(key) < frames.MIN_KEY_BYTES:
+        raise LivemigError(f"the peer key {path} holds {len(key)} bytes, fewer than the "
+                           f"{frames.MIN_KEY_BYTES} a key needs")
+    return key
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="livemig daemon", description=__doc__.splitlines()[0])
     parser.add_argument("--host", required=True)
@@ -271,18 +314,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    key = (args.key_file or control.key_file()).read_bytes()
+    testbed.host_node(args.host)  # a host's name, before its files are looked for
+    key = _read_key(args.key_file or control.key_file())
     files = None
     if not args.insecure_plaintext:
         files = keys.HostFiles.in_dir(args.tls_dir or paths.tls_dir(args.host), args.host)
-    try:
-        daemon = Daemon(args.host, key, files)
-    except LivemigError as exc:
-        log.error("%s", exc)
-        return 2
-    asyncio.run(daemon.run())
+    # A LivemigError here (no TLS files, say) is one sentence: printed by the CLI, or
+    # logged by __main__ below for the supervisor's log.
+    asyncio.run(Daemon(args.host, key, files).run())
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except LivemigError as exc:  # one line in livemigd.log, as the CLI would print it
+        log.error("%s", exc)
+        raise SystemExit(1) from None

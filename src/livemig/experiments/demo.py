@@ -16,14 +16,15 @@ from typing import Any
 
 import numpy as np
 
-from livemig import reporting
+from livemig import argtypes, reporting
 from livemig.daemon import launch
-from livemig.experiments import plots, scenario
+from livemig.errors import LivemigError
+from livemig.experiments import scenario
 from livemig.image import builder
 from livemig.net import testbed
 from livemig.probes.timeseries import bucketize
 from livemig.vm import qemu
-from livemig.vm.spec import Workload
+from livemig.vm.spec import Workload, workload_misfit
 
 SUMMARY_KEYS = ("downtime_ms", "client_downtime_ms", "tcp_stall_ms", "total_time_s",
                 "bytes_sent", "ram_bytes", "data_sent_ratio", "verified", "service_impact")
@@ -51,6 +52,8 @@ def throughput_series(result: dict[str, Any]) -> tuple[str, Any, Any]:
 
 
 def run(workload: Workload, mem_mib: int, json_file: Path | None, plot: Path) -> int:
+    if problem := workload_misfit(workload, (), mem_mib):
+        raise LivemigError(problem)
     _say("bringing up the test bed (hostA, hostB, hostC, client) and its daemons")
     testbed.up(3)
     try:
@@ -75,18 +78,27 @@ def run(workload: Workload, mem_mib: int, json_file: Path | None, plot: Path) ->
     if result["integrity"] is not None:
         print(f"  mmuncher           {result['integrity']['errors']} integrity errors after "
               f"{result['integrity']['full_verifies']} full verifications")
-    plots.migration_figure(plot, result["report"], echo=result["probes"]["echo"],
-                           throughput=throughput_series(result),
-                           migration_started_s=result["migration_started_s"])
-    print(f"  chart              {plot}")
-    if json_file is not None:
-        summary = {k: result[k] for k in SUMMARY_KEYS} | {
-            "rounds": result["rounds"], "workload": result["workload"],
-            "tcp_survived": result["tcp_survived"], "integrity": result["integrity"],
-            "report": result["report"],
-        }
-        json_file.write_text(json.dumps(summary, indent=2) + "\n")
-        print(f"  JSON               {json_file}")
+    # Imported here: matplotlib costs every other command of the CLI 0.4 s to import,
+    # and without a writable home it warns on stderr.
+    from livemig.experiments import plots
+
+    try:
+        plots.migration_figure(plot, result["report"], echo=result["probes"]["echo"],
+                               throughput=throughput_series(result),
+                               migration_started_s=result["migration_started_s"])
+        print(f"  chart              {plot}")
+        if json_file is not None:
+            summary = {k: result[k] for k in SUMMARY_KEYS} | {
+                "rounds": result["rounds"], "workload": result["workload"],
+                "tcp_survived": result["tcp_survived"], "integrity": result["integrity"],
+                "report": result["report"],
+            }
+            json_file.write_text(json.dumps(summary, indent=2) + "\n")
+            print(f"  JSON               {json_file}")
+    except OSError as exc:
+        # Checked before the run; a disk that filled up meanwhile still gets one sentence.
+        raise LivemigError(f"the demo ran (report above), but {exc.filename or 'its output'} "
+                           f"could not be written: {exc.strerror}") from exc
     return 0 if result["verified"] is not False else 1
 
 
@@ -95,9 +107,13 @@ def add_demo_command(commands: Any) -> None:
     parser.add_argument("--workload", default="web",
                         choices=[w.value for w in Workload if w not in (Workload.CUSTOM,
                                                                        Workload.ECHO)])
-    parser.add_argument("--mem", type=int, default=256, metavar="MiB")
-    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the report here")
-    parser.add_argument("--plot", type=Path, metavar="FILE.png", default=Path("demo.png"),
+    parser.add_argument("--mem", type=argtypes.mem_mib, default=256, metavar="MiB")
+    parser.add_argument("--json", type=argtypes.writable_file, metavar="FILE",
+                        help="also write the report here")
+    # A string default goes through the type too: an unwritable working directory is
+    # found before the demo, not after it.
+    parser.add_argument("--plot", type=argtypes.writable_file, metavar="FILE.png",
+                        default="demo.png",
                         help="chart of the rounds and the probes (default demo.png)")
     parser.set_defaults(
         func=lambda args: run(Workload(args.workload), args.mem, args.json, args.plot)

@@ -71,6 +71,8 @@ class Addition:
         path = Path(source)
         if not path.is_file():
             raise SetupError(f"--add: {source} is not a file")
+        if ".." in dest.split("/"):  # it would land outside the image, on the host
+            raise SetupError(f"--add: {dest} must not contain '..'")
         if dest.rstrip("/") in {"", "/init", "/bin/busybox"}:
             raise SetupError(f"--add: {dest} belongs to the image itself")
         return cls(path, dest)
@@ -81,6 +83,10 @@ class Recipe:
     name: str = DEFAULT_IMAGE
     additions: tuple[Addition, ...] = ()
     run: str | None = None
+
+    def __post_init__(self) -> None:
+        # The name is a directory under the image cache, replaced on a rebuild.
+        paths.check_name(self.name, "image name")
 
 
 @dataclass(frozen=True)
@@ -102,21 +108,27 @@ class Image:
 
     @classmethod
     def load(cls, name: str = DEFAULT_IMAGE) -> Image:
+        paths.check_name(name, "image name")
         manifest = paths.images_dir() / name / "manifest.json"
         try:
             data = json.loads(manifest.read_text())
+            return cls(
+                name=name,
+                directory=manifest.parent,
+                digest=data["digest"],
+                kernel_package=data["kernel_package"],
+                run=data.get("run"),
+                additions=data.get("additions", []),
+            )
         except FileNotFoundError:
             raise SetupError(
                 f"no image named {name!r}; build it with 'livemig image build --name {name}'"
             ) from None
-        return cls(
-            name=name,
-            directory=manifest.parent,
-            digest=data["digest"],
-            kernel_package=data["kernel_package"],
-            run=data.get("run"),
-            additions=data.get("additions", []),
-        )
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise SetupError(
+                f"image {name!r} has a damaged manifest ({exc!r}); rebuild it with "
+                f"'livemig image build --name {name} --force'"
+            ) from exc
 
 
 @dataclass(frozen=True)

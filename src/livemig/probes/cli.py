@@ -29,6 +29,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from livemig import argtypes
 from livemig.errors import LivemigError
 from livemig.net import testbed
 from livemig.probes import echo, game, tcpflow
@@ -37,39 +38,55 @@ from livemig.probes import http as http_probe
 Handler = Callable[[argparse.Namespace], int]
 
 
+def _number(text: str, kind: type[int] | type[float]) -> float:
+    # argparse would say "invalid _positive_float value"; the operator needs the reason.
+    try:
+        return kind(text)
+    except ValueError:
+        what = "a whole number" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+
+
 def _positive_float(text: str) -> float:
-    value = float(text)
+    value = _number(text, float)
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
     return value
 
 
 def _nonnegative_float(text: str) -> float:
-    value = float(text)
+    value = _number(text, float)
     if not value >= 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a number >= 0, not {text}")
     return value
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = int(_number(text, int))
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, not {text}")
     return value
 
 
 def _port(text: str) -> int:
-    value = int(text)
+    value = int(_number(text, int))
     if not 0 < value < 65536:
         raise argparse.ArgumentTypeError(f"not a port number: {text}")
     return value
 
 
 def _client_id(text: str) -> int:
-    value = int(text)
+    value = int(_number(text, int))
     if not 0 <= value < 2**32:
         raise argparse.ArgumentTypeError(f"client ids are 32-bit unsigned, not {text}")
     return value
+
+
+def _output(text: str) -> str:
+    """'-' for stdout, or a file that can be written: checked before the probe runs."""
+    if text != "-":
+        argtypes.writable_file(text, makes_parents=True)  # write_atomic makes them
+    return text
 
 
 def _mix(text: str) -> tuple[http_probe.WeightedPath, ...]:
@@ -99,12 +116,13 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         "-o",
         "--output",
         metavar="FILE",
+        type=_output,
         default=None,
         help="write the JSON result here, atomically (default: stdout)",
     )
 
 
-def add_probe_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_probe_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
     """Add ``probe echo``, ``probe http`` and ``probe game`` to the main CLI."""
     probe = subparsers.add_parser(
         "probe",
@@ -195,7 +213,7 @@ def add_probe_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentP
     p.add_argument("url", type=_url, help="http://HOST[:PORT]/PATH")
     p.add_argument("--rate-kbps", type=_positive_float, default=2000.0,
                    help="kilobytes per second to read at (default 2000)")
-    p.add_argument("-o", "--output", metavar="FILE", default=None)
+    p.add_argument("-o", "--output", metavar="FILE", type=_output, default=None)
     p.set_defaults(func=download_command)
 
 
@@ -248,7 +266,11 @@ def emit(data: dict[str, Any], line: str, output: str | None) -> None:
         sys.stdout.flush()
         print(line, file=sys.stderr)
     else:
-        write_atomic(Path(output), text)
+        try:
+            write_atomic(Path(output), text)
+        except OSError as exc:
+            raise LivemigError(f"the probe ran ({line}), but {output} could not be written: "
+                               f"{exc.strerror}") from exc
         print(line)
 
 
@@ -261,8 +283,11 @@ def _measure_from_client(host: str) -> None:
     """
     try:
         infos = socket.getaddrinfo(host, None)
-    except OSError:
-        return  # the probe itself reports the unknown host, without sending anything
+    except OSError as exc:
+        # Not a result to measure: no request could ever reach a name that resolves to
+        # nothing (the HTTP load would count it as errors for its whole duration).
+        raise LivemigError(f"cannot resolve {host!r} ({exc.strerror}); give the VM's "
+                           f"address, e.g. 10.77.0.100") from exc
     if not all(ipaddress.ip_address(info[4][0]).is_loopback for info in infos):
         testbed.enter_client_namespace()
 
@@ -365,7 +390,7 @@ def game_command(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """A parser with only the probe commands, for ``python -m livemig.probes.cli``."""
-    parser = argparse.ArgumentParser(prog="livemig", description="livemig client probes")
+    parser = argtypes.Parser(prog="livemig", description="livemig client probes")
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_probe_commands(subparsers)
     return parser
@@ -374,7 +399,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     func: Handler = args.func
-    return func(args)
+    try:
+        return func(args)
+    except LivemigError as exc:
+        return _fail(exc)
 
 
 if __name__ == "__main__":

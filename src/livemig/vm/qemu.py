@@ -38,6 +38,7 @@ from qemu.qmp import QMPClient, QMPError
 
 from livemig import paths
 from livemig.errors import (
+    AgentError,
     GuestTimeout,
     LivemigError,
     QEMUCrashed,
@@ -267,9 +268,13 @@ class VM:
                 try:
                     await self.qmp.connect(str(self.record.qmp_socket))
                     return
-                except QMPError:
+                except QMPError as exc:
                     if time.monotonic() > deadline:
-                        raise
+                        # QEMU serves one QMP client at a time: another livemig process
+                        # (a 'vm start' still waiting, a migration) may hold it.
+                        raise VMError(self.name, f"cannot reach QMP of VM {self.name!r} "
+                                      f"within {timeout:g} s ({exc}); another livemig "
+                                      f"process may be using it") from exc
             await asyncio.sleep(0.05)
 
     async def qmp_command(self, command: str, **arguments: Any) -> Any:
@@ -322,6 +327,14 @@ class VM:
                 status = await self.agent.status(timeout=min(remaining, 2.0))
             except GuestTimeout:
                 continue  # still booting: the agent has not opened its port yet
+            except AgentError:
+                # A guest that panics ends QEMU (panic=-1, -no-reboot), and the agent's
+                # socket is reset on the way out: QEMU's exit, with the console's last
+                # words, explains it; a reset says nothing.
+                for _ in range(40):
+                    self._check_alive()
+                    await asyncio.sleep(0.05)
+                raise
             if status.get("ready"):
                 return status
             await asyncio.sleep(0.1)

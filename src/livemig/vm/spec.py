@@ -21,6 +21,25 @@ from livemig.net.testbed import vm_interface
 
 PAGE_SIZE = 4096
 DEFAULT_MEM_MIB = 256
+# Measured with the default image: 80 MiB panics at boot ("System is deadlocked on
+# memory"), 88 MiB boots; the initramfs is unpacked into RAM and stays there.
+MIN_MEM_MIB = 96
+MAX_MEM_MIB = 16384
+
+# The workloads' parameters (guest/init/init), all whole numbers: (lowest, highest).
+WORKLOAD_OPTIONS = {
+    "web_kb": (0, 1 << 20),
+    "game_hz": (1, 1000),
+    "game_world_kb": (1, 1 << 20),
+    "game_dirty_kb": (0, 1 << 20),
+    "mm_mib": (1, MAX_MEM_MIB),
+    "mm_rate": (0, 1 << 20),
+    "ready_port": (1, 65535),
+}
+# What the guest holds beside a workload (kernel, initramfs, page tables). Measured: in a
+# 128 MiB guest mmuncher runs with 40 MiB and is killed for want of memory with 48.
+GUEST_OS_MIB = 88
+DEFAULT_MM_MIB = 64  # lm-mmuncher's region when mm_mib is not given (guest/init/init)
 
 
 class Workload(enum.StrEnum):
@@ -34,6 +53,20 @@ class Workload(enum.StrEnum):
     CUSTOM = "custom"
 
 
+def workload_misfit(
+    workload: Workload, options: tuple[tuple[str, str], ...], mem_mib: int
+) -> str | None:
+    """Why the workload cannot run in ``mem_mib`` of guest RAM, or None."""
+    if workload is not Workload.MMUNCHER:
+        return None
+    region = int(dict(options).get("mm_mib", DEFAULT_MM_MIB))
+    if region + GUEST_OS_MIB <= mem_mib:
+        return None
+    # The guest would boot, run out of memory in mmuncher and never be ready.
+    return (f"mmuncher's {region} MiB do not fit in a {mem_mib} MiB VM beside the guest's "
+            f"own {GUEST_OS_MIB} MiB; raise --mem or lower --opt mm_mib")
+
+
 @dataclass(frozen=True)
 class VMSpec:
     name: str
@@ -45,6 +78,10 @@ class VMSpec:
     initrd: Path
     # Workload parameters, passed as lm.KEY=VALUE on the kernel command line.
     options: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        # Also when the spec comes from a peer daemon: the name becomes file paths here.
+        paths.check_name(self.name, "VM name")
 
     @property
     def mac(self) -> str:

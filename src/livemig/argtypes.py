@@ -1,0 +1,111 @@
+"""Argument types and the parser of the command line: bad input ends as one sentence.
+
+argparse calls a ``type=`` function on each value and turns its ``ArgumentTypeError``
+into a usage error; ``Parser.error`` prints that as one line (not argparse's usage block
+first) and exits with status 2. Checks that need more than one argument live in the
+commands themselves and raise ``LivemigError``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import NoReturn
+
+from livemig import paths
+from livemig.errors import BadName
+from livemig.vm.spec import MAX_MEM_MIB, MIN_MEM_MIB
+
+# A rate beyond any link we could pace (100 Gbit/s) is a typo, not a wish.
+MIN_RATE_MBPS = 1.0
+MAX_RATE_MBPS = 100_000.0
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line: what is wrong, and where help is."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see '{self.prog} --help')\n")
+
+
+def rate(text: str) -> float:
+    """A rate in Mbit/s: '500', '500M', '500k', '1G' or '1g'."""
+    scale = {"k": 1e-3, "m": 1.0, "g": 1e3}.get(text[-1:].lower(), None)
+    try:
+        value = float(text[:-1]) * scale if scale is not None else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a rate (e.g. 500, 500M, 1G)") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"a rate must be a positive number, not {text!r}")
+    if not MIN_RATE_MBPS <= value <= MAX_RATE_MBPS:
+        raise argparse.ArgumentTypeError(
+            f"a rate must be between {MIN_RATE_MBPS:g} Mbit/s and {MAX_RATE_MBPS / 1e3:g} "
+            f"Gbit/s, not {text!r}"
+        )
+    return value
+
+
+def mem_mib(text: str) -> int:
+    """Guest RAM in MiB, within what the guest boots in and the VM record allows."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of MiB") from None
+    if not MIN_MEM_MIB <= value <= MAX_MEM_MIB:
+        raise argparse.ArgumentTypeError(
+            f"must be between {MIN_MEM_MIB} and {MAX_MEM_MIB} MiB, not {value}"
+        )
+    return value
+
+
+def name(text: str) -> str:
+    """A VM or image name: it becomes part of file paths, so it is checked first."""
+    try:
+        return paths.check_name(text)
+    except BadName as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def writable_file(text: str, *, makes_parents: bool = False) -> Path:
+    """An output file that can be written, checked before the work that fills it.
+
+    With ``makes_parents`` the writer creates missing directories itself, so the nearest
+    directory that exists is the one that must take new entries.
+    """
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory, not a file")
+    directory = path.parent
+    while makes_parents and not directory.exists() and directory != directory.parent:
+        directory = directory.parent
+    if not directory.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot write {text}: {directory} is not a directory")
+    # Root passes every access() check, so try it: a file beside the target, removed at
+    # once, tells about permissions, read-only mounts and /proc alike.
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=f".{path.name}."):
+            pass
+        if path.exists():
+            with path.open("ab"):  # opened for appending, not truncated: nothing changes
+                pass
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot write {text}: {exc.strerror}") from None
+    return path
+
+
+def whole_number(low: int, high: int) -> Callable[[str], int]:
+    """A type for a whole number from ``low`` to ``high``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high}, not {value}")
+        return value
+
+    return parse
