@@ -58,18 +58,6 @@ def parse_byte_rate(text: str) -> float:
     return float(parse_size(text.lower().removesuffix("/s")))
 
 
-def parse_mbps(text: str) -> float:
-    """A rate in Mbit/s: '500', '500M', '1G'."""
-    scale = {"k": 1e-3, "m": 1.0, "g": 1e3}.get(text[-1:].lower())
-    try:
-        value = float(text[:-1]) * scale if scale is not None else float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a rate (e.g. 500, 500M, 1G)") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"a rate must be a positive number, not {text!r}")
-    return value
-
-
 def parse_list(parse: Any) -> Any:
     def parse_all(text: str) -> list[Any]:
         try:
@@ -338,7 +326,7 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
 
     w = commands.add_parser("wws", help="writable working set analysis of a trace")
     w.add_argument("trace", type=Path)
-    w.add_argument("--rates", type=parse_list(parse_mbps), default=list(wws.DEFAULT_RATES_MBPS),
+    w.add_argument("--rates", type=parse_list(argtypes.rate), default=list(wws.DEFAULT_RATES_MBPS),
                    metavar="R,R,...", help="bandwidths in Mbit/s (default 128,256,512)")
     w.add_argument("--rounds", type=int, default=wws.DEFAULT_ROUNDS)
     w.add_argument("--windows", type=parse_list(int), default=list(wws.DEFAULT_WINDOWS),
@@ -362,9 +350,9 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
     s.add_argument("--skew", type=float, default=0.9, help="fraction of writes into the hot set")
     s.add_argument("--zero-fraction", type=float, default=0.0, metavar="F",
                    help="fraction of RAM that reads as zero at the start")
-    s.add_argument("--min-rate", type=parse_mbps, default=100.0, metavar="R")
-    s.add_argument("--max-rate", type=parse_mbps, default=500.0, metavar="R")
-    s.add_argument("--increment", type=parse_mbps, default=50.0, metavar="R")
+    s.add_argument("--min-rate", type=argtypes.rate, default=100.0, metavar="R")
+    s.add_argument("--max-rate", type=argtypes.rate, default=500.0, metavar="R")
+    s.add_argument("--increment", type=argtypes.rate, default=50.0, metavar="R")
     s.add_argument("--mode", choices=[m.value for m in Mode], default=Mode.PRECOPY.value)
     s.add_argument("--start", type=float, default=0.0, metavar="SECONDS",
                    help="where in the trace the migration starts")
@@ -380,9 +368,9 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
         s.add_argument(f"--{name}-ms", type=float, default=value * 1000, metavar="MS",
                        help=f"{text} (default {value * 1000:g})")
     s.add_argument("--sweep", action="store_true", help="a grid of min and max rates")
-    s.add_argument("--sweep-min", type=parse_list(parse_mbps), default=[50, 100, 200, 300],
+    s.add_argument("--sweep-min", type=parse_list(argtypes.rate), default=[50, 100, 200, 300],
                    metavar="R,R,...")
-    s.add_argument("--sweep-max", type=parse_list(parse_mbps),
+    s.add_argument("--sweep-max", type=parse_list(argtypes.rate),
                    default=[200, 300, 500, 750, 1000], metavar="R,R,...")
     s.add_argument("--plot", type=argtypes.writable_file, metavar="FILE.png",
                    help="heat maps of a sweep")
