@@ -60,8 +60,7 @@ class Daemon:
             self.server_ssl = tls.server_context(tls_files)
             self.client_ssl = tls.client_context(tls_files)
         self.ip = str(testbed.host_node(host).ip)
-        self.migrations: dict[str, asyncio.Task[Any]] = {}
-        self._engines: dict[str, SourceMigration] = {}
+        self.migrations: dict[str, tuple[asyncio.Task[Any], SourceMigration]] = {}
         self._sessions: set[asyncio.Task[None]] = set()
         self.incoming = Incoming(host)
         self._settling: set[asyncio.Task[None]] = set()
@@ -109,9 +108,10 @@ class Daemon:
                 task.cancel()
             local.close()
             peers.close()
-            for task in [*self.migrations.values(), *self._sessions]:
+            running = [task for task, _ in self.migrations.values()]
+            for task in [*running, *self._sessions]:
                 task.cancel()
-            await asyncio.gather(*self.migrations.values(), *self._sessions,
+            await asyncio.gather(*running, *self._sessions,
                                  return_exceptions=True)
             path.unlink(missing_ok=True)
 
@@ -119,27 +119,20 @@ class Daemon:
         """What a previous daemon on this host left behind: incoming copies that never
         ran (its migrations died with it) go; VMs it stopped in a switchover are settled
         as their migration would have been. Every other VM is simply ours again."""
-        mine = [r for r in qemu.records() if r.host == self.host]
-        for record in [r for r in mine if r.incoming]:
-            log.info("removing %s: an incoming copy whose migration died with the previous "
-                     "daemon", record.spec.name)
-            try:
-                await qemu.VM(record).stop()
-            except (LivemigError, OSError) as exc:
-                log.error("could not remove %s: %s", record.spec.name, exc)
-        self.incoming.recovered.set()  # no orphan left: 'locate' may answer now
-        for record in mine:
-            if not record.incoming:
+        await self.incoming.remove_orphans()
+        for record in qemu.records():
+            if record.host == self.host and not record.incoming:
                 await self._settle(record)
 
     async def _settle(self, record: VMRecord) -> None:
         """Settle ``record``'s switchover, if a journal says it was in one; an in-doubt
         commit is asked about again every SETTLE_RETRY_S until its target answers."""
-        while (target := source.journal_target(record)) and record.process_alive():
+        while (entry := source.read_journal(record)) and record.process_alive():
             try:
                 vm = await qemu.VM.attach(record)
                 try:
-                    settled, what = await source.recover_switchover(vm, self._connector(target))
+                    settled, what = await source.recover_switchover(
+                        vm, self._connector(entry["target"]))
                 finally:
                     await vm.close()
                 log.log(logging.INFO if settled else logging.WARNING, "%s", what)
@@ -196,11 +189,10 @@ class Daemon:
             writer.close()
 
     def _cancel(self, vm: str) -> dict[str, Any]:
-        task = self.migrations.get(vm)
-        if task is None or task.done():
+        task, engine = self.migrations.get(vm, (None, None))
+        if task is None or engine is None or task.done():
             return {"type": "error", "message": f"no migration of {vm!r} runs on {self.host}"}
-        engine = self._engines.get(vm)
-        if engine is not None and not engine.stage.source_is_primary:
+        if not engine.stage.source_is_primary:
             return {"type": "error", "message": f"too late to cancel: {vm} is committed to "
                                                 f"{engine.target_host}"}
         task.cancel()
@@ -209,14 +201,14 @@ class Daemon:
     async def _migrate(self, request: dict[str, Any], writer: asyncio.StreamWriter) -> None:
         name = str(request.get("vm"))
         target = str(request.get("to"))
-        if name in self.migrations and not self.migrations[name].done():
+        if name in self.migrations and not self.migrations[name][0].done():
             raise LivemigError(f"{name} is already migrating")
         record = qemu.find(name)
         if record.host != self.host:
             raise LivemigError(f"{name} runs on {record.host}, not on {self.host}")
         if target == self.host:
             raise LivemigError(f"{name} already runs on {target}")
-        target_ip = str(testbed.require_host(target).ip)
+        testbed.require_host(target)
         try:
             options = MigrationOptions(
                 limits=RateLimits(
@@ -244,14 +236,12 @@ class Daemon:
             vm,
             source_host=self.host,
             target_host=target,
-            target_ip=target_ip,
             connect=self._connector(target),
             options=options,
             on_progress=progress,
         )
         task = asyncio.get_running_loop().create_task(migration.run())
-        self.migrations[name] = task
-        self._engines[name] = migration
+        self.migrations[name] = (task, migration)
         try:
             # shield: the CLI hanging up must not cancel the migration; only 'cancel' does
             report = await asyncio.shield(task)
@@ -275,7 +265,6 @@ class Daemon:
         finally:
             if task.done():
                 self.migrations.pop(name, None)
-                self._engines.pop(name, None)
                 await vm.close()
 
 

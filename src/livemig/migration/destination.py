@@ -81,6 +81,19 @@ class Incoming:
         if activated_at is not None:
             self._activated_at[vm] = activated_at
 
+    async def remove_orphans(self) -> None:
+        """A daemon starting: the incoming copies its predecessor left never ran, and
+        nobody serves them now. Until they are gone ``locate`` does not answer."""
+        for record in qemu.records():
+            if record.host == self.host and record.incoming:
+                log.info("removing %s: an incoming copy whose migration died with the "
+                         "previous daemon", record.spec.name)
+                try:
+                    await qemu.VM(record).stop()
+                except (LivemigError, OSError) as exc:
+                    log.error("could not remove %s: %s", record.spec.name, exc)
+        self.recovered.set()
+
     async def locate(self, vm: str) -> dict[str, Any]:
         await asyncio.wait_for(self.recovered.wait(), timeout=60.0)
         if (entry := self._sessions.get(vm)) is not None:

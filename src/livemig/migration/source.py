@@ -146,12 +146,13 @@ def journal_file(record: VMRecord) -> Path:
     return record.directory / "switchover.json"
 
 
-def journal_target(record: VMRecord) -> str | None:
-    """The target of the switchover ``record``'s VM was stopped in, if it was."""
+def read_journal(record: VMRecord) -> dict[str, Any] | None:
+    """The switchover ``record``'s VM was stopped in ({"target", "commit_sent"}), if any."""
     try:
-        return str(json.loads(journal_file(record).read_text())["target"])
+        entry: dict[str, Any] = json.loads(journal_file(record).read_text())
     except FileNotFoundError:
         return None
+    return entry
 
 
 async def locate(vm: str, connect: Connect, patience_s: float) -> dict[str, Any] | None:
@@ -177,8 +178,9 @@ async def recover_switchover(vm: VM, connect: Connect) -> tuple[bool, str]:
     """``vm`` has a switchover journal: its migration ended in its stop window (its
     daemon died, or the commit's fate stayed unknown). Settle it the way the migration
     would have; returns (settled, what was done). Unsettled means in doubt: ask again."""
-    path = journal_file(vm.record)
-    entry = json.loads(path.read_text())
+    entry = read_journal(vm.record)
+    if entry is None:
+        return True, f"{vm.name} was in no switchover"
     target = entry["target"]
     answer = await locate(vm.name, connect, RESOLVE_TIMEOUT_S)
     if answer is not None and answer["state"] == "running":
@@ -192,7 +194,7 @@ async def recover_switchover(vm: VM, connect: Connect) -> tuple[bool, str]:
         await vm.qmp_command("migrate_cancel")
     if await vm.status() != "running":
         await vm.resume()
-    path.unlink(missing_ok=True)
+    journal_file(vm.record).unlink(missing_ok=True)
     return True, f"{vm.name} resumed here (its migration to {target} never completed)"
 
 
@@ -203,7 +205,6 @@ class SourceMigration:
         *,
         source_host: str,
         target_host: str,
-        target_ip: str,
         connect: Connect,
         options: MigrationOptions,
         on_progress: ProgressCallback = lambda _: None,
@@ -211,7 +212,6 @@ class SourceMigration:
         self.vm = vm
         self.source_host = source_host
         self.target_host = target_host
-        self.target_ip = target_ip
         self._connect = connect
         self.options = options
         self.on_progress = on_progress
@@ -245,7 +245,7 @@ class SourceMigration:
                 return await self._migrate()
         except _NotActivated as exc:
             # The commit did not take: the target proved it never ran the VM and never will.
-            await self._resume_here(Event.NOT_ACTIVATED)
+            await self._abort(str(exc), Event.NOT_ACTIVATED)
             raise MigrationError(
                 self.vm.name, Stage.ACTIVATION.value,
                 f"{self.target_host} did not activate {self.vm.name} ({exc}); "
@@ -553,17 +553,6 @@ class SourceMigration:
         self._journal(None)
         if self._channel is not None:
             await self._channel.abort(reason, ABORT_TIMEOUT_S)  # best effort, then closed
-        self.machine.handle(event, time.monotonic() - self._started)
-        self._progress(force=True)
-
-    async def _resume_here(self, event: Event) -> None:
-        """After a commit that did not take: the VM is ours again."""
-        if self._device_migration_started:
-            with contextlib.suppress(LivemigError):
-                await self.vm.qmp_command("migrate_cancel")
-        await self.vm.resume()
-        self._paused = False
-        self._journal(None)
         self.machine.handle(event, time.monotonic() - self._started)
         self._progress(force=True)
 
