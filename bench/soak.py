@@ -6,7 +6,9 @@ the engine's checksum of both images on. After each move mmuncher runs a full pa
 its region (SIGUSR1, through the guest agent) and must find no bad page.
 
 Leaks are looked for from the outside, the way an operator would see them:
-  - file descriptors and RSS of each livemigd (/proc/PID/fd, VmRSS), after every move;
+  - file descriptors and RSS of each livemigd (/proc/PID/fd, VmRSS), after every move,
+    and the daemon's own account of its C heap (``{"op": "memory"}``, daemon.memstats):
+    RSS alone cannot tell a leak from freed memory that malloc keeps for reuse;
   - processes inside our namespaces: only the daemons and the one VM's QEMU may remain;
   - network links in each namespace: only the VM's tap on the host it runs on;
   - /dev/shm: only the VM's RAM file on the host it runs on;
@@ -71,16 +73,32 @@ class DaemonSample:
     fds: int
     rss_kib: int
     threads: int
+    # The daemon's own view (daemon.memstats): a leak grows heap_in_use; memory malloc
+    # keeps after a free grows heap_free; a mapped guest RAM file grows shmem.
+    heap_in_use_kib: int | None
+    heap_free_kib: int | None
+    rss_anon_kib: int
+    rss_shmem_kib: int
 
 
-def daemon_samples() -> list[DaemonSample]:
+async def _memory(host: str) -> dict[str, Any]:
+    async for reply in control.call(host, {"op": "memory"}):
+        if reply.get("type") == "result":
+            return reply
+    raise LivemigError(f"the daemon of {host} did not report its memory")
+
+
+async def daemon_samples() -> list[DaemonSample]:
     samples = []
     for host in HOSTS:
         pid = int(launch.pid_file(host).read_text())
+        memory = await _memory(host)
         status = _proc_status(pid)
         samples.append(DaemonSample(
             host=host, pid=pid, fds=len(os.listdir(f"/proc/{pid}/fd")),
             rss_kib=int(status["VmRSS"].split()[0]), threads=int(status["Threads"]),
+            heap_in_use_kib=memory["heap_in_use_kib"], heap_free_kib=memory["heap_free_kib"],
+            rss_anon_kib=memory["rss_anon_kib"], rss_shmem_kib=memory["rss_shmem_kib"],
         ))
     return samples
 
@@ -247,9 +265,15 @@ def plot(path: Path, runs: list[Run], samples: list[tuple[int, list[DaemonSample
     for host in HOSTS:
         xs = [n for n, sample in samples]
         per_host = [next(s for s in sample if s.host == host) for _, sample in samples]
-        rss_ax.plot(xs, [s.rss_kib / 1024 for s in per_host], marker=".", label=host)
+        line, = rss_ax.plot(xs, [s.rss_kib / 1024 for s in per_host], marker=".",
+                            label=f"{host} RSS")
+        # What malloc has handed out: a leak raises this; RSS above it is freed memory
+        # that malloc keeps, which a leak-free daemon reuses.
+        rss_ax.plot(xs, [(s.heap_in_use_kib or 0) / 1024 for s in per_host], ls="--",
+                    color=line.get_color(), label=f"{host} C heap in use")
         fd_ax.plot(xs, [s.fds for s in per_host], marker=".", label=host)
-    rss_ax.set_ylabel("livemigd RSS (MiB)")
+    rss_ax.set_ylabel("livemigd memory (MiB)")
+    rss_ax.set_ylim(0, None)
     rss_ax.legend()
     fd_ax.set_ylabel("livemigd open fds")
     # From 0: a flat line must look flat, not like noise around its own value.
@@ -278,6 +302,10 @@ def summary(runs: list[Run], samples: list[tuple[int, list[DaemonSample]]],
             "rss_kib_before": before.rss_kib, "rss_kib_after": after.rss_kib,
             "rss_kib_growth": after.rss_kib - before.rss_kib,
             "rss_kib_growth_after_warmup": after.rss_kib - warmed.rss_kib,
+            "heap_in_use_kib_before": before.heap_in_use_kib,
+            "heap_in_use_kib_after": after.heap_in_use_kib,
+            "heap_in_use_kib_max": max((s.heap_in_use_kib or 0 for _, sample in samples
+                                        for s in sample if s.host == before.host)),
             "threads_before": before.threads, "threads_after": after.threads,
             "rss_kib_every_10": [next(s.rss_kib for s in sample if s.host == before.host)
                                  for n, sample in samples
@@ -306,6 +334,9 @@ def print_summary(s: dict[str, Any], checks: list[FullCheck]) -> None:
     def ms(v: float | None) -> str:
         return "n/a" if v is None else f"{v:.1f}"
 
+    def kib(v: int | None) -> str:
+        return "n/a" if v is None else f"{v / 1024:.1f}"
+
     print(f"\n{s['runs']} migrations, {s['failures']} failed; all verified: "
           f"{s['all_verified']}; mmuncher errors: {s['integrity_errors']}")
     print(f"median engine downtime {ms(s['median_downtime_ms'])} ms "
@@ -318,7 +349,9 @@ def print_summary(s: dict[str, Any], checks: list[FullCheck]) -> None:
               f"{d['rss_kib_after'] / 1024:.1f} MiB (growth {d['rss_kib_growth']} KiB, "
               f"{d['rss_kib_growth_after_warmup']} KiB after move {s['warm_after_run']}); "
               f"RSS every 10 moves (MiB): "
-              + " ".join(f"{k / 1024:.1f}" for k in d["rss_kib_every_10"]))
+              + " ".join(f"{k / 1024:.1f}" for k in d["rss_kib_every_10"])
+              + f"; C heap in use {kib(d['heap_in_use_kib_before'])} -> "
+                f"{kib(d['heap_in_use_kib_after'])} MiB (max {kib(d['heap_in_use_kib_max'])})")
     first, last = checks[0], checks[-1]
     for label, c in (("before", first), (f"after move {last.after_run}", last)):
         procs = sum(len(v) for v in c.processes.values())
@@ -356,7 +389,7 @@ async def soak(args: argparse.Namespace, runs: list[Run],
     tap = qemu.find(VM_NAME).spec.tap
     baseline_links = {h: [x for x in links(testbed.host_node(h).netns) if x != tap]
                       for h in HOSTS}
-    samples.append((0, daemon_samples()))
+    samples.append((0, await daemon_samples()))
     checks.append(full_check(0, HOSTS[0], baseline_links))
     extra = {"min_rate_mbps": args.min_rate, "max_rate_mbps": args.max_rate}
     host = HOSTS[0]
@@ -367,14 +400,17 @@ async def soak(args: argparse.Namespace, runs: list[Run],
         runs.append(run)
         # Where the VM is now decides the next move: a failed migration leaves it at home.
         host = qemu.find(VM_NAME).host
-        samples.append((n, daemon_samples()))
+        samples.append((n, await daemon_samples()))
         fds = " ".join(f"{s.fds}" for s in samples[-1][1])
         rss = " ".join(f"{s.rss_kib / 1024:.1f}" for s in samples[-1][1])
+        heap = " ".join(f"{(s.heap_in_use_kib or 0) / 1024:.1f}/{(s.heap_free_kib or 0) / 1024:.1f}"
+                        f"/{s.rss_shmem_kib / 1024:.1f}" for s in samples[-1][1])
         print(f"{n:3d} {run.source}->{run.target}  downtime "
               f"{run.downtime_ms if run.downtime_ms is not None else float('nan'):7.1f} ms  "
               f"total {run.total_time_s or float('nan'):6.2f} s  verified {run.verified!s:<5}  "
               f"integrity {'ok' if run.integrity_errors == 0 else run.integrity_errors}  "
-              f"fds {fds}  rss {rss} MiB" + (f"  FAILED: {run.error}" if run.error else ""),
+              f"fds {fds}  rss {rss} MiB  heap used/free/shmem {heap} MiB"
+              + (f"  FAILED: {run.error}" if run.error else ""),
               flush=True)
         if n % FULL_CHECK_EVERY == 0 or n == args.runs:
             checks.append(full_check(n, host, baseline_links))

@@ -2,6 +2,7 @@
 
 Request, one line:  {"op": "migrate", "vm": "v1", "to": "hostB", ...}
                     {"op": "cancel", "vm": "v1"}     {"op": "ping"}
+                    {"op": "memory"}  (where the daemon's memory is: daemon.memstats)
 Replies, lines:     {"type": "progress", ...}*  then one of
                     {"type": "result", ...}  or  {"type": "error", "message": ..., ...}
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from livemig import keys, paths
-from livemig.daemon import control
+from livemig.daemon import control, memstats
 from livemig.errors import LivemigError, MigrationError
 from livemig.migration import source
 from livemig.migration.destination import DestinationSession, Incoming
@@ -162,6 +162,7 @@ class Daemon:
             log.exception("incoming migration failed")
         finally:
             self._sessions.discard(task)
+            memstats.give_back()
 
     # -- the CLI --------------------------------------------------------------------------
 
@@ -172,6 +173,8 @@ class Daemon:
             op = request.get("op")
             if op == "ping":
                 writer.write(control.encode({"type": "result", "host": self.host}))
+            elif op == "memory":
+                writer.write(control.encode({"type": "result", **memstats.report()}))
             elif op == "migrate":
                 await self._migrate(request, writer)
             elif op == "cancel":
@@ -266,6 +269,7 @@ class Daemon:
             if task.done():
                 self.migrations.pop(name, None)
                 await vm.close()
+                memstats.give_back()
 
 
 async def _answers(path: Path) -> bool:
