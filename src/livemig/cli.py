@@ -295,8 +295,9 @@ def cmd_keys_host(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise LivemigError(f"cannot write {args.name}'s certificate: {exc.strerror} "
                            f"({exc.filename})") from exc
-    print(f"{args.name}: {files.cert}, {files.key} (0600), {files.ca}, {files.crl}; copy "
-          f"these to the host's --tls-dir", file=sys.stderr)
+    crl = f", {files.crl}" if files.crl is not None and files.crl.is_file() else ""
+    print(f"{args.name}: {files.cert}, {files.key} (0600), {files.ca}{crl}; copy these to "
+          f"the host's --tls-dir", file=sys.stderr)
     return 0
 
 

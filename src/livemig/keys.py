@@ -394,13 +394,6 @@ def _crl_number(crl: x509.CertificateRevocationList | None) -> int:
         return 0
 
 
-def revoked_entry(crl: x509.CertificateRevocationList, cert: Path
-                  ) -> x509.RevokedCertificate | None:
-    """The CRL's entry for the certificate in the file ``cert``, if it lists it."""
-    serial = x509.load_pem_x509_certificate(cert.read_bytes()).serial_number
-    return crl.get_revoked_certificate_by_serial_number(serial)
-
-
 def _reason(entry: x509.RevokedCertificate) -> str:
     try:
         return str(entry.extensions.get_extension_for_class(x509.CRLReason).value.reason.value)

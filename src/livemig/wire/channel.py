@@ -662,10 +662,11 @@ async def serve(host: str, port: int, *, key: bytes, me: str, handler: Handler,
                 ssl: ServerTLS | None = None,
                 handshake_timeout: float = 10.0) -> PeerServer:
     """Listen on ``host:port`` as ``me``. For each connection, complete the handshakes
-    (TLS with ``ssl``, a ``tls.server_context`` or a function that returns the one to
-    use now, such as ``tls.Contexts.server``, asked once per connection; then livemig's) within
-    ``handshake_timeout`` and only then run ``handler(channel)``; the channel is closed
-    when the handler returns. A refused peer is closed with one log line saying why.
+    (TLS with ``ssl``; then livemig's) within ``handshake_timeout`` and only then run
+    ``handler(channel)``; the channel is closed when the handler returns. A refused peer
+    is closed with one log line saying why. ``ssl`` is a ``tls.server_context``, or a
+    function that returns the one to use now (``tls.Contexts.server``), asked once per
+    connection so that a new CRL counts from the next one.
 
     A peer must speak what we speak, told by its first byte: with ``ssl`` a plaintext
     livemig peer gets an Abort saying that TLS is required; without, a TLS peer is

@@ -112,8 +112,8 @@ def checks_revocation(ctx: ssl.SSLContext) -> bool:
 class _Built:
     server: ssl.SSLContext
     client: ssl.SSLContext
-    # Our own certificate's entry in our CRL: no peer would accept it.
-    revoked_self: x509.RevokedCertificate | None
+    # Why no peer would accept us, when our own CRL lists our own certificate.
+    revoked_self: str | None
 
 
 class Contexts:
@@ -149,8 +149,8 @@ class Contexts:
         """The context to call a peer with. Raises KeysError when our own CRL revokes
         our certificate: every peer would refuse it, and this says why in our words."""
         self._refresh()
-        if (entry := self._built.revoked_self) is not None:
-            raise KeysError(self.files.cert, _revoked_self_message(self.files, entry))
+        if self._built.revoked_self is not None:
+            raise KeysError(self.files.cert, self._built.revoked_self)
         return self._built.client
 
     def _signature(self) -> tuple[tuple[int, int, int] | None, ...]:
@@ -169,7 +169,14 @@ class Contexts:
         if checks_revocation(server):
             assert self.files.crl is not None
             ca = x509.load_pem_x509_certificate(self.files.ca.read_bytes())
-            revoked = keys.revoked_entry(keys.load_crl(self.files.crl, ca), self.files.cert)
+            crl = keys.load_crl(self.files.crl, ca)
+            ours = x509.load_pem_x509_certificate(self.files.cert.read_bytes())
+            if crl.get_revoked_certificate_by_serial_number(ours.serial_number) is not None:
+                host = keys.host_of(ours) or self.files.cert.stem
+                revoked = (f"{host}'s own certificate is revoked (serial "
+                           f"{ours.serial_number:x} in {self.files.crl}), so every peer "
+                           f"refuses it; issue {host} a new one with 'livemig keys host "
+                           f"{host}' and put it in {self.files.cert.parent}")
         return _Built(server, client, revoked)
 
     def _refresh(self) -> None:
@@ -192,15 +199,8 @@ class Contexts:
         self._warn_if_revoked()
 
     def _warn_if_revoked(self) -> None:
-        if (entry := self._built.revoked_self) is not None:
-            log.warning("%s", _revoked_self_message(self.files, entry))
-
-
-def _revoked_self_message(files: HostFiles, entry: x509.RevokedCertificate) -> str:
-    host = files.cert.stem
-    return (f"{host}'s own certificate is revoked (serial {entry.serial_number:x} in "
-            f"{files.crl}), so every peer refuses it; issue {host} a new one with "
-            f"'livemig keys host {host}' and put it in {files.cert.parent}")
+        if self._built.revoked_self is not None:
+            log.warning("%s", self._built.revoked_self)
 
 
 def certified_host(peercert: dict[str, Any] | None) -> str | None:
@@ -228,12 +228,7 @@ def describe_ssl_error(exc: BaseException) -> str:
             return f"certificate refused: {_CRL_EXPIRED}"
         return f"certificate refused: {exc.verify_message}"
     if isinstance(exc, ssl.SSLError) and exc.reason:
-        reason = str(exc.reason).lower().replace("_", " ")
-        # The peer's alert, as OpenSSL names it: "sslv3 alert certificate revoked".
-        for alert in ("sslv3 alert ", "tlsv1 alert ", "tlsv13 alert "):
-            if reason.startswith(alert):
-                return f"its alert: {reason.removeprefix(alert)}"
-        return reason
+        return str(exc.reason).lower().replace("_", " ")
     return str(exc) or type(exc).__name__
 
 
