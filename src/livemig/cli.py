@@ -295,8 +295,34 @@ def cmd_keys_host(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise LivemigError(f"cannot write {args.name}'s certificate: {exc.strerror} "
                            f"({exc.filename})") from exc
-    print(f"{args.name}: {files.cert}, {files.key} (0600), {files.ca}; copy these three to "
+    crl = f", {files.crl}" if files.crl is not None and files.crl.is_file() else ""
+    print(f"{args.name}: {files.cert}, {files.key} (0600), {files.ca}{crl}; copy these to "
           f"the host's --tls-dir", file=sys.stderr)
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    try:
+        done = keys.revoke(args.dir, host=args.name, cert=args.cert,
+                           reason=keys.REVOKE_REASONS[args.reason])
+    except OSError as exc:
+        raise LivemigError(f"cannot revoke: {exc.strerror} ({exc.filename})") from exc
+    what = args.name or str(args.cert)
+    if done.added:
+        serials = ", ".join(f"{s:x}" for s in done.added)
+        print(f"revoked {what} (serial {serials}) in {done.crl}; copy it to every host's "
+              "--tls-dir, where daemons take it up at their next connection", file=sys.stderr)
+    else:
+        print(f"{what} is revoked already in {done.crl}; nothing changed", file=sys.stderr)
+    return 0
+
+
+def cmd_keys_crl(args: argparse.Namespace) -> int:
+    try:
+        crl = keys.sign_crl(args.dir)
+    except OSError as exc:
+        raise LivemigError(f"cannot sign {args.dir / keys.CA_CRL}: {exc.strerror}") from exc
+    print(f"signed {crl} anew; copy it to every host's --tls-dir", file=sys.stderr)
     return 0
 
 
@@ -306,8 +332,10 @@ def cmd_keys_show(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise LivemigError(f"cannot read {args.cert}: {exc.strerror}") from exc
     except ValueError as exc:  # cryptography's word for "this is no PEM certificate"
-        raise LivemigError(f"{args.cert} is not a PEM certificate") from exc
+        raise LivemigError(f"{args.cert} is neither a PEM certificate nor a PEM CRL") from exc
     print(json.dumps(described, indent=2))
+    if warning := described.get("warning"):
+        print(f"livemig: warning: {warning}", file=sys.stderr)
     return 0
 
 
@@ -417,7 +445,18 @@ def build_parser() -> argparse.ArgumentParser:
     # X.509 dates end in 9999: a century is plenty, and 0 days is a certificate never valid.
     k_host.add_argument("--days", type=argtypes.whole_number(1, 36500), default=keys.HOST_DAYS)
     k_host.set_defaults(func=cmd_keys_host)
-    k_show = keys_sub.add_parser("show", help="what a certificate says")
+    k_revoke = keys_sub.add_parser("revoke", help="list a host's certificates in --dir's CRL")
+    victim = k_revoke.add_mutually_exclusive_group(required=True)
+    victim.add_argument("name", nargs="?", metavar="HOST",
+                        help="every certificate the CA issued to this host")
+    victim.add_argument("--cert", type=Path, help="this certificate file")
+    k_revoke.add_argument("--dir", type=Path, required=True)
+    k_revoke.add_argument("--reason", choices=sorted(keys.REVOKE_REASONS), default="unspecified")
+    k_revoke.set_defaults(func=cmd_keys_revoke)
+    k_crl = keys_sub.add_parser("crl", help="sign --dir's CRL anew (makes one for an old CA)")
+    k_crl.add_argument("--dir", type=Path, required=True)
+    k_crl.set_defaults(func=cmd_keys_crl)
+    k_show = keys_sub.add_parser("show", help="what a certificate or a CRL says")
     k_show.add_argument("cert", type=Path)
     k_show.set_defaults(func=cmd_keys_show)
 

@@ -1,5 +1,5 @@
-"""Security on the real test bed: the daemons' mutual TLS, their control sockets, and
-confined QEMUs.
+"""Security on the real test bed: the daemons' mutual TLS and certificate revocation,
+their control sockets, and confined QEMUs.
 
 Intruders are played from inside hostA's namespace by ``data/try_peer.py`` against the
 real daemons. Each must be refused before any byte reaches a QEMU: no QEMU starts on the
@@ -18,11 +18,12 @@ import socket
 import stat
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
 
 from livemig import keys, paths
 from livemig.daemon import control, launch
@@ -105,6 +106,8 @@ def test_the_test_bed_provisions_mutual_tls(bed: list[testbed.Node]) -> None:
         assert files.ca.read_bytes() == ca
         assert stat.S_IMODE(files.key.stat().st_mode) == 0o600
         assert keys.describe(files.cert)["names"] == [node.name, str(node.ip)]
+        assert files.crl is not None
+        assert files.crl.read_bytes() == (paths.pki_dir() / keys.CA_CRL).read_bytes()
         log = (paths.host_dir(node.name) / "livemigd.log").read_text()
         assert "(mutual TLS)" in log
     assert stat.S_IMODE((paths.pki_dir() / keys.CA_KEY).stat().st_mode) == 0o600
@@ -179,6 +182,93 @@ def test_the_right_certificate_with_the_wrong_key_is_refused(
     assert outcome["stage"] == "connect", outcome
     assert outcome["error"] == "AuthenticationError"
     assert "does not hold our key" in logged
+
+
+# -- revocation ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def revoked(host: str) -> Iterator[None]:
+    """Revoke ``host``'s certificate at the test bed's CA and copy the CRL to every host,
+    as an operator does; the daemons keep running. Afterwards ``host`` gets a new
+    certificate, which its daemon takes up as it took the CRL: without a restart."""
+    node = testbed.host_node(host)
+    keys.revoke(paths.pki_dir(), cert=host_files(host).cert,
+                reason=x509.ReasonFlags.key_compromise)
+    for other in testbed.hosts():
+        launch.distribute_crl(host_files(other.name))
+    try:
+        yield
+    finally:
+        keys.issue_host(paths.pki_dir(), host, [str(node.ip)], out=paths.tls_dir(host))
+
+
+def migrate(loop: asyncio.AbstractEventLoop, vm: str, source: str, target: str
+            ) -> dict[str, Any]:
+    return loop.run_until_complete(control.migrate(source, {"op": "migrate", "vm": vm,
+                                                            "to": target}))
+
+
+def assert_runs_on(loop: asyncio.AbstractEventLoop, vm: str, host: str) -> None:
+    (record,) = [r for r in qemu.records() if r.spec.name == vm]
+    assert record.host == host
+    handle = loop.run_until_complete(qemu.VM.attach(record))
+    try:
+        assert loop.run_until_complete(handle.status()) == "running"
+    finally:
+        loop.run_until_complete(handle.close())
+
+
+def test_a_revoked_target_gets_no_vm_and_the_others_go_on(
+        start_vm: Callable[..., qemu.VM], loop: asyncio.AbstractEventLoop) -> None:
+    vm = start_vm("rvk-to", Workload.IDLE, host="hostA")
+    loop.run_until_complete(vm.close())
+    target_log = paths.host_dir("hostB") / "livemigd.log"
+    with revoked("hostB"):
+        qemus_before, records_before = qemus_in("hostB"), qemu.records()
+        log_from = target_log.stat().st_size
+        with pytest.raises(control.MigrationFailed) as caught:
+            migrate(loop, vm.name, "hostA", "hostB")
+        # Refused in the TLS handshake: nothing started or recorded on the target.
+        assert qemus_in("hostB") == qemus_before
+        assert qemu.records() == records_before
+        assert caught.value.vm_runs_on == "hostA" and caught.value.stage == "pre-migration"
+        assert "hostB's certificate is revoked" in str(caught.value)
+        assert_runs_on(loop, vm.name, "hostA")
+        with target_log.open() as f:
+            f.seek(log_from)
+            logged = f.read()
+        assert "TLS handshake failed" in logged and "incoming migration" not in logged
+        # Between two hosts nobody revoked, migrations go on.
+        assert migrate(loop, vm.name, "hostA", "hostC")["verified"] is True
+        assert_runs_on(loop, vm.name, "hostC")
+    # hostB's new certificate is good: its daemon took it up without a restart.
+    assert migrate(loop, vm.name, "hostC", "hostB")["verified"] is True
+    assert_runs_on(loop, vm.name, "hostB")
+
+
+def test_a_revoked_source_sends_no_vm(start_vm: Callable[..., qemu.VM],
+                                      loop: asyncio.AbstractEventLoop,
+                                      intruder: Intruder) -> None:
+    vm = start_vm("rvk-from", Workload.IDLE, host="hostA")
+    loop.run_until_complete(vm.close())
+    with revoked("hostA"):
+        qemus_before, records_before = qemus_in("hostB"), qemu.records()
+        # hostA's daemon reads the CRL too and says so in its own words.
+        with pytest.raises(control.MigrationFailed) as caught:
+            migrate(loop, vm.name, "hostA", "hostB")
+        assert caught.value.vm_runs_on == "hostA"
+        assert "hostA's own certificate is revoked" in str(caught.value)
+        assert qemus_in("hostB") == qemus_before and qemu.records() == records_before
+        assert_runs_on(loop, vm.name, "hostA")
+        # The target does not count on that: hostA's files with no CRL (a thief's, or
+        # a host not yet given the new CRL) are refused by hostB's daemon.
+        a = host_files("hostA")
+        outcome, logged = intruder.attempt(ca=str(a.ca), cert=str(a.cert), key=str(a.key))
+        assert outcome["stage"] == "connect", outcome
+        assert outcome["error"] == "PeerNotTrusted" and outcome["by_peer"] is True
+        assert "hostB refused our certificate" in outcome["message"]
+        assert "TLS handshake failed: certificate refused: certificate revoked" in logged
 
 
 def test_the_control_socket_is_root_only(bed: list[testbed.Node]) -> None:

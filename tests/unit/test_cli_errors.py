@@ -111,6 +111,9 @@ USAGE_ERRORS = [
     (["simulate"], ["--model"]),
     (["keys", "host", "hostA", "--dir", "ca", "--days", "0"], ["--days", "0"]),
     (["keys", "host", "hostA", "--dir", "ca", "--days", "99999999"], ["99999999"]),
+    (["keys", "revoke", "--dir", "ca"], ["HOST", "--cert"]),
+    (["keys", "revoke", "hostA", "--cert", "hostA.crt", "--dir", "ca"], ["--cert", "HOST"]),
+    (["keys", "revoke", "hostA", "--dir", "ca", "--reason", "bored"], ["bored"]),
     (["bogus"], ["bogus"]),
     ([], ["COMMAND"]),
 ]
@@ -177,6 +180,8 @@ COMMAND_ERRORS = [
     (["keys", "show", "/etc/hostname"], ["/etc/hostname"]),
     (["keys", "init", "--dir", "/proc/livemig-ca"], ["/proc/livemig-ca"]),
     (["keys", "host", "hostA", "--dir", "/nonexistent-ca"], ["/nonexistent-ca"]),
+    (["keys", "revoke", "hostA", "--dir", "/nonexistent-ca"], ["/nonexistent-ca"]),
+    (["keys", "crl", "--dir", "/nonexistent-ca"], ["/nonexistent-ca"]),
 ]
 
 
@@ -189,6 +194,20 @@ def test_a_foreseen_failure_is_one_sentence_with_status_1(
     assert status == 1
     assert out == ""
     assert_one_sentence(err, *mentions)
+
+
+def test_revoking_what_the_ca_never_issued_is_one_sentence(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ca = tmp_path / "ca"
+    assert run_cli(["keys", "init", "--dir", str(ca)], capsys)[0] == 0
+    status, out, err = run_cli(["keys", "revoke", "hostZ", "--dir", str(ca)], capsys)
+    assert status == 1 and out == ""
+    assert_one_sentence(err, "hostZ", "--cert")
+    status, out, err = run_cli(["keys", "revoke", "--cert", "/etc/hostname", "--dir", str(ca)],
+                               capsys)
+    assert status == 1 and out == ""
+    assert_one_sentence(err, "/etc/hostname")
 
 
 def test_a_short_peer_key_is_refused_before_the_daemon_listens(

@@ -8,6 +8,7 @@ the server's handler (where a reservation would start QEMU) never runs.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import gc
 import json
 import logging
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from livemig import cli, keys
@@ -311,7 +313,15 @@ def test_the_keys_command_makes_a_deployable_tls_directory(tmp_path: Path,
     assert stat.S_IMODE(files.key.stat().st_mode) == 0o600
     assert cli.main(["keys", "show", str(files.cert)]) == 0
     assert json.loads(capsys.readouterr().out)["names"] == ["hostQ", "192.0.2.7"]
-    tls.server_context(files)  # loads as a daemon would
+    assert tls.checks_revocation(tls.server_context(files))  # loads as a daemon would
+    # Revoked: 'keys show' on the CA's CRL names the host; twice changes nothing.
+    for _ in range(2):
+        assert cli.main(["keys", "revoke", "hostQ", "--dir", str(tmp_path / "ca"),
+                         "--reason", "key-compromise"]) == 0
+    assert cli.main(["keys", "show", str(tmp_path / "ca" / keys.CA_CRL)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert [(r["host"], r["reason"]) for r in shown["revoked"]] == [("hostQ", "keyCompromise")]
+    assert shown["next_update"]
 
 
 def test_no_session_ticket_is_offered(pki: PKI) -> None:
@@ -354,3 +364,199 @@ def test_a_closed_tls_channel_is_freed_without_the_cyclic_collector(pki: PKI) ->
     finally:
         gc.enable()
     assert freed == [True]
+
+
+# -- revocation -------------------------------------------------------------------------
+
+
+def crl_of(directory: Path) -> x509.CertificateRevocationList:
+    return x509.load_pem_x509_crl((directory / keys.CA_CRL).read_bytes())
+
+
+def serial(files: HostFiles) -> int:
+    return x509.load_pem_x509_certificate(files.cert.read_bytes()).serial_number
+
+
+def test_every_ca_starts_with_an_empty_crl_valid_as_long_as_the_ca(pki: PKI) -> None:
+    crl = crl_of(pki.ours)
+    ca = x509.load_pem_x509_certificate((pki.ours / keys.CA_CERT).read_bytes())
+    assert crl.issuer == ca.subject and len(crl) == 0
+    assert crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
+    assert crl.next_update_utc == ca.not_valid_after_utc
+    assert crl.last_update_utc < datetime.datetime.now(datetime.UTC)
+    assert keys.crl_expiry_warning(crl) is None
+    # Deployed beside ca.crt, so daemons check revocation from their first day.
+    assert all(tls.checks_revocation(pki.server(h)) for h in pki.hosts)
+    assert all(tls.checks_revocation(pki.client(h)) for h in pki.hosts)
+
+
+def test_revoking_a_host_lists_its_serial_once(tmp_path: Path) -> None:
+    own = PKI(tmp_path)
+    done = keys.revoke(own.ours, host="hostB", reason=x509.ReasonFlags.key_compromise)
+    assert done.added == (serial(own.hosts["hostB"]),) and done.already == ()
+    first = (own.ours / keys.CA_CRL).read_bytes()
+    (entry,) = crl_of(own.ours)
+    assert entry.serial_number == serial(own.hosts["hostB"])
+    assert entry.extensions.get_extension_for_class(x509.CRLReason).value.reason \
+        is x509.ReasonFlags.key_compromise
+    # Twice: nothing changes, not even the file, so no daemon reloads for nothing.
+    again = keys.revoke(own.ours, host="hostB")
+    assert again.added == () and again.already == done.added
+    assert (own.ours / keys.CA_CRL).read_bytes() == first
+    # Another host: the first entry stays as it was, the CRL's number goes up.
+    keys.revoke(own.ours, cert=own.hosts["hostC"].cert)
+    crl = crl_of(own.ours)
+    assert {e.serial_number for e in crl} == {serial(own.hosts[h]) for h in ("hostB", "hostC")}
+    kept = crl.get_revoked_certificate_by_serial_number(entry.serial_number)
+    assert kept is not None and kept.revocation_date_utc == entry.revocation_date_utc
+    assert list(kept.extensions) == list(entry.extensions)
+    assert crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number == 3
+    shown = keys.describe(own.ours / keys.CA_CRL)
+    assert {r["host"] for r in shown["revoked"]} == {"hostB", "hostC"}  # type: ignore[attr-defined]
+    assert "warning" not in shown
+
+
+def test_a_host_whose_files_went_elsewhere_is_revoked_by_name(tmp_path: Path) -> None:
+    keys.init_ca(tmp_path / "ca")
+    files = keys.issue_host(tmp_path / "ca", "hostQ", [], out=tmp_path / "q")
+    assert not (tmp_path / "ca" / "hostQ.crt").exists()
+    assert keys.revoke(tmp_path / "ca", host="hostQ").added == (serial(files),)
+    # A new certificate for the same host is not revoked by the old one's entry.
+    fresh = keys.issue_host(tmp_path / "ca", "hostQ", [], out=tmp_path / "q")
+    crl = crl_of(tmp_path / "ca")
+    assert crl.get_revoked_certificate_by_serial_number(serial(fresh)) is None
+    # The host's copy of the CRL is written with its files.
+    assert (tmp_path / "q" / keys.CA_CRL).read_bytes() == (tmp_path / "ca" / keys.CA_CRL
+                                                           ).read_bytes()
+
+
+def test_unknown_hosts_and_foreign_certificates_are_not_revoked(tmp_path: Path,
+                                                                pki: PKI) -> None:
+    own = PKI(tmp_path)
+    before = (own.ours / keys.CA_CRL).read_bytes()
+    with pytest.raises(keys.KeysError) as caught:
+        keys.revoke(own.ours, host="hostZ")
+    assert "hostZ" in str(caught.value) and "hostA" in str(caught.value)
+    with pytest.raises(keys.KeysError):
+        keys.revoke(own.ours, cert=own.foreign_hostA.cert)
+    with pytest.raises(keys.KeysError):
+        keys.revoke(own.ours, cert=own.ours / keys.CA_KEY)  # no certificate at all
+    assert (own.ours / keys.CA_CRL).read_bytes() == before
+    # Nor does a daemon take another CA's CRL for ours.
+    other = HostFiles(own.ours / keys.CA_CERT, own.hosts["hostA"].cert,
+                      own.hosts["hostA"].key, pki.ours / keys.CA_CRL)
+    with pytest.raises(keys.KeysError):
+        tls.server_context(other)
+
+
+def test_a_crl_near_or_past_its_end_is_warned_about(pki: PKI) -> None:
+    crl = crl_of(pki.ours)
+    assert crl.next_update_utc is not None
+    soon = keys.crl_expiry_warning(crl, now=crl.next_update_utc - datetime.timedelta(days=3))
+    past = keys.crl_expiry_warning(crl, now=crl.next_update_utc + datetime.timedelta(days=1))
+    assert soon is not None and "expires" in soon
+    assert past is not None and "expired" in past
+
+
+def test_an_old_ca_without_a_crl_gets_one(tmp_path: Path) -> None:
+    keys.init_ca(tmp_path)
+    (tmp_path / keys.CA_CRL).unlink()  # as a CA made before CRLs
+    files = keys.issue_host(tmp_path, "hostA", [])
+    assert not tls.checks_revocation(tls.server_context(files))
+    keys.sign_crl(tmp_path)
+    assert len(crl_of(tmp_path)) == 0
+    assert tls.checks_revocation(tls.server_context(files))
+
+
+def test_a_revoked_target_is_refused_by_the_source(tmp_path: Path) -> None:
+    own = PKI(tmp_path)
+    keys.revoke(own.ours, host="hostB")
+    err, _ = refused_before_the_handler(own, own.hosts["hostA"])
+    assert isinstance(err, PeerNotTrusted) and not err.by_peer
+    assert "hostB's certificate is revoked" in str(err)
+
+
+def test_a_revoked_source_is_refused_by_the_target(tmp_path: Path) -> None:
+    own = PKI(tmp_path)
+    keys.revoke(own.ours, host="hostA")
+    # A source whose own CRL is stale: only the target knows, and refuses it.
+    stale = HostFiles(own.ours / keys.CA_CERT, own.hosts["hostA"].cert, own.hosts["hostA"].key)
+    err, logged = refused_before_the_handler(own, stale)
+    assert isinstance(err, PeerNotTrusted) and err.by_peer
+    assert "hostB refused our certificate" in str(err)
+    assert any("certificate revoked" in line for line in logged), logged
+    # A daemon whose own CRL revokes it says so before calling anyone.
+    with pytest.raises(keys.KeysError) as caught:
+        tls.Contexts(own.hosts["hostA"]).client()
+    assert "hostA's own certificate is revoked" in str(caught.value)
+
+
+def test_an_expired_crl_refuses_every_peer_and_says_so(tmp_path: Path) -> None:
+    own = PKI(tmp_path)
+    ca, ca_key = keys._load_ca(own.ours)
+    long_ago = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=2)
+    expired = (x509.CertificateRevocationListBuilder().issuer_name(ca.subject)
+               .last_update(long_ago).next_update(long_ago + datetime.timedelta(days=1))
+               .sign(ca_key, hashes.SHA256()))
+    (own.ours / keys.CA_CRL).write_bytes(expired.public_bytes(serialization.Encoding.PEM))
+    err, _ = refused_before_the_handler(own, own.hosts["hostA"])
+    assert isinstance(err, PeerNotTrusted) and "CRL (ca.crl) has expired" in str(err)
+    assert "expired" in str(keys.describe(own.ours / keys.CA_CRL)["warning"])
+
+
+def test_a_daemon_takes_a_new_crl_up_without_a_restart(tmp_path: Path) -> None:
+    """The server asks ``Contexts.server`` at each connection: the CRL an operator
+    copies in is in force from the next connection on."""
+    own = PKI(tmp_path)
+    contexts = tls.Contexts(own.hosts["hostB"])
+    assert contexts.checks_revocation
+    server_before = contexts.server()
+    assert contexts.server() is server_before  # no change, no rebuild
+    served = Served(contexts.server)
+
+    async def call(me: str) -> None:
+        channel = await connect(LOOPBACK, served.port, key=KEY, me=me,
+                                ssl=own.client(me), peer_name="hostB", timeout=5)
+        async with channel:
+            await channel.request("ping", timeout=5)
+
+    async def main() -> None:
+        async with served:
+            await call("hostA")
+            keys.revoke(own.ours, host="hostA")  # hostB's ca.crl changes under its daemon
+            with pytest.raises(PeerNotTrusted):
+                await call("hostA")
+            await call("hostC")  # the others are still let in
+    run(main())
+    assert served.seen == [("hostA", "hostA"), ("hostC", "hostC")]
+    assert contexts.server() is not server_before
+
+
+def test_a_crl_that_does_not_load_keeps_the_last_one(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    own = PKI(tmp_path)
+    keys.revoke(own.ours, host="hostC")
+    contexts = tls.Contexts(own.hosts["hostB"])
+    before = contexts.server()
+    good = (own.ours / keys.CA_CRL).read_bytes()
+    (own.ours / keys.CA_CRL).write_bytes(good[: len(good) // 2])  # cp, caught half-way
+    with caplog.at_level(logging.ERROR, logger="livemig.wire.tls"):
+        assert contexts.server() is before
+    assert any("do not load" in r.getMessage() for r in caplog.records)
+    (own.ours / keys.CA_CRL).write_bytes(good)
+    assert contexts.server() is not before and contexts.checks_revocation
+
+
+def test_without_a_crl_a_daemon_warns_once_and_runs_on(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    own = PKI(tmp_path)
+    (own.ours / keys.CA_CRL).unlink()
+    with caplog.at_level(logging.WARNING, logger="livemig.wire.tls"):
+        contexts = tls.Contexts(own.hosts["hostB"])
+        contexts.server()
+        contexts.client()
+    assert not contexts.checks_revocation
+    assert [r.getMessage() for r in caplog.records if "no CRL" in r.getMessage()] != []
+    assert len(caplog.records) == 1
+    keys.sign_crl(own.ours)  # the CRL arrives later: checked from the next connection on
+    assert tls.checks_revocation(contexts.client())

@@ -5,8 +5,8 @@ started it, and is reaped by init when 'testbed down' ends it. It writes its own
 It runs under ``daemon.supervise``, which starts it again if it dies, as systemd would.
 
 Before that, the test bed gets what real hosts get from 'livemig keys': a CA (in the run
-directory) and for each host its certificate, key and the CA certificate in its own TLS
-directory, so the daemons speak mutual TLS with no manual step. Only an explicit
+directory) and for each host its certificate, key, the CA certificate and the CA's CRL in
+its own TLS directory, so the daemons speak mutual TLS with no manual step. Only an explicit
 ``plaintext=True`` (``testbed up --insecure-plaintext``) starts them without.
 """
 
@@ -40,20 +40,31 @@ def ensure_key() -> None:
 
 def ensure_pki() -> None:
     """A test bed CA, and a certificate of it for every host that is up, each with
-    the host's name and LAN address. Keeps what is there and matches the CA."""
+    the host's name and LAN address. Keeps what is there and matches the CA, and gives
+    every host the CA's current CRL, as an operator copies it after 'keys revoke'."""
     ca_dir = paths.pki_dir()
     if not (ca_dir / keys.CA_CERT).exists():
         ca_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(ca_dir, 0o700)
         keys.init_ca(ca_dir, name="livemig test bed CA", force=True)
+    if not (ca_dir / keys.CA_CRL).exists():  # a test bed from before CRLs
+        keys.sign_crl(ca_dir)
     ca = (ca_dir / keys.CA_CERT).read_bytes()
     for node in testbed.hosts():
         files = keys.HostFiles.in_dir(paths.tls_dir(node.name), node.name)
-        if not files.missing() and files.ca.read_bytes() == ca:
-            continue
-        paths.tls_dir(node.name).mkdir(parents=True, exist_ok=True)
-        os.chmod(paths.tls_dir(node.name), 0o700)
-        keys.issue_host(ca_dir, node.name, [str(node.ip)], out=paths.tls_dir(node.name))
+        if files.missing() or files.ca.read_bytes() != ca:
+            paths.tls_dir(node.name).mkdir(parents=True, exist_ok=True)
+            os.chmod(paths.tls_dir(node.name), 0o700)
+            keys.issue_host(ca_dir, node.name, [str(node.ip)], out=paths.tls_dir(node.name))
+        distribute_crl(files)
+
+
+def distribute_crl(files: keys.HostFiles) -> None:
+    """Copy the test bed CA's CRL to a host's TLS directory, if it differs there."""
+    crl = (paths.pki_dir() / keys.CA_CRL).read_bytes()
+    assert files.crl is not None
+    if not files.crl.is_file() or files.crl.read_bytes() != crl:
+        keys.write_public(files.crl, crl)  # atomic: a daemon never reads half of it
 
 
 def pid_file(host: str) -> Path:

@@ -5,7 +5,9 @@ It listens in two places. The CLI talks to it on a root-only Unix socket
 every peer connection must pass mutual TLS (a host certificate of our CA, ``wire.tls``)
 and then the HMAC handshake of ``wire.frames`` before any of its requests reaches a
 ``DestinationSession``. As a source it connects the same way and requires the target's
-certificate to name the target. ``--insecure-plaintext`` drops TLS, loudly. The
+certificate to name the target. Both ways the peer's certificate must not be on our CA's
+CRL, read again whenever it changes (``tls.Contexts``): revoking a host takes effect at
+the next connection, with no restart. ``--insecure-plaintext`` drops TLS, loudly. The
 migrations it drives as a source run as tasks, one per VM, so ``cancel`` can stop one at
 any stage.
 """
@@ -18,7 +20,6 @@ import contextlib
 import logging
 import os
 import signal
-import ssl
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -54,11 +55,7 @@ class Daemon:
         """``tls_files`` None: plaintext, only by the operator's explicit choice."""
         self.host = host
         self.key = key
-        self.server_ssl: ssl.SSLContext | None = None
-        self.client_ssl: ssl.SSLContext | None = None
-        if tls_files is not None:
-            self.server_ssl = tls.server_context(tls_files)
-            self.client_ssl = tls.client_context(tls_files)
+        self.tls = tls.Contexts(tls_files) if tls_files is not None else None
         self.ip = str(testbed.host_node(host).ip)
         self.migrations: dict[str, tuple[asyncio.Task[Any], SourceMigration]] = {}
         self._sessions: set[asyncio.Task[None]] = set()
@@ -80,7 +77,7 @@ class Daemon:
         try:
             peers = await channel.serve(self.ip, control.PEER_PORT, key=self.key,
                                         me=self.host, handler=self._on_peer,
-                                        ssl=self.server_ssl)
+                                        ssl=self.tls.server if self.tls else None)
         except OSError as exc:
             local.close()
             path.unlink(missing_ok=True)
@@ -92,8 +89,8 @@ class Daemon:
         # Last: the launcher takes a pid file and a socket as a daemon that is ready.
         (path.parent / "livemigd.pid").write_text(str(os.getpid()))
         log.info("livemigd on %s: control %s, peers %s:%d (%s)", self.host, path, self.ip,
-                 control.PEER_PORT, "mutual TLS" if self.server_ssl else "PLAINTEXT")
-        if self.server_ssl is None:
+                 control.PEER_PORT, "mutual TLS" if self.tls else "PLAINTEXT")
+        if self.tls is None:
             log.warning(PLAINTEXT_WARNING)
         recovery = asyncio.create_task(self._recover())
         stop = asyncio.Event()
@@ -143,10 +140,15 @@ class Daemon:
             await asyncio.sleep(SETTLE_RETRY_S)
 
     def _connector(self, target: str) -> source.Connect:
-        """Fresh authenticated connections to ``target``'s daemon."""
+        """Fresh authenticated connections to ``target``'s daemon, each with the TLS
+        files as they are now (a KeysError if our own certificate is revoked)."""
         ip = str(testbed.require_host(target).ip)
-        return lambda: channel.connect(ip, control.PEER_PORT, key=self.key, me=self.host,
-                                       ssl=self.client_ssl, peer_name=target, timeout=10.0)
+
+        async def connect() -> Channel:
+            return await channel.connect(
+                ip, control.PEER_PORT, key=self.key, me=self.host,
+                ssl=self.tls.client() if self.tls else None, peer_name=target, timeout=10.0)
+        return connect
 
     # -- peers ----------------------------------------------------------------------------
 
@@ -301,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", required=True)
     parser.add_argument("--key-file", type=Path, default=None)
     parser.add_argument("--tls-dir", type=Path, default=None,
-                        help="ca.crt, HOST.crt and HOST.key (default: the host's own)")
+                        help="ca.crt, ca.crl, HOST.crt and HOST.key (default: the host's own)")
     parser.add_argument("--insecure-plaintext", action="store_true",
                         help="no TLS: only for a closed test network")
     args = parser.parse_args(argv)

@@ -57,7 +57,13 @@ from livemig.wire.frames import (
     encode,
     printable_reason,
 )
-from livemig.wire.tls import Speaks, certified_host, describe_ssl_error, sniff
+from livemig.wire.tls import (
+    Speaks,
+    certified_host,
+    describe_peer_certificate_refused,
+    describe_ssl_error,
+    sniff,
+)
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -591,8 +597,8 @@ async def connect(host: str, port: int, *, key: bytes, me: str,
                     lambda: _WireProtocol(conn), host, port, ssl=ssl,
                     server_hostname=peer_name if ssl is not None else None)
             except ssl_module.SSLCertVerificationError as exc:
-                raise PeerNotTrusted(label, f"{peer_name}'s certificate: "
-                                            f"{exc.verify_message}") from exc
+                raise PeerNotTrusted(label, describe_peer_certificate_refused(
+                    str(peer_name), exc)) from exc
             except OSError as exc:
                 if ssl is not None and isinstance(exc, ssl_module.SSLError
                                                   | ConnectionResetError):
@@ -618,9 +624,11 @@ async def connect(host: str, port: int, *, key: bytes, me: str,
                 cause = protocol.lost_exc
                 why = (describe_ssl_error(cause) if isinstance(cause, ssl_module.SSLError)
                        else "it hung up in the TLS handshake")
+                # We cannot tell revoked from unknown here: the hint names both, and the
+                # peer's log has OpenSSL's reason.
                 raise PeerNotTrusted(
-                    label, f"it refused our certificate ({why}); its daemon's log says why",
-                    by_peer=True) from err
+                    label, f"{peer_name} refused our certificate ({why}); its daemon's log "
+                           "says why (revoked? of another CA?)", by_peer=True) from err
             return channel
     except TimeoutError as exc:
         raise PeerTimeout(label, what, timeout) from exc
@@ -653,13 +661,18 @@ class PeerServer:
             await self._task
 
 
+ServerTLS = ssl_module.SSLContext | Callable[[], ssl_module.SSLContext]
+
+
 async def serve(host: str, port: int, *, key: bytes, me: str, handler: Handler,
-                ssl: ssl_module.SSLContext | None = None,
+                ssl: ServerTLS | None = None,
                 handshake_timeout: float = 10.0) -> PeerServer:
     """Listen on ``host:port`` as ``me``. For each connection, complete the handshakes
-    (TLS with ``ssl``, a ``tls.server_context``; then livemig's) within
-    ``handshake_timeout`` and only then run ``handler(channel)``; the channel is closed
-    when the handler returns. A refused peer is closed with one log line saying why.
+    (TLS with ``ssl``; then livemig's) within ``handshake_timeout`` and only then run
+    ``handler(channel)``; the channel is closed when the handler returns. A refused peer
+    is closed with one log line saying why. ``ssl`` is a ``tls.server_context``, or a
+    function that returns the one to use now (``tls.Contexts.server``), asked once per
+    connection so that a new CRL counts from the next one.
 
     A peer must speak what we speak, told by its first byte: with ``ssl`` a plaintext
     livemig peer gets an Abort saying that TLS is required; without, a TLS peer is
@@ -686,7 +699,7 @@ async def serve(host: str, port: int, *, key: bytes, me: str, handler: Handler,
                 # (a Reply, the handshake) waits up to 40 ms for a delayed ACK.
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 task = loop.create_task(_serve_socket(
-                    conn, _address(addr), key=key, me=me, handler=handler, ssl=ssl,
+                    conn, _address(addr), key=key, me=me, handler=handler, ssl_for=ssl,
                     timeout=handshake_timeout))
                 tasks.add(task)  # the loop keeps only weak references to tasks
                 task.add_done_callback(tasks.discard)
@@ -713,9 +726,10 @@ async def _first_byte(sock: socket.socket) -> bytes:
 
 
 async def _serve_socket(sock: socket.socket, label: str, *, key: bytes, me: str,
-                        handler: Handler, ssl: ssl_module.SSLContext | None,
+                        handler: Handler, ssl_for: ServerTLS | None,
                         timeout: float) -> None:
     loop = asyncio.get_running_loop()
+    ssl = ssl_for() if callable(ssl_for) else ssl_for
     try:
         async with asyncio.timeout(timeout):
             speaks = sniff(await _first_byte(sock))
