@@ -439,6 +439,12 @@ def main() -> int:
     samples: list[tuple[int, list[DaemonSample]]] = []
     checks: list[FullCheck] = []
     interrupted = stopped = False
+    if busy := testbed.existing_namespaces():
+        # Another soak (or test) of this instance: tearing its bed down would wreck it.
+        print(f"instance {paths.instance()!r} is in use ({', '.join(busy)}): set "
+              "LIVEMIG_INSTANCE to another name, or 'livemig testbed down' if nothing "
+              "runs there", file=sys.stderr)
+        return 1
     try:
         try:
             builder.Image.load()

@@ -360,7 +360,8 @@ def down() -> Teardown:
     pids = [pid for ns in namespaces for pid in _pids_in(ns)]
     _end_processes(pids)
     for ns in namespaces:
-        netns.remove(ns)
+        with contextlib.suppress(FileNotFoundError):  # another 'down' of this bed was first
+            netns.remove(ns)
     ram_files = sorted(str(p) for p in paths.SHM_DIR.glob(paths.ram_file_glob()))
     for path in ram_files:
         with contextlib.suppress(FileNotFoundError):
