@@ -92,10 +92,12 @@ async def daemon_samples() -> list[DaemonSample]:
     samples = []
     for host in HOSTS:
         pid = int(launch.pid_file(host).read_text())
+        # fds before asking: the control connection of the question is one of them.
+        fds = len(os.listdir(f"/proc/{pid}/fd"))
         memory = await _memory(host)
         status = _proc_status(pid)
         samples.append(DaemonSample(
-            host=host, pid=pid, fds=len(os.listdir(f"/proc/{pid}/fd")),
+            host=host, pid=pid, fds=fds,
             rss_kib=int(status["VmRSS"].split()[0]), threads=int(status["Threads"]),
             heap_in_use_kib=memory["heap_in_use_kib"], heap_free_kib=memory["heap_free_kib"],
             rss_anon_kib=memory["rss_anon_kib"], rss_shmem_kib=memory["rss_shmem_kib"],
