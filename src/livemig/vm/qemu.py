@@ -36,6 +36,8 @@ have: QEMUs of the same user cannot ptrace one another; root (the daemon reading
 without the dirty log, no gcc) QEMU stays dumpable. The shim's userfaultfd needs no
 privilege: vm.unprivileged_userfaultfd=0 still allows UFFD_USER_MODE_ONLY, and async
 write-protection never takes a kernel fault.
+
+One QEMU keeps root: the destination of QEMU's own postcopy baseline (``command``).
 """
 
 from __future__ import annotations
@@ -116,12 +118,9 @@ def unprivileged_argv(user: pwd.struct_passwd) -> list[str]:
             "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]
 
 
-def qemu_argv(record: VMRecord, inherited: Inherited, *, confined: bool = True) -> list[str]:
-    """QEMU's command line; ``inherited`` numbers the descriptors it finds open.
-
-    ``confined=False`` only for QEMU's own postcopy baseline, whose destination needs
-    userfaultfd for kernel faults: a privilege its user lacks while
-    vm.unprivileged_userfaultfd is 0. That QEMU runs as root without a sandbox."""
+def qemu_argv(record: VMRecord, inherited: Inherited) -> list[str]:
+    """QEMU's command line, sandboxed; ``inherited`` numbers the descriptors it finds
+    open."""
     spec = record.spec
     argv = [
         QEMU_BINARY,
@@ -157,16 +156,20 @@ def qemu_argv(record: VMRecord, inherited: Inherited, *, confined: bool = True) 
     ]  # fmt: skip
     if record.incoming:
         argv += ["-incoming", "defer"]
-    if confined:
-        argv += ["-sandbox", SANDBOX]
+    argv += ["-sandbox", SANDBOX]
     return argv
 
 
-def command(record: VMRecord, inherited: Inherited, *, confined: bool = True) -> list[str]:
-    """QEMU's command line, run as ``QEMU_USER`` when ``confined``; the caller prefixes
-    the host's namespace entry, which must come first (setns needs root)."""
-    argv = qemu_argv(record, inherited, confined=confined)
-    return [*unprivileged_argv(qemu_user()), *argv] if confined else argv
+def command(record: VMRecord, inherited: Inherited, *, unprivileged: bool = True) -> list[str]:
+    """QEMU's command line, run as ``QEMU_USER`` when ``unprivileged``; the caller
+    prefixes the host's namespace entry, which must come first (setns needs root).
+
+    ``unprivileged=False`` only for QEMU's own postcopy baseline, whose destination needs
+    userfaultfd for kernel faults: a privilege its user lacks while
+    vm.unprivileged_userfaultfd is 0 (QEMU 7.2 knows no /dev/userfaultfd). That QEMU
+    keeps root, inside the same sandbox: it cannot change its ids, fork or exec."""
+    argv = qemu_argv(record, inherited)
+    return [*unprivileged_argv(qemu_user()), *argv] if unprivileged else argv
 
 
 def _listen(path: Path) -> socket.socket:
@@ -284,10 +287,10 @@ class VM:
     @classmethod
     async def start(
         cls, spec: VMSpec, host: str, *, incoming: bool = False, wait_ready: bool = True,
-        confined: bool = True,
+        unprivileged: bool = True,
     ) -> VM:
         """Start QEMU for ``spec`` on ``host``; unless ``incoming``, wait for the workload.
-        ``confined``: see ``qemu_argv``."""
+        ``unprivileged``: see ``command``."""
         # pyroute2's sync API runs its own event loop, so netlink work goes to a thread.
         node = await asyncio.to_thread(testbed.require_host, host)
         with _registry_lock():
@@ -303,7 +306,7 @@ class VM:
         try:
             # Root's alone: QEMU never looks inside, it inherits what it needs from here.
             os.chmod(record.directory, 0o700)
-            user = qemu_user() if confined else None
+            user = qemu_user() if unprivileged else None
             await asyncio.to_thread(testbed.add_tap, node, spec.tap)
             env = dict(os.environ)
             shim = dirtylog.preload_library()
@@ -312,7 +315,7 @@ class VM:
             with (_for_qemu(record, node, user) as inherited,
                   record.stderr_log.open("wb") as stderr):
                 process = subprocess.Popen(
-                    node.exec_argv(command(record, inherited, confined=confined)),
+                    node.exec_argv(command(record, inherited, unprivileged=unprivileged)),
                     env=env,
                     stdin=subprocess.DEVNULL,
                     stdout=stderr,
