@@ -9,6 +9,7 @@ packages=(
     kmod cpio         # building the initramfs
     gcc libc6-dev make  # static guest programs
     iproute2 nftables iputils-ping  # the test bed and its faults
+    util-linux        # setpriv: QEMU starts as livemig-qemu
     python3 python3-venv
     ca-certificates
 )
@@ -33,8 +34,8 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
-# QEMU drops to this user once it has opened its tap, RAM file and sockets (-runas): a
-# guest that breaks out of QEMU finds itself with no capabilities and no root files.
+# QEMU starts as this user (setpriv), with its tap, sockets and logs opened for it by
+# root: a guest that breaks out of QEMU finds no capabilities and no root files.
 if ! getent passwd livemig-qemu >/dev/null; then
     echo "setup: adding system user livemig-qemu (confined QEMUs run as it)"
     useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin \

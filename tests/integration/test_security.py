@@ -305,16 +305,31 @@ def test_the_control_socket_is_root_only(bed: list[testbed.Node]) -> None:
 def confinement(pid: int) -> dict[str, str]:
     fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text()
                   .splitlines() if ":" in line)
-    return {k: " ".join(fields[k].split()) for k in ("Uid", "Gid", "CapEff", "CapPrm",
-                                                     "NoNewPrivs", "Seccomp")}
+    return {k: " ".join(fields[k].split()) for k in ("Uid", "Gid", "Groups", "CapEff",
+                                                     "CapPrm", "CapBnd", "NoNewPrivs",
+                                                     "Seccomp")}
 
 
 def assert_confined(pid: int) -> None:
-    uid = pwd.getpwnam(qemu.QEMU_USER).pw_uid
+    user = pwd.getpwnam(qemu.QEMU_USER)
     seen = confinement(pid)
-    assert seen["Uid"] == " ".join([str(uid)] * 4), seen  # real, effective, saved, fs
-    assert seen["CapEff"] == seen["CapPrm"] == "0000000000000000", seen
+    assert seen["Uid"] == " ".join([str(user.pw_uid)] * 4), seen  # real, effective, saved, fs
+    assert seen["Gid"] == " ".join([str(user.pw_gid)] * 4), seen
+    assert seen["Groups"] == "", seen  # no supplementary groups
+    assert seen["CapEff"] == seen["CapPrm"] == seen["CapBnd"] == "0000000000000000", seen
     assert seen["NoNewPrivs"] == "1" and seen["Seccomp"] == "2", seen  # 2: filter mode
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    assert argv[0] == qemu.QEMU_BINARY  # the PID is QEMU's own, nothing in between
+    sandbox = argv[argv.index("-sandbox") + 1].split(",")
+    assert "elevateprivileges=deny" in sandbox and "spawn=deny" in sandbox, sandbox
+    assert "-runas" not in argv
+    # Non-dumpable (the shim sees to it): its /proc files are root's, so no other QEMU,
+    # all being the same user, may ptrace it or read its memory.
+    assert os.stat(f"/proc/{pid}/mem").st_uid == 0
+    # Its RAM file was lent to it for start-up only: root's again.
+    (ram,) = [line.split()[-1] for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
+              if line.split()[-1].endswith(".ram")]
+    assert (os.stat(ram).st_uid, os.stat(ram).st_mode & 0o777) == (0, 0o600)
 
 
 def tcp_sockets_of(pid: int) -> set[int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -144,18 +145,55 @@ def test_checksum_sees_content_and_position_but_not_how_zeros_are_stored(ram_fil
         assert mem.checksum() != before
 
 
-def test_qemu_is_confined_unless_told_otherwise(tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+INHERITED = qemu.Inherited(qmp=3, agent=4, tap=5, console=6)
+
+
+def option(argv: list[str], flag: str, prefix: str) -> str:
+    """The value of the one ``flag`` whose value starts with ``prefix``."""
+    (value,) = [v for f, v in itertools.pairwise(argv) if f == flag and v.startswith(prefix)]
+    return value
+
+
+def test_qemu_starts_unprivileged_and_always_sandboxed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LIVEMIG_RUN", str(tmp_path))
     record = VMRecord(spec=make_spec(), host="hostA", pid=0, incoming=True)
     monkeypatch.setattr(qemu, "QEMU_USER", "root")  # a user every machine has
-    argv = qemu.qemu_argv(record)
+    argv = qemu.command(record, INHERITED)
     sandbox = argv[argv.index("-sandbox") + 1].split(",")
     assert sandbox[0] == "on"
-    assert {"obsolete=deny", "spawn=deny", "resourcecontrol=deny"} <= set(sandbox)
-    assert argv[argv.index("-runas") + 1] == "root"
-    unconfined = qemu.qemu_argv(record, confined=False)
-    assert "-sandbox" not in unconfined and "-runas" not in unconfined
+    assert {"obsolete=deny", "elevateprivileges=deny", "spawn=deny",
+            "resourcecontrol=deny"} <= set(sandbox)
+    assert "-runas" not in argv  # QEMU starts unprivileged: nothing for it to drop
+    # setpriv drops everything before QEMU runs, and execs it (QEMU keeps the PID).
+    drop = argv[:argv.index(qemu.QEMU_BINARY)]
+    assert drop[0] == "setpriv" and drop[-1] == "--"
+    assert {"--reuid=0", "--regid=0", "--clear-groups", "--inh-caps=-all",
+            "--bounding-set=-all", "--no-new-privs"} <= set(drop)
+    # QEMU's postcopy baseline keeps root (kernel-fault userfaultfd), not the sandbox.
+    privileged = qemu.command(record, INHERITED, unprivileged=False)
+    assert privileged[0] == qemu.QEMU_BINARY and "-runas" not in privileged
+    assert privileged[privileged.index("-sandbox") + 1] == qemu.SANDBOX
     monkeypatch.setattr(qemu, "QEMU_USER", "no-such-user-here")
     with pytest.raises(SetupError):
-        qemu.qemu_argv(record)
+        qemu.command(record, INHERITED)
+
+
+def test_qemu_opens_nothing_that_needs_root(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every tap, socket and log QEMU uses is one of the descriptors it inherits."""
+    monkeypatch.setenv("LIVEMIG_RUN", str(tmp_path))
+    record = VMRecord(spec=make_spec(), host="hostA", pid=0)
+    argv = qemu.qemu_argv(record, INHERITED)
+    assert option(argv, "-netdev", "tap,") == "tap,id=net0,fd=5"
+    assert option(argv, "-chardev", "socket,id=qmp,") == "socket,id=qmp,fd=3,server=on,wait=off"
+    assert argv[argv.index("-mon") + 1] == "chardev=qmp,mode=control"
+    assert option(argv, "-chardev", "socket,id=agent,").startswith("socket,id=agent,fd=4,")
+    fdset = option(argv, "-add-fd", "fd=6,")
+    assert f"set={qemu.CONSOLE_FDSET}" in fdset.split(",")
+    assert option(argv, "-chardev", "file,") == (
+        f"file,id=console,path=/dev/fdset/{qemu.CONSOLE_FDSET}")
+    assert str(record.ram_file) in option(argv, "-object", "memory-backend-file,")
+    for path in (record.qmp_socket, record.agent_socket, record.console_log):
+        assert not any(str(path) in arg for arg in argv)
+    assert "-qmp" not in argv and "-incoming" not in argv

@@ -44,9 +44,9 @@ async def migrate(name: str, target: str, how: QemuMigration) -> dict[str, Any]:
     started = time.monotonic()
     try:
         # QEMU's postcopy needs kernel-fault userfaultfd on its destination, which its
-        # unprivileged user may not have: that QEMU alone runs unconfined.
+        # unprivileged user may not have: that QEMU alone keeps root (still sandboxed).
         destination = await qemu.VM.start(record.spec, target, incoming=True,
-                                          confined=not how.postcopy)
+                                          unprivileged=not how.postcopy)
         port = QEMU_PORT
         # Our engine leaves x-ignore-shared on in a QEMU it moved; QEMU's own migration
         # must carry RAM, so it is switched off explicitly on both sides.

@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import ipaddress
 import os
 import shutil
 import signal
 import string
+import struct
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -248,7 +251,8 @@ def up(n_hosts: int = 3) -> list[Node]:
 
 
 def add_tap(host: Node, tap: str) -> None:
-    """A tap for a VM's NIC, a port of the host's bridge. QEMU opens it by name."""
+    """A tap for a VM's NIC, a port of the host's bridge. It persists, owned by root;
+    QEMU, unprivileged, gets a queue of it from ``open_tap``."""
     with _ipr(host.netns) as ipr:
         stale = _link_index(ipr, tap)
         if stale is not None:
@@ -259,6 +263,56 @@ def add_tap(host: Node, tap: str) -> None:
             raise TestbedError(f"host {host.name} has no bridge; run 'livemig testbed up'")
         index = _link_index(ipr, tap)
         ipr.link("set", index=index, master=bridge, state="up")
+
+
+_TUNSETIFF = 0x400454CA  # _IOW('T', 202, int), from linux/if_tun.h
+_IFF_TAP = 0x0002
+_IFF_NO_PI = 0x1000
+_IFF_VNET_HDR = 0x4000
+
+
+def open_tap(host: Node, tap: str) -> int:
+    """A descriptor of ``tap``'s queue, for QEMU's ``-netdev tap,fd=N``.
+
+    Attaching to a tap needs CAP_NET_ADMIN (or owning it), which QEMU does not have, so
+    root opens the queue and QEMU inherits it. The flags are those QEMU uses when it opens
+    a tap by name: no packet-information header, and the virtio-net header, so the guest
+    keeps its checksum and segmentation offloads (QEMU probes the descriptor for it).
+
+    /dev/net/tun binds a queue to the namespace of whoever opens it, so the open happens
+    in a thread that enters ``host``'s namespace and then ends: setns moves the calling
+    thread only, and no other thread of this process ever runs in the wrong namespace.
+    """
+    opened: list[int] = []
+    failed: list[BaseException] = []
+
+    def inside() -> None:
+        try:
+            ns = os.open(f"/run/netns/{host.netns}", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if _libc.setns(ns, CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns: {os.strerror(err)}")
+            finally:
+                os.close(ns)
+            fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+            try:
+                request = struct.pack("16sH22x", tap.encode(),
+                                      _IFF_TAP | _IFF_NO_PI | _IFF_VNET_HDR)
+                fcntl.ioctl(fd, _TUNSETIFF, request)
+            except BaseException:
+                os.close(fd)
+                raise
+            opened.append(fd)
+        except BaseException as exc:  # handed to the caller's thread, raised there
+            failed.append(exc)
+
+    thread = threading.Thread(target=inside, name=f"open-{tap}")
+    thread.start()
+    thread.join()
+    if failed:
+        raise TestbedError(f"cannot open tap {tap} on {host.name}: {failed[0]}") from failed[0]
+    return opened[0]
 
 
 # -- faults, for drills and the fault-matrix tests ---------------------------------------

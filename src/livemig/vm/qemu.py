@@ -8,14 +8,36 @@ QEMU runs in its own session, so it outlives the process that started it; its
 ``VMRecord`` on the host's disk lets any later process attach to it again.
 
 Every QEMU runs confined, a destination's as much as any (in ping-pong every host is
-both): a seccomp sandbox (``-sandbox``) and, once it has opened its tap, RAM file,
-sockets and logs as root, no root at all (``-runas livemig-qemu``: a user of its own, no
-capabilities, no_new_privs). What still works and why: the uffd shim registers the RAM
-at its mmap, before the drop; the daemon, root, reads /proc/PID/pagemap of a process it
-may ptrace; device state comes on a descriptor passed over QMP (``pass_fd``). Not in the
-sandbox: ``elevateprivileges=deny``, because QEMU 7.2 installs the filter before -runas
-drops privileges, so its own setgid/setuid would be killed (SIGSYS, tried here); after
-the drop set*id cannot gain anything back anyway.
+both): it starts as a user of its own (``livemig-qemu``: no supplementary groups, no
+capabilities, no_new_privs), and a seccomp sandbox (``-sandbox``) with every deny QEMU
+7.2 offers, ``elevateprivileges=deny`` included, so no set*id call ever succeeds.
+
+It never holds root, not even at start-up: ``ip netns exec`` (which needs root for
+setns) enters the host's namespace, then ``setpriv`` drops to the user, then QEMU is
+exec'd; each step execs, so the PID we started is QEMU's. (``-runas`` cannot do this:
+QEMU 7.2 installs its filter before -runas calls setgid/setuid, so with
+elevateprivileges=deny it dies of SIGSYS; tried.) What needs root is opened by us and
+inherited, by descriptor number:
+
+- the tap: a queue of the root-owned tap (``testbed.open_tap``), ``-netdev tap,fd=N``;
+- QMP and the agent: listening sockets we bind in the VM's directory (root's, 0700),
+  ``-chardev socket,fd=N``; any process of ours still connects by path;
+- the console log: ``-add-fd`` into an fd set, ``-chardev file,path=/dev/fdset/S``;
+- stdout and stderr: the stderr log;
+- device state arrives later on a descriptor passed over QMP (``pass_fd``).
+
+The RAM file is the exception: memory-backend-file opens a path, never a descriptor.
+We create it and lend it to the user until QEMU has opened it (QMP answers only after
+the machine, RAM included, is built), then take it back: no other QEMU, all being the
+same user, can open a running VM's RAM. The kernel, initrd and the uffd shim are
+world-readable files. The shim also makes QEMU non-dumpable, as a set*id drop would
+have: QEMUs of the same user cannot ptrace one another; root (the daemon reading
+/proc/PID/pagemap for the dirty log) still can. Where the shim is not loaded (a kernel
+without the dirty log, no gcc) QEMU stays dumpable. The shim's userfaultfd needs no
+privilege: vm.unprivileged_userfaultfd=0 still allows UFFD_USER_MODE_ONLY, and async
+write-protection never takes a kernel fault.
+
+One QEMU keeps root: the destination of QEMU's own postcopy baseline (``command``).
 """
 
 from __future__ import annotations
@@ -27,9 +49,11 @@ import os
 import pwd
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
@@ -58,24 +82,45 @@ BOOT_TIMEOUT_S = 90.0
 QMP_TIMEOUT_S = 10.0  # every command we send answers in milliseconds; a hung QEMU must not hang us
 AGENT_PORT_NAME = "org.livemig.agent"
 QEMU_USER = "livemig-qemu"  # made by tools/setup-host.sh
-# Every deny QEMU 7.2 offers but elevateprivileges, which cannot go with -runas (above).
-SANDBOX = "on,obsolete=deny,spawn=deny,resourcecontrol=deny"
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+CONSOLE_FDSET = 1  # -add-fd's set for the console log; QEMU's own sets start above
 
 
-def confinement_argv() -> list[str]:
-    """QEMU's sandbox and its unprivileged user."""
+@dataclass(frozen=True)
+class Inherited:
+    """The descriptors QEMU inherits from us, by number: everything it would otherwise
+    need root (or a writable directory) to open."""
+
+    qmp: int
+    agent: int
+    tap: int
+    console: int
+
+    def numbers(self) -> tuple[int, ...]:
+        return (self.qmp, self.agent, self.tap, self.console)
+
+
+def qemu_user() -> pwd.struct_passwd:
     try:
-        pwd.getpwnam(QEMU_USER)
+        return pwd.getpwnam(QEMU_USER)
     except KeyError as exc:
         raise SetupError(f"there is no user {QEMU_USER!r} for QEMU to run as; run "
                          "'make setup' (tools/setup-host.sh adds it)") from exc
-    return ["-sandbox", SANDBOX, "-runas", QEMU_USER]
 
 
-def qemu_argv(record: VMRecord, *, confined: bool = True) -> list[str]:
-    """``confined=False`` only for QEMU's own postcopy baseline, whose destination needs
-    userfaultfd for kernel faults: a privilege its user lacks while
-    vm.unprivileged_userfaultfd is 0."""
+def unprivileged_argv(user: pwd.struct_passwd) -> list[str]:
+    """What runs QEMU as ``user`` with nothing of root's: all uids and gids changed, no
+    supplementary groups, empty capability sets (the bounding set too, so no exec could
+    regain any), and no_new_privs. setpriv execs, so QEMU keeps its PID."""
+    if shutil.which("setpriv") is None:
+        raise SetupError("setpriv is missing (Debian: util-linux); run 'make setup'")
+    return ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups",
+            "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]
+
+
+def qemu_argv(record: VMRecord, inherited: Inherited) -> list[str]:
+    """QEMU's command line, sandboxed; ``inherited`` numbers the descriptors it finds
+    open."""
     spec = record.spec
     argv = [
         QEMU_BINARY,
@@ -87,14 +132,16 @@ def qemu_argv(record: VMRecord, *, confined: bool = True) -> list[str]:
         "-no-reboot",
         "-machine", "pc,memory-backend=ram0",
         "-m", f"{spec.mem_mib}M",
+        # The path also identifies our QEMU among processes (VMRecord.process_alive).
         "-object",
         f"memory-backend-file,id=ram0,size={spec.mem_mib}M,mem-path={record.ram_file},share=on",
         "-kernel", str(spec.kernel),
         "-initrd", str(spec.initrd),
         "-append", spec.kernel_cmdline(),
-        "-chardev", f"file,id=console,path={record.console_log}",
+        "-add-fd", f"fd={inherited.console},set={CONSOLE_FDSET},opaque=console",
+        "-chardev", f"file,id=console,path=/dev/fdset/{CONSOLE_FDSET}",
         "-serial", "chardev:console",
-        "-netdev", f"tap,id=net0,ifname={spec.tap},script=no,downscript=no",
+        "-netdev", f"tap,id=net0,fd={inherited.tap}",
         # romfile= leaves out the PXE option ROM: less non-shared RAM for QEMU to migrate.
         "-device", f"virtio-net-pci,netdev=net0,mac={spec.mac},romfile=",
         # Two ports (0 is kept for a console), not the default 31: every virtqueue gets an
@@ -102,15 +149,74 @@ def qemu_argv(record: VMRecord, *, confined: bool = True) -> list[str]:
         # that crossed 64 open fds inside `cont`, and growing a threaded process's fd
         # table waits for an RCU grace period: 10-25 ms more downtime, measured.
         "-device", "virtio-serial-pci,id=vser0,max_ports=2",
-        "-chardev", f"socket,id=agent,path={record.agent_socket},server=on,wait=off",
+        "-chardev", f"socket,id=agent,fd={inherited.agent},server=on,wait=off",
         "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
-        "-qmp", f"unix:{record.qmp_socket},server=on,wait=off",
+        "-chardev", f"socket,id=qmp,fd={inherited.qmp},server=on,wait=off",
+        "-mon", "chardev=qmp,mode=control",
     ]  # fmt: skip
     if record.incoming:
         argv += ["-incoming", "defer"]
-    if confined:
-        argv += confinement_argv()
+    argv += ["-sandbox", SANDBOX]
     return argv
+
+
+def command(record: VMRecord, inherited: Inherited, *, unprivileged: bool = True) -> list[str]:
+    """QEMU's command line, run as ``QEMU_USER`` when ``unprivileged``; the caller
+    prefixes the host's namespace entry, which must come first (setns needs root).
+
+    ``unprivileged=False`` only for QEMU's own postcopy baseline, whose destination needs
+    userfaultfd for kernel faults: a privilege its user lacks while
+    vm.unprivileged_userfaultfd is 0 (QEMU 7.2 knows no /dev/userfaultfd). That QEMU
+    keeps root, inside the same sandbox: it cannot change its ids, fork or exec."""
+    argv = qemu_argv(record, inherited)
+    return [*unprivileged_argv(qemu_user()), *argv] if unprivileged else argv
+
+
+def _listen(path: Path) -> socket.socket:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()  # left by a QEMU that crashed: nobody listens there any more
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(str(path))
+        sock.listen()
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+@contextlib.contextmanager
+def _for_qemu(record: VMRecord, node: testbed.Node,
+              user: pwd.struct_passwd | None) -> Iterator[Inherited]:
+    """Open what QEMU inherits, and close our copies afterwards: a listener or tap queue
+    we kept open would outlive QEMU (and a QMP connect would wait on it forever).
+
+    Also creates the RAM file, lent to ``user`` (see the module docstring)."""
+    with contextlib.ExitStack() as ours:
+        qmp = ours.enter_context(_listen(record.qmp_socket))
+        agent = ours.enter_context(_listen(record.agent_socket))
+        tap = testbed.open_tap(node, record.spec.tap)
+        ours.callback(os.close, tap)
+        console = os.open(record.console_log,
+                          os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        ours.callback(os.close, console)
+        # A stale file would hand its old bytes to the new guest; by now the registry
+        # lock has made sure no copy of this VM runs on this host.
+        with contextlib.suppress(FileNotFoundError):
+            record.ram_file.unlink()
+        ram = os.open(record.ram_file, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            if user is not None:
+                os.fchown(ram, user.pw_uid, user.pw_gid)
+        finally:
+            os.close(ram)
+        yield Inherited(qmp=qmp.fileno(), agent=agent.fileno(), tap=tap, console=console)
+
+
+def _take_back_ram_file(record: VMRecord) -> None:
+    """QEMU has opened its RAM file (it answers QMP only once its machine is built), so
+    the file goes back to root: QEMU keeps its descriptor, no other QEMU gets one."""
+    os.chown(record.ram_file, os.geteuid(), os.getegid())
 
 
 def _tail(path: Path, max_bytes: int = 4000) -> str:
@@ -181,10 +287,10 @@ class VM:
     @classmethod
     async def start(
         cls, spec: VMSpec, host: str, *, incoming: bool = False, wait_ready: bool = True,
-        confined: bool = True,
+        unprivileged: bool = True,
     ) -> VM:
         """Start QEMU for ``spec`` on ``host``; unless ``incoming``, wait for the workload.
-        ``confined``: see ``qemu_argv``."""
+        ``unprivileged``: see ``command``."""
         # pyroute2's sync API runs its own event loop, so netlink work goes to a thread.
         node = await asyncio.to_thread(testbed.require_host, host)
         with _registry_lock():
@@ -198,23 +304,30 @@ class VM:
             record.save()  # reserves the name and IP before QEMU exists
         vm = cls(record)
         try:
+            # Root's alone: QEMU never looks inside, it inherits what it needs from here.
+            os.chmod(record.directory, 0o700)
+            user = qemu_user() if unprivileged else None
             await asyncio.to_thread(testbed.add_tap, node, spec.tap)
             env = dict(os.environ)
             shim = dirtylog.preload_library()
             if shim is not None:  # every QEMU may become a migration source, even a destination
                 env["LD_PRELOAD"] = str(shim)
-            with record.stderr_log.open("wb") as stderr:
+            with (_for_qemu(record, node, user) as inherited,
+                  record.stderr_log.open("wb") as stderr):
                 process = subprocess.Popen(
-                    node.exec_argv(qemu_argv(record, confined=confined)),
+                    node.exec_argv(command(record, inherited, unprivileged=unprivileged)),
                     env=env,
                     stdin=subprocess.DEVNULL,
                     stdout=stderr,
                     stderr=stderr,
+                    pass_fds=inherited.numbers(),
                     start_new_session=True,  # Ctrl-C in the CLI must not reach QEMU
                 )
             vm = cls(VMRecord(spec=spec, host=host, pid=process.pid, incoming=incoming), process)
             vm.record.save()
             await vm._connect_qmp(timeout=15.0)
+            if user is not None:
+                _take_back_ram_file(record)
             if wait_ready and not incoming:
                 await vm.wait_ready(BOOT_TIMEOUT_S)
         except BaseException:
@@ -264,11 +377,14 @@ class VM:
             self._check_alive()
             if time.monotonic() > deadline:
                 raise GuestTimeout(self.name, "QMP connection", timeout)
-            if self.record.qmp_socket.exists():  # QEMU makes it early in its start-up
+            # We bound the socket before QEMU started, so a connection may wait in its
+            # backlog until QEMU, its machine built, greets: bounded by the deadline.
+            if self.record.qmp_socket.exists():
                 try:
-                    await self.qmp.connect(str(self.record.qmp_socket))
+                    async with asyncio.timeout(max(deadline - time.monotonic(), 0.1)):
+                        await self.qmp.connect(str(self.record.qmp_socket))
                     return
-                except QMPError as exc:
+                except (QMPError, TimeoutError) as exc:
                     if time.monotonic() > deadline:
                         # QEMU serves one QMP client at a time: another livemig process
                         # (a 'vm start' still waiting, a migration) may hold it.

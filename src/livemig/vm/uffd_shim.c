@@ -25,6 +25,13 @@
  * EBUSY and the migration with it. So we also wrap ioctl(), and when QEMU registers a
  * range that overlaps ours, ours yields first (one line on stderr). QEMU's own migration
  * is a baseline we measure against; it must work exactly as without us.
+ *
+ * One more duty, at load: QEMU is made non-dumpable. It starts as its unprivileged user
+ * (livemig.vm.qemu), so nothing else would: a process that changed its uids is
+ * non-dumpable by the kernel's rule, one exec'd as the user is not. Every QEMU runs as
+ * the same user, and a dumpable one could be ptraced (its memory, its descriptors) by
+ * any other QEMU a guest broke out into. Root (livemig reading /proc/PID/pagemap) still
+ * may, with CAP_SYS_PTRACE.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -39,6 +46,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
 #include <unistd.h>
@@ -265,4 +273,8 @@ __attribute__((constructor)) static void resolve(void)
     real_mmap = (mmap_fn)dlsym(RTLD_NEXT, "mmap");
     real_mmap64 = (mmap_fn)dlsym(RTLD_NEXT, "mmap64");
     real_ioctl = (ioctl_fn)dlsym(RTLD_NEXT, "ioctl");
+    /* Before QEMU runs any code of its own, let alone a guest. It cannot fail for a
+     * valid argument, and if it did, QEMU would still be worth starting. */
+    if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0)
+        complain("prctl(PR_SET_DUMPABLE, 0)", "QEMU", errno);
 }
