@@ -107,9 +107,12 @@ def test_a_second_daemon_for_a_host_leaves_the_running_one_alone(
 
 
 def test_ctrl_c_stops_the_command_but_not_the_migration(idle_vm: qemu.VM) -> None:
+    # Ctrl-C as at a terminal: a suite started in the background by a shell without job
+    # control inherits SIGINT ignored, and so would the command.
     migrate = subprocess.Popen([LIVEMIG, "migrate", "cli", "--to", "hostB", "--quiet"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=dict(os.environ))
+                               env=dict(os.environ),
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(3.0)  # inside round 1: 128 MiB at 100 Mbit/s take ~10 s
     migrate.send_signal(signal.SIGINT)
     _, err = migrate.communicate(timeout=30)
