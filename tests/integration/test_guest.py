@@ -154,7 +154,7 @@ def test_testbed_down_leaves_nothing_behind(
     # Exited: QEMU is this test's child, so it stays a zombie until the fixture reaps it.
     assert not vm.record.process_alive()
     assert list(paths.SHM_DIR.glob(paths.ram_file_glob())) == []
-    assert not (paths.run_dir() / "hosts").exists()
+    assert not paths.run_dir().exists()  # keys, locks, holds: nothing of the bed is left
     # Nothing of ours answers on the LAN address any more: the client namespace is gone.
     with pytest.raises(subprocess.CalledProcessError):
         subprocess.run(testbed.CLIENT.exec_argv(["true"]), check=True, capture_output=True)

@@ -420,8 +420,16 @@ def down() -> Teardown:
     for path in ram_files:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-    shutil.rmtree(paths.run_dir() / "hosts", ignore_errors=True)
+    run = paths.run_dir()
+    shutil.rmtree(run / "hosts", ignore_errors=True)
     shutil.rmtree(paths.pki_dir(), ignore_errors=True)  # the CA: a new bed, a new CA
+    shutil.rmtree(run / "holds", ignore_errors=True)
+    for name in ("peer.key", "registry.lock"):  # the next bed makes a new key
+        with contextlib.suppress(FileNotFoundError):
+            (run / name).unlink()
+    # Only what we know by name goes: LIVEMIG_RUN may name a directory with more in it.
+    with contextlib.suppress(OSError):
+        run.rmdir()
     return Teardown(namespaces, pids, ram_files)
 
 
