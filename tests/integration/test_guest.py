@@ -23,6 +23,7 @@ from livemig.errors import QEMUCrashed
 from livemig.experiments.probing import ProbeRun
 from livemig.image import builder
 from livemig.net import testbed
+from livemig.probes.http import POST_FORM
 from livemig.vm import qemu
 from livemig.vm.spec import VMSpec, Workload
 
@@ -53,11 +54,18 @@ def test_web_serves_static_and_dynamic_pages(
     summary = result["summary"]
     assert summary["requests"] > 0, result
     assert summary["bytes"] == summary["requests"] * 64 * 1024, summary
-    mix = "/file.bin:0.5,/cgi-bin/dyn?kb=4:0.5"
+    mix = "/file.bin:0.4,/cgi-bin/dyn?kb=4:0.4,POST /cgi-bin/post:0.2"
     with ProbeRun(testbed.CLIENT, "http", f"http://{ip}", "--clients", "2", "--duration", "2",
                   "--mix", mix) as probe:
         mixed = probe.wait()["summary"]
-    assert mixed["requests"] > 0, mixed
+    assert mixed["errors"] == 0, mixed
+    by_path = mixed["requests_by_path"]
+    assert all(n > 0 for n in by_path.values()), by_path
+    # Each answer whole: the file, the CGI's KiB, and the post CGI's confirmation of the
+    # whole form (it read Content-Length bytes from httpd).
+    confirmation = len(f"posted {len(POST_FORM)} bytes")
+    assert mixed["bytes"] == (by_path["/file.bin"] * 64 * 1024 + by_path["/cgi-bin/dyn?kb=4"]
+                              * 4 * 1024 + by_path["POST /cgi-bin/post"] * confirmation), mixed
     assert_echo_answers(ip)
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from livemig.experiments import baselines, paper, paper_plots
+from livemig.probes.http import parse_mix
 
 MS = 1_000_000
 S = 1_000_000_000
@@ -246,10 +247,13 @@ def test_every_figure_is_drawn_from_results_alone(tmp_path: Path) -> None:
 
 
 def test_the_specweb_mix_follows_specweb99s_shares() -> None:
-    items = [item.rpartition(":") for item in paper.specweb_mix().split(",")]
-    weights = {path: float(w) for path, _, w in items}
+    mix = parse_mix(paper.specweb_mix())  # what the probe will make of it
+    weights = {p.label: p.weight for p in mix}
     static = sum(w for p, w in weights.items() if p.startswith("/sw/"))
     assert static == pytest.approx(0.70, abs=1e-3)
+    dynamic = sum(w for p, w in weights.items() if p.startswith("/cgi-bin/dyn"))
+    assert dynamic == pytest.approx(0.252, abs=1e-3)
+    assert weights["POST /cgi-bin/post"] == pytest.approx(0.048)
     assert sum(weights.values()) == pytest.approx(1.0, abs=1e-3)
     assert sum(w for p, w in weights.items() if p.startswith("/sw/c1_")) == pytest.approx(
         0.35, abs=1e-3)

@@ -222,6 +222,16 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self.send_error(404)
 
+    def do_POST(self) -> None:
+        # busybox hands the body to the CGI, which appends it to a log and confirms.
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        if self.path != "/cgi-bin/post" or self.headers["Content-Type"] != (
+                "application/x-www-form-urlencoded"):
+            self.send_error(400)
+            return
+        self.server.posted.append(body)
+        self.wfile.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\n\nposted")
+
     def log_message(self, format: str, *args: Any) -> None:
         pass  # keep the test output clean
 
@@ -234,6 +244,7 @@ class TestHttpServer(ThreadingHTTPServer):
     def __init__(self) -> None:
         super().__init__((LOOPBACK, 0), _Handler)
         self.paused_until_ns = 0
+        self.posted: list[bytes] = []
 
     @property
     def url_base(self) -> str:
@@ -504,7 +515,12 @@ def test_http_codec() -> None:
         http_probe.WeightedPath("/file.bin", 0.7),
         http_probe.WeightedPath("/cgi-bin/dyn?kb=16", 0.3),
     )
-    for bad_mix in ("/a", "/a:0", "/a:-1", "a:1", "/a b:1", "/a:x"):
+    assert http_probe.parse_mix("/a:0.95, POST /cgi-bin/post:0.05") == (
+        http_probe.WeightedPath("/a", 0.95),
+        http_probe.WeightedPath("/cgi-bin/post", 0.05, method="POST"),
+    )
+    for bad_mix in ("/a", "/a:0", "/a:-1", "a:1", "/a b:1", "/a:x", "PUT /a:1", "post /a:1",
+                    "POST  /a:1"):
         with pytest.raises(ValueError):
             http_probe.parse_mix(bad_mix)
     target = http_probe.parse_url("http://10.0.0.2:8080/x?y=1")
@@ -516,6 +532,12 @@ def test_http_codec() -> None:
     assert http_probe.build_request("/x", "vm") == (
         b"GET /x HTTP/1.0\r\nHost: vm\r\nUser-Agent: livemig-probe\r\nAccept: */*\r\n\r\n"
     )
+    post = http_probe.build_request("/p", "vm", "POST")
+    head, _, body = post.partition(b"\r\n\r\n")
+    assert head.startswith(b"POST /p HTTP/1.0\r\n")
+    assert f"Content-Length: {len(body)}".encode() in head and body == http_probe.POST_FORM
+    with pytest.raises(ValueError):
+        http_probe.build_request("/p", "vm", "DELETE")
 
     head = http_probe.parse_response_head(b"HTTP/1.0 200 OK\r\nContent-Length: 12\r\n\r\n")
     assert head == http_probe.ResponseHead(status=200, content_length=12)
@@ -535,6 +557,18 @@ def test_http_codec() -> None:
         with pytest.raises(http_probe.ResponseError) as info:
             http_probe.parse_response_head(bad)
         assert info.value.kind == "protocol"
+
+
+def test_http_load_posts_forms_where_the_mix_says(http_server: TestHttpServer) -> None:
+    result = http_probe.run_http_blocking(
+        http_server.url_base + "/ignored", clients=2, duration_s=0.5,
+        mix=http_probe.parse_mix("/file.bin:0.5,POST /cgi-bin/post:0.5"), seed=3)
+    assert result.errors() == {}
+    by_path = result.summary()["requests_by_path"]
+    assert by_path["POST /cgi-bin/post"] > 0 and by_path["/file.bin"] > 0
+    # Every completed POST delivered the whole form (a stopped client may post one more).
+    assert set(http_server.posted) == {http_probe.POST_FORM}
+    assert by_path["POST /cgi-bin/post"] <= len(http_server.posted)
 
 
 def test_http_load_with_a_mix(http_server: TestHttpServer) -> None:
@@ -562,8 +596,8 @@ def test_http_load_with_a_mix(http_server: TestHttpServer) -> None:
     assert sum(buckets["requests"]) == s["requests"]
     assert sum(buckets["bytes"]) == s["bytes"]
     assert data["paths"] == [
-        {"path": "/file.bin", "weight": 0.5},
-        {"path": "/cgi-bin/dyn?kb=5", "weight": 0.5},
+        {"path": "/file.bin", "weight": 0.5, "method": "GET"},
+        {"path": "/cgi-bin/dyn?kb=5", "weight": 0.5, "method": "GET"},
     ]
     assert len(data["completions"]) == s["requests"]
     assert data["summary"]["requests_per_s"] > 0

@@ -286,6 +286,7 @@ def build(
         _install(BUSYBOX, root, "/bin/busybox")
         _install(guest / "init" / "init", root, "/init")
         _install(guest / "init" / "cgi-dyn", root, "/etc/livemig/cgi-dyn")
+        _install(guest / "init" / "cgi-post", root, "/etc/livemig/cgi-post")
         for module in GUEST_MODULES:
             _install(kernel / "modules" / f"{module}.ko", root, f"/lib/modules/{module}.ko", 0o644)
         for program in GUEST_PROGRAMS:

@@ -1,6 +1,7 @@
 """HTTP load generator on asyncio streams, for busybox httpd in the guest.
 
-N clients each loop on ``GET path HTTP/1.0``: one request per connection, because
+N clients each loop on ``GET path HTTP/1.0`` (or, for a mix item so marked, ``POST``
+of a small form, as SPECweb99's registrations): one request per connection, because
 busybox httpd closes after every response. A response body is read up to its
 Content-Length when it has one, and to end-of-file when it does not (CGI output).
 
@@ -56,6 +57,10 @@ _CHUNK_BYTES = 64 * 1024
 # How often the loop looks at the stop flag and the clock; a stop takes at most this long.
 _POLL_S = 0.02
 _STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([0-9]{3})(?: [^\r\n]*)?")
+METHODS = ("GET", "POST")
+# A POST's body: a registration form of SPECweb99's size class (a few hundred bytes).
+POST_FORM = ("name=livemig+probe&email=probe%40example.test&city=Cambridge&age=42&"
+             "comment=" + "x" * 180).encode("ascii")
 # Only what may appear in a request-target unescaped; no spaces, no CR/LF to inject headers.
 _PATH = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,;=:@/%?]*")
 
@@ -75,10 +80,16 @@ class ResponseError(LivemigError):
 
 @dataclass(frozen=True)
 class WeightedPath:
-    """A request path and its relative weight in a mixed load."""
+    """A request (method and path) and its relative weight in a mixed load."""
 
     path: str
     weight: float
+    method: str = "GET"
+
+    @property
+    def label(self) -> str:
+        """How results name it: the path, with the method when it is not GET."""
+        return self.path if self.method == "GET" else f"{self.method} {self.path}"
 
 
 @dataclass(frozen=True)
@@ -114,32 +125,43 @@ def parse_url(url: str) -> HttpTarget:
 
 
 def parse_mix(text: str) -> tuple[WeightedPath, ...]:
-    """Parse ``/a:0.7,/b?x=1:0.3`` into weighted paths; ValueError on bad input.
+    """Parse ``/a:0.7,/b?x=1:0.25,POST /c:0.05`` into weighted requests; ValueError on
+    bad input.
 
     The weight is what follows the last colon of each item; weights are relative and need
-    not sum to 1.
+    not sum to 1. An item is a GET unless it starts with ``POST `` (``POST_FORM`` is sent).
     """
     mix: list[WeightedPath] = []
     for item in text.split(","):
-        path, sep, weight_text = item.strip().rpartition(":")
+        request, sep, weight_text = item.strip().rpartition(":")
         if not sep:
-            raise ValueError(f"mix item {item!r} is not PATH:WEIGHT")
+            raise ValueError(f"mix item {item!r} is not [POST ]PATH:WEIGHT")
+        method, _, path = request.rpartition(" ")
+        method = method or "GET"
+        if method not in METHODS:
+            raise ValueError(f"mix item {item!r}: the method must be GET or POST")
         weight = float(weight_text)
         if not weight > 0 or weight == float("inf"):
             raise ValueError(f"weight of {path!r} must be a positive number, not {weight_text}")
-        mix.append(WeightedPath(path=check_path(path), weight=weight))
+        mix.append(WeightedPath(path=check_path(path), weight=weight, method=method))
     return tuple(mix)
 
 
-def build_request(path: str, host_header: str) -> bytes:
-    """The bytes of ``GET path HTTP/1.0``; the server closes the connection after it."""
-    return (
-        f"GET {check_path(path)} HTTP/1.0\r\n"
+def build_request(path: str, host_header: str, method: str = "GET") -> bytes:
+    """The bytes of ``GET path HTTP/1.0``, or of a ``POST`` of ``POST_FORM``; the server
+    closes the connection after it."""
+    if method not in METHODS:
+        raise ValueError(f"method {method!r} is not one of {', '.join(METHODS)}")
+    head = (
+        f"{method} {check_path(path)} HTTP/1.0\r\n"
         f"Host: {host_header}\r\n"
         f"User-Agent: {USER_AGENT}\r\n"
         "Accept: */*\r\n"
-        "\r\n"
-    ).encode("ascii")
+    )
+    if method == "GET":
+        return (head + "\r\n").encode("ascii")
+    return (head + "Content-Type: application/x-www-form-urlencoded\r\n"
+            f"Content-Length: {len(POST_FORM)}\r\n\r\n").encode("ascii") + POST_FORM
 
 
 @dataclass(frozen=True)
@@ -215,8 +237,8 @@ async def _read_body(reader: asyncio.StreamReader, length: int | None) -> int:
     return total
 
 
-async def fetch(target: HttpTarget, path: str) -> int:
-    """One request on a fresh connection; returns the body size in bytes.
+async def fetch(target: HttpTarget, path: str, method: str = "GET") -> int:
+    """One request on a fresh connection; returns the response body's size in bytes.
 
     Raises OSError (refused, reset, unreachable), ``asyncio.IncompleteReadError`` (closed
     before a full head), ``asyncio.LimitOverrunError`` (a head line over 64 KiB) or
@@ -227,11 +249,12 @@ async def fetch(target: HttpTarget, path: str) -> int:
         target.host, target.port, limit=_HEAD_LIMIT_BYTES
     )
     try:
-        writer.write(build_request(path, target.host_header))
+        writer.write(build_request(path, target.host_header, method))
         await writer.drain()
         head = parse_response_head(await read_head(reader))
         if not 200 <= head.status < 300:
-            raise ResponseError(f"http_{head.status}", f"status {head.status} for {path}")
+            raise ResponseError(f"http_{head.status}",
+                                f"status {head.status} for {method} {path}")
         return await _read_body(reader, head.content_length)
     finally:
         # close() only schedules the socket's closing; the caller's event loop finishes
@@ -312,7 +335,7 @@ class HttpResult:
             "latency_median_ms": None if latency is None else latency.median_ms,
             "latency_p99_ms": None if latency is None else latency.p99_ms,
             "latency_max_ms": None if latency is None else latency.max_ms,
-            "requests_by_path": {p.path: int(n) for p, n in zip(self.paths, by_path, strict=True)},
+            "requests_by_path": {p.label: int(n) for p, n in zip(self.paths, by_path, strict=True)},
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -364,8 +387,8 @@ class HttpResult:
 
 
 def mix_to_json(mix: Sequence[WeightedPath]) -> list[dict[str, Any]]:
-    """The mix as JSON: ``[{"path", "weight"}]``."""
-    return [{"path": p.path, "weight": p.weight} for p in mix]
+    """The mix as JSON: ``[{"path", "weight", "method"}]``."""
+    return [{"path": p.path, "weight": p.weight, "method": p.method} for p in mix]
 
 
 class _Recorder:
@@ -406,7 +429,7 @@ async def _client(
         started_ns = time.monotonic_ns()
         try:
             async with asyncio.timeout(timeout_s):
-                nbytes = await fetch(target, paths[index].path)
+                nbytes = await fetch(target, paths[index].path, paths[index].method)
         # TimeoutError is an OSError, so it must come first to be told apart.
         except TimeoutError:
             kind = "timeout"
