@@ -162,8 +162,9 @@ def add_probe_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
         "--mix",
         type=_mix,
         default=None,
-        metavar="PATH:W,...",
-        help="weighted paths instead of the URL's path, e.g. /file.bin:0.7,/cgi-bin/dyn?kb=16:0.3",
+        metavar="[POST ]PATH:W,...",
+        help="weighted paths instead of the URL's path, e.g. /file.bin:0.7,/cgi-bin/dyn?kb=16:0.25,"
+             "'POST /cgi-bin/post:0.05' (a POST sends a small form)",
     )
     p.add_argument(
         "--timeout",
