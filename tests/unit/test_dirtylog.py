@@ -465,3 +465,12 @@ def test_shadow_sent_checks_its_input(memory: GuestMemory) -> None:
     tracker = ShadowTracker(memory)
     with pytest.raises(ValueError):
         tracker.sent(np.array([1, 2], dtype=np.int64), np.zeros((1, PAGE_SIZE), np.uint8))
+
+
+def test_no_shim_switch_leaves_qemu_as_shipped(shim: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(dirtylog.NO_SHIM_ENV, "1")
+    assert dirtylog.qemu_preload() is None
+    monkeypatch.setenv(dirtylog.NO_SHIM_ENV, "0")  # only "1" switches it off
+    assert dirtylog.qemu_preload() == shim
+    monkeypatch.delenv(dirtylog.NO_SHIM_ENV)
+    assert dirtylog.qemu_preload() == shim

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,8 +37,18 @@ class QemuMigration:
     max_sent_factor: float = 3.0
 
 
-async def migrate(name: str, target: str, how: QemuMigration) -> dict[str, Any]:
-    """Move VM ``name`` to ``target`` with QEMU's own migration; a report like ours."""
+# Called with (source, destination) once QEMU's pre-copy has completed and before the
+# destination runs: both QEMUs are paused then, so their RAM images must be equal.
+BeforeCont = Callable[[qemu.VM, qemu.VM], Awaitable[None]]
+
+
+async def migrate(name: str, target: str, how: QemuMigration,
+                  before_cont: BeforeCont | None = None) -> dict[str, Any]:
+    """Move VM ``name`` to ``target`` with QEMU's own migration; a report like ours.
+
+    ``before_cont`` (pre-copy only; postcopy's destination runs before it completes) lets
+    a caller inspect both paused copies, as bench/qemu_baseline_health.py compares their
+    RAM. It is for correctness checks only: its time lengthens the outage."""
     record = qemu.find(name)
     source = await qemu.VM.attach(record)
     destination = None
@@ -76,6 +87,8 @@ async def migrate(name: str, target: str, how: QemuMigration) -> dict[str, Any]:
         if stopped_at is None:
             # QEMU's "downtime" runs from its stop to the completion on the source.
             stopped_at = time.monotonic() - float(info.get("downtime", 0)) / 1e3
+        if before_cont is not None and not how.postcopy:
+            await before_cont(source, destination)
         # Without postcopy the destination waits paused for us; with it QEMU resumes it.
         if await destination.status() != "running":
             await destination.resume()

@@ -127,10 +127,12 @@ ENGINES = (  # in the tables' order
 )
 
 
-# The order the engines take the VM in. QEMU's never follows QEMU's: a guest that QEMU
-# had just migrated in came out of QEMU's next pre-copy with a corrupted kernel (stack
-# guard page hit, list corruption, a panic) in 3 of 4 quick runs of a first version, and
-# each engine should start from a VM in the same shape.
+# The order the engines take the VM in. QEMU's never follows QEMU's, so that each engine
+# starts from a VM in the same shape. (It was first thought to protect QEMU's pre-copy,
+# whose guests came out corrupted; bench/qemu_baseline_health.py found the order
+# irrelevant. QEMU 7.2's TCG pre-copy loses guest writes in every migration of a running
+# guest, and at downtime-limit 30 ms often fatally: its fast dirty-bitmap sync leaves
+# TCG's TLB stale, fixed upstream in QEMU 9.0, commit 03bfc2188f.)
 RUN_ORDER = ("qemu-precopy", OURS, "qemu-precopy-30", "stop-and-copy", "qemu-postcopy")
 
 

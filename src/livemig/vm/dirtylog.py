@@ -8,7 +8,7 @@ Two trackers behind one interface:
   outside with the ``PAGEMAP_SCAN`` ioctl on ``/proc/PID/pagemap``. Cost O(pages dirtied).
 - ``ShadowTracker``: an exact comparison of RAM against a shadow copy of what was last
   *sent*. Cost O(RAM) per collect. Used where the kernel lacks the dirty log, or where
-  QEMU was started without the shim.
+  QEMU was started without the shim (``LIVEMIG_NO_UFFD_SHIM=1`` does that on purpose).
 
 What "exact" means for each. The kernel log reports every page written through QEMU's
 page tables, which is how both the vCPUs (TCG stores) and QEMU's devices (virtio "DMA"
@@ -384,6 +384,21 @@ def preload_library() -> Path | None:
             "cannot build the dirty-log shim (%s); VMs will use the shadow compare", detail.strip()
         )
         return None
+
+
+# Set to 1 to start every QEMU without the shim: QEMU exactly as shipped, for diagnosis
+# (is the shim to blame for what a guest does?). Our engine then finds no dirty log on
+# the mapping and uses the shadow compare; nothing else changes.
+NO_SHIM_ENV = "LIVEMIG_NO_UFFD_SHIM"
+
+
+def qemu_preload() -> Path | None:
+    """What a QEMU starting now gets in LD_PRELOAD: ``preload_library()``, or None when
+    ``LIVEMIG_NO_UFFD_SHIM=1``. Read at every start, unlike the memoized library, so that
+    one process can start QEMUs both ways."""
+    if os.environ.get(NO_SHIM_ENV) == "1":
+        return None
+    return preload_library()
 
 
 # -- the kernel dirty log -----------------------------------------------------------------

@@ -30,7 +30,8 @@ The RAM file is the exception: memory-backend-file opens a path, never a descrip
 We create it and lend it to the user until QEMU has opened it (QMP answers only after
 the machine, RAM included, is built), then take it back: no other QEMU, all being the
 same user, can open a running VM's RAM. The kernel, initrd and the uffd shim are
-world-readable files. The shim also makes QEMU non-dumpable, as a set*id drop would
+world-readable files (``LIVEMIG_NO_UFFD_SHIM=1`` leaves the shim out, for diagnosis:
+see ``dirtylog.NO_SHIM_ENV``). The shim also makes QEMU non-dumpable, as a set*id drop would
 have: QEMUs of the same user cannot ptrace one another; root (the daemon reading
 /proc/PID/pagemap for the dirty log) still can. Where the shim is not loaded (a kernel
 without the dirty log, no gcc) QEMU stays dumpable. The shim's userfaultfd needs no
@@ -309,7 +310,7 @@ class VM:
             user = qemu_user() if unprivileged else None
             await asyncio.to_thread(testbed.add_tap, node, spec.tap)
             env = dict(os.environ)
-            shim = dirtylog.preload_library()
+            shim = dirtylog.qemu_preload()
             if shim is not None:  # every QEMU may become a migration source, even a destination
                 env["LD_PRELOAD"] = str(shim)
             with (_for_qemu(record, node, user) as inherited,

@@ -1,0 +1,447 @@
+"""Does QEMU's own pre-copy (our baseline) leave the guest whole, and if not, why not?
+
+The paper experiment saw guests broken (list corruption, GPFs, panics, silence) after
+QEMU's pre-copy with downtime-limit 30 ms, never after the other engines. This separates
+the suspects on one loaded VM (the game server with its players, by default) moved
+hostA <-> hostB again and again by ``baselines.migrate``, exactly as the paper drives QEMU:
+
+- the uffd shim that every QEMU gets in LD_PRELOAD: each condition runs with it
+  (``shim``) or without it (``noshim``, ``LIVEMIG_NO_UFFD_SHIM=1``: QEMU as shipped);
+- QEMU's own dirty tracking at a small downtime limit: 30 ms against 300 ms (more
+  iterations, so more dirty-bitmap syncs while the guest runs);
+- the order: QEMU after QEMU (each condition migrates the same VM with QEMU over and
+  over, and every run notes how many QEMU migrations the guest has had since its boot),
+  or QEMU after ours (``ours`` conditions put one migration by our engine before each);
+- QEMU 7.2's fast dirty-bitmap sync, which leaves TCG's TLB stale: ``oddsize`` runs the
+  same guest with two pages more RAM, which QEMU syncs page by page (``odd_size_argv``);
+- the compare itself: ``paused`` conditions stop the guest before QEMU's migration
+  starts, so nothing can dirty its RAM and the images must come out equal;
+- a stale destination RAM file: no file may wait at the destination's path before the
+  migration (checked for every run, ``dest_file_fresh``).
+
+The witness is direct: once QEMU reports ``completed``, both QEMUs are paused (the source
+in postmigrate, the destination before its ``cont``), so the two RAM files must be
+byte-equal. Every page that differs is an update the migration lost. Then the guest runs
+on and is checked like the paper checks it: its console (``paper.guest_kernel_trouble``),
+the UDP echo answering after the switchover, the guest agent. A broken guest is replaced
+by a fresh boot, as in the paper.
+
+    .venv/bin/python bench/qemu_baseline_health.py [--runs 8]
+        [--conditions shim-30,noshim-30,shim-300,noshim-300,shim-30-ours,noshim-30-paused]
+        [--workload game] [--mem 256] [--json FILE]
+
+It builds a test bed of its own (LIVEMIG_INSTANCE=qh unless set) and removes it at the
+end whatever happens, also on Ctrl-C or SIGTERM. It checks correctness, not speed.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before livemig reads it: this bed must never be an operator's (or a test's).
+os.environ.setdefault("LIVEMIG_INSTANCE", "qh")
+
+import argparse
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import numpy as np
+
+from livemig import paths
+from livemig.daemon import control, launch
+from livemig.errors import LivemigError
+from livemig.experiments import baselines, paper
+from livemig.experiments.probing import ProbeRun, wait_measuring
+from livemig.image import builder
+from livemig.net import testbed
+from livemig.vm import dirtylog, qemu
+from livemig.vm.spec import PAGE_SIZE, VMRecord, VMSpec, Workload
+
+HOSTS = ("hostA", "hostB")
+VM_NAME = "qhealth"
+BASELINE_S = 1.5  # load before each migration
+AFTER_S = 2.0  # load after it, in which the echo must answer again
+CHUNK = 8 << 20  # RAM compared in chunks of this many bytes
+
+
+@dataclass(frozen=True)
+class Condition:
+    key: str
+    shim: bool
+    downtime_limit_ms: int
+    ours_between: bool = False  # our pre-copy before each of QEMU's
+    paused: bool = False  # the guest paused for the whole migration: the compare's control
+    odd_size: bool = False  # guest RAM two pages more than whole MiB (see odd_size_argv)
+
+    @classmethod
+    def parse(cls, key: str) -> Condition:
+        parts = key.split("-")
+        variants: list[list[str]] = [[], ["ours"], ["paused"], ["oddsize"]]
+        if (len(parts) not in (2, 3) or parts[0] not in ("shim", "noshim")
+                or not parts[1].isdigit() or parts[2:] not in variants):
+            raise ValueError(f"condition {key!r}: want "
+                             "(shim|noshim)-LIMIT_MS[-ours|-paused|-oddsize]")
+        if parts[0] == "noshim" and parts[2:] == ["ours"]:
+            # The daemons, which start our engine's destinations, run with the shim.
+            raise ValueError(f"condition {key!r}: ours-between needs the shim")
+        return cls(key, parts[0] == "shim", int(parts[1]), parts[2:] == ["ours"],
+                   parts[2:] == ["paused"], parts[2:] == ["oddsize"])
+
+
+@dataclass
+class Run:
+    condition: str
+    number: int
+    qemu_migrations_since_boot: int  # before this one
+    previous: str  # what moved the guest last: "boot", "qemu", "ours"
+    source: str
+    target: str
+    status: str = "ok"  # ok, broken, did-not-converge, failed
+    error: str | None = None
+    dest_file_fresh: bool | None = None
+    differing_pages: int | None = None
+    differing_zero_on_destination: int | None = None
+    first_differing: list[int] = field(default_factory=list)  # guest page frame numbers
+    dirty_sync_count: int | None = None
+    qemu_downtime_ms: float | None = None
+    total_time_s: float | None = None
+    transferred_mib: float | None = None
+    echo_answered_after: bool | None = None
+    agent_ok: bool | None = None
+    console_trouble: str | None = None
+
+
+def odd_size_argv(original: Callable[[VMRecord, qemu.Inherited], list[str]]
+                  ) -> Callable[[VMRecord, qemu.Inherited], list[str]]:
+    """QEMU's command line with guest RAM 8 KiB (two pages) larger than ``mem_mib``.
+
+    The test of suspect (c). QEMU 7.2 syncs its migration dirty bitmap over a RAM block
+    in one of two ways: a fast path for a block whose length is a multiple of 64 pages
+    (256 KiB), which clears the bits a word at a time and does not reset TCG's TLB, and
+    a per-page path that does. A TLB entry made while its page was dirty has no
+    TLB_NOTDIRTY flag, so after the fast path clears the page's bit the vCPU's stores
+    through that entry set no bit again, until the TLB is flushed: lost updates (fixed
+    upstream in QEMU 9.0, commit 03bfc2188f, "physmem: Fix migration dirty bitmap
+    coherency with TCG memory access"; not in 7.2.x). Two pages more (QEMU rounds -m to
+    8 KiB) put the same guest on the per-page path."""
+    def argv(record: VMRecord, inherited: qemu.Inherited) -> list[str]:
+        mib = record.spec.mem_mib
+        odd = f"{(mib << 10) + 8}K"  # QEMU rounds -m up to 8 KiB
+        return [odd if a == f"{mib}M"
+                else a.replace(f"size={mib}M,", f"size={odd},") if a.startswith("memory-backend")
+                else a for a in original(record, inherited)]
+    return argv
+
+
+# -- the checks ---------------------------------------------------------------------------
+
+
+def differing_pages(a: Path, b: Path, size: int) -> tuple[np.ndarray, int]:
+    """Pages (numbers) whose bytes differ between two RAM files, and how many of them are
+    all zero in ``b``. Read with pread: a mapping would allocate the files' holes."""
+    found: list[np.ndarray] = []
+    zero_in_b = 0
+    with open(a, "rb", buffering=0) as fa, open(b, "rb", buffering=0) as fb:
+        for offset in range(0, size, CHUNK):
+            x = np.frombuffer(os.pread(fa.fileno(), CHUNK, offset), dtype=np.uint64)
+            y = np.frombuffer(os.pread(fb.fileno(), CHUNK, offset), dtype=np.uint64)
+            # A file shorter than the RAM (never written at its end) reads as zeros there.
+            x = np.pad(x, (0, CHUNK // 8 - x.size))
+            y = np.pad(y, (0, CHUNK // 8 - y.size))
+            x, y = x.reshape(-1, PAGE_SIZE // 8), y.reshape(-1, PAGE_SIZE // 8)
+            bad = np.flatnonzero((x != y).any(axis=1))
+            zero_in_b += int((~y[bad].any(axis=1)).sum())
+            found.append(bad + offset // PAGE_SIZE)
+    return np.concatenate(found), zero_in_b
+
+
+def echo_after(replies: list[int], after_ns: int) -> bool:
+    recv = np.asarray(replies, dtype=np.int64).reshape(-1, 3)[:, 2]
+    return bool((recv > after_ns).any())
+
+
+async def agent_answers(name: str) -> bool:
+    try:
+        vm = await qemu.VM.attach(qemu.find(name))
+    except LivemigError:
+        return False
+    try:
+        await vm.agent.ping(timeout=5.0)
+        return True
+    except LivemigError:
+        return False
+    finally:
+        await vm.close()
+
+
+def console_trouble(name: str) -> str | None:
+    for record in [r for r in qemu.records() if r.spec.name == name]:
+        with contextlib.suppress(OSError):
+            line = paper.guest_kernel_trouble(record.console_log.read_text(errors="replace"))
+            if line:
+                return f"{record.host}: {line}"
+    return None
+
+
+# -- one condition --------------------------------------------------------------------------
+
+
+async def boot(workload: Workload, mem_mib: int, players: int) -> None:
+    with contextlib.suppress(LivemigError):
+        await qemu.stop(VM_NAME)
+    image = builder.Image.load()
+    spec = VMSpec(name=VM_NAME, ip=qemu.free_ip(), mem_mib=mem_mib, workload=workload,
+                  image=image.name, kernel=image.kernel, initrd=image.initrd)
+    vm = await qemu.VM.start(spec, HOSTS[0])
+    await vm.close()
+
+
+def load_probe(workload: Workload, ip: str, players: int) -> ProbeRun | None:
+    if workload is Workload.GAME:
+        return ProbeRun(testbed.CLIENT, "game", ip, "--players", str(players))
+    if workload is Workload.WEB:
+        return ProbeRun(testbed.CLIENT, "http", f"http://{ip}/file.bin", "--clients", "20")
+    return None
+
+
+async def ours(source: str, target: str) -> None:
+    await control.migrate(source, {
+        "op": "migrate", "vm": VM_NAME, "to": target, "mode": "precopy",
+        "min_rate_mbps": 100.0, "max_rate_mbps": 500.0, "tracker": "auto", "verify": True})
+
+
+async def one_run(run: Run, c: Condition, workload: Workload, players: int) -> None:
+    """One QEMU pre-copy of the VM under load, with the RAM compare and the checks."""
+    ip = str(qemu.find(VM_NAME).spec.ip)
+    record = qemu.find(VM_NAME)
+
+    async def compare(source: qemu.VM, destination: qemu.VM) -> None:
+        size = os.stat(source.record.ram_file).st_size  # two pages more with odd_size
+        bad, zero = await asyncio.to_thread(differing_pages, source.record.ram_file,
+                                            destination.record.ram_file, size)
+        run.differing_pages = int(bad.size)
+        run.differing_zero_on_destination = zero
+        run.first_differing = [int(p) for p in bad[:8]]
+
+    how = baselines.QemuMigration(max_bandwidth_mbps=500.0,
+                                  downtime_limit_ms=c.downtime_limit_ms, timeout_s=60.0)
+    with ProbeRun(testbed.CLIENT, "echo", ip) as echo:
+        probe = load_probe(workload, ip, players)
+        try:
+            await wait_measuring([p for p in (echo, probe) if p is not None])
+            await asyncio.sleep(BASELINE_S)
+            # No file may wait at the destination's path (suspect (b)); qemu.VM.start
+            # also unlinks one and creates the file anew (O_EXCL).
+            run.dest_file_fresh = not paths.ram_file(run.target, VM_NAME).exists()
+            if c.paused:
+                # Nothing can dirty RAM during the migration, so the images must come out
+                # equal: what the compare finds otherwise is its own error. The
+                # destination is resumed by baselines.migrate as always.
+                vm = await qemu.VM.attach(record)
+                try:
+                    await vm.pause()
+                finally:
+                    await vm.close()
+            report = await baselines.migrate(VM_NAME, run.target, how, before_cont=compare)
+            ended_ns = time.monotonic_ns()
+            await asyncio.sleep(AFTER_S)
+        finally:
+            if probe is not None:
+                with probe, contextlib.suppress(LivemigError):
+                    probe.stop()
+        echo_result = echo.stop()
+    info = report["qemu_info"]
+    run.dirty_sync_count = int(info.get("ram", {}).get("dirty-sync-count", 0))
+    run.qemu_downtime_ms = report["downtime_ms"]
+    run.total_time_s = round(report["total_time_s"], 3)
+    run.transferred_mib = round(report["bytes_sent"] / 2**20, 1)
+    run.echo_answered_after = echo_after(echo_result["replies"], ended_ns)
+    run.agent_ok = await agent_answers(VM_NAME)
+    run.console_trouble = console_trouble(VM_NAME)
+
+
+async def condition(c: Condition, runs: int, workload: Workload, mem_mib: int, players: int,
+                    out: list[Run]) -> None:
+    if c.shim:
+        os.environ.pop(dirtylog.NO_SHIM_ENV, None)
+    else:
+        os.environ[dirtylog.NO_SHIM_ENV] = "1"
+    original_argv = qemu.qemu_argv
+    if c.odd_size:
+        qemu.qemu_argv = odd_size_argv(original_argv)  # type: ignore[assignment]
+    try:
+        await boot(workload, mem_mib, players)
+        since_boot, previous, host = 0, "boot", HOSTS[0]
+        for n in range(1, runs + 1):
+            if c.ours_between:
+                target = HOSTS[1] if host == HOSTS[0] else HOSTS[0]
+                try:
+                    await ours(host, target)
+                    host, previous = target, "ours"
+                except LivemigError as exc:
+                    print(f"  {c.key} #{n}: our engine failed first ({exc}); QEMU goes on",
+                          flush=True)
+                    host = qemu.find(VM_NAME).host
+            target = HOSTS[1] if host == HOSTS[0] else HOSTS[0]
+            run = Run(c.key, n, since_boot, previous, host, target)
+            try:
+                await one_run(run, c, workload, players)
+            except baselines.DidNotConverge as exc:
+                run.status, run.error = "did-not-converge", str(exc)
+            except LivemigError as exc:
+                # Past the compare the migration had completed: what failed then (QEMU
+                # gone after a guest panic, say) is the guest, not the migration.
+                done = run.differing_pages is not None
+                run.status = "broken" if done else "failed"
+                run.error = f"{type(exc).__name__}: {exc}"
+                run.console_trouble = console_trouble(VM_NAME)
+            if run.status == "ok" and (run.console_trouble or not run.echo_answered_after
+                                       or not run.agent_ok):
+                run.status = "broken"
+            out.append(run)
+            print(f"  {c.key} #{n} {run.source}->{run.target} (QEMU moves since boot "
+                  f"{since_boot}, after {previous}): {run.status}, "
+                  f"{run.differing_pages} pages differ ({run.differing_zero_on_destination} "
+                  f"zero on dest; first {run.first_differing[:4]}), syncs "
+                  f"{run.dirty_sync_count}, QEMU downtime {run.qemu_downtime_ms} ms, echo "
+                  f"after {run.echo_answered_after}, agent {run.agent_ok}"
+                  + (f", console: {run.console_trouble}" if run.console_trouble else "")
+                  + (f", {run.error}" if run.error else ""), flush=True)
+            if run.status in ("broken", "failed"):
+                await boot(workload, mem_mib, players)
+                since_boot, previous, host = 0, "boot", HOSTS[0]
+            elif run.status == "ok":
+                since_boot, previous, host = since_boot + 1, "qemu", run.target
+    finally:
+        with contextlib.suppress(LivemigError):
+            await qemu.stop(VM_NAME)
+        os.environ.pop(dirtylog.NO_SHIM_ENV, None)
+        qemu.qemu_argv = original_argv
+
+
+# -- the whole experiment ---------------------------------------------------------------
+
+
+def table(runs: list[Run]) -> list[dict[str, Any]]:
+    rows = []
+    for key in dict.fromkeys(r.condition for r in runs):
+        mine = [r for r in runs if r.condition == key]
+        done = [r for r in mine if r.differing_pages is not None]
+        syncs = [r.dirty_sync_count for r in mine if r.dirty_sync_count is not None]
+        rows.append({
+            "condition": key, "runs": len(mine),
+            "broken": sum(r.status in ("broken", "failed") for r in mine),
+            "did_not_converge": sum(r.status == "did-not-converge" for r in mine),
+            "ram_differs": sum(bool(r.differing_pages) for r in done),
+            "pages_differing_median": (float(np.median([r.differing_pages for r in done]))
+                                       if done else None),
+            "syncs_median": float(np.median(syncs)) if syncs else None,
+            "consoles": sorted({r.console_trouble.split(": ", 1)[-1][:90]
+                                for r in mine if r.console_trouble}),
+        })
+    return rows
+
+
+RUNNER_PID = os.getpid()
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    if os.getpid() != RUNNER_PID:
+        # A forked child (pyroute2 reaches namespaces that way) dies as by default; it
+        # must not unwind into our clean-up.
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    raise KeyboardInterrupt
+
+
+async def experiment(conditions: list[Condition], args: argparse.Namespace,
+                     out: list[Run]) -> None:
+    for c in conditions:
+        print(f"condition {c.key}: shim {'on' if c.shim else 'off'}, downtime-limit "
+              f"{c.downtime_limit_ms} ms{', ours before each' if c.ours_between else ''}",
+              flush=True)
+        await condition(c, args.runs, Workload(args.workload), args.mem, args.players, out)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=8, help="QEMU migrations per condition")
+    parser.add_argument("--conditions",
+                        default="shim-30,noshim-30,shim-300,noshim-300,shim-30-ours,"
+                                "noshim-30-paused")
+    parser.add_argument("--workload", default="game", choices=["game", "web", "echo", "idle"])
+    parser.add_argument("--players", type=int, default=6)
+    parser.add_argument("--mem", type=int, default=256, metavar="MiB")
+    parser.add_argument("--json", type=Path, metavar="FILE")
+    args = parser.parse_args()
+    try:
+        conditions = [Condition.parse(k) for k in args.conditions.split(",")]
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
+
+    print(f"instance {paths.instance()!r}: namespaces {paths.netns_prefix()}*", file=sys.stderr)
+    if busy := testbed.existing_namespaces():
+        print(f"instance {paths.instance()!r} is in use ({', '.join(busy)}): set "
+              "LIVEMIG_INSTANCE to another name, or 'livemig testbed down' if nothing "
+              "runs there", file=sys.stderr)
+        return 1
+    signal.signal(signal.SIGTERM, _terminate)
+    runs: list[Run] = []
+    started = time.monotonic()
+    interrupted = False
+    try:
+        try:
+            builder.Image.load()
+        except LivemigError:  # only when there is none: the image cache is shared
+            builder.build(log=lambda m: print(m, file=sys.stderr))
+        testbed.up(len(HOSTS))
+        if any(c.ours_between for c in conditions):
+            launch.ensure_daemons()  # before any condition turns the shim off
+        asyncio.run(experiment(conditions, args, runs))
+    except KeyboardInterrupt:
+        interrupted = True
+        print("interrupted: cleaning up", file=sys.stderr)
+    except LivemigError as exc:
+        print(f"stopped: {exc}", file=sys.stderr)
+    finally:
+        if os.getpid() != RUNNER_PID:
+            os._exit(1)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            asyncio.run(qemu.stop_all())
+        finally:
+            removed = testbed.down()
+            print(f"torn down: {len(removed.namespaces)} namespaces, "
+                  f"{len(removed.processes)} processes, {len(removed.ram_files)} RAM files",
+                  file=sys.stderr)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+    rows = table(runs)
+    print(f"\n{'condition':<16}{'runs':>5}{'broken':>7}{'no conv':>8}{'RAM differs':>12}"
+          f"{'pages (med)':>12}{'syncs (med)':>12}  console")
+    for r in rows:
+        print(f"{r['condition']:<16}{r['runs']:>5}{r['broken']:>7}{r['did_not_converge']:>8}"
+              f"{r['ram_differs']:>12}{r['pages_differing_median'] or 0:>12g}"
+              f"{r['syncs_median'] or 0:>12g}  {'; '.join(r['consoles'])}")
+    print(f"wall time {time.monotonic() - started:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps({"settings": vars(args) | {"json": str(args.json)},
+                                         "table": rows, "runs": [asdict(r) for r in runs]},
+                                        indent=1) + "\n")
+    return 130 if interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
