@@ -62,18 +62,20 @@ class Costs:
     """The real engine's fixed costs, in seconds. The defaults come from MigrationReports
     of 256 MiB guests (idle, web, game, mmuncher) on this test bed, verification on.
 
-    ``stop_s`` is the stop window beyond sending the final pages: QEMU's device state
-    (4-15 ms), the destination's consistency reply (2-23 ms) and commit -> ``cont``
-    returned (11-21 ms). Over eleven reports it took 17-55 ms, median 30 ms: it depends
-    on how busy the machine is more than on the guest, and it is most of the downtime of
-    a guest that converges. ``setup_s`` is reservation to round 1 (65 ms) and
-    ``release_s`` commitment to the source's QEMU gone (200 ms). A round costs
+    ``stop_s`` is the stop window beyond sending the final pages: the last dirty-log
+    collect, QEMU's device state (3-9 ms), the destination's consistency reply (1-5 ms)
+    and commit -> ``cont`` returned (1-7 ms). Fitted on twelve reports (three runs of
+    bench/simulator_validation.py, four workloads each, after ``cont`` lost its 10-20 ms
+    of fd-table growth): real downtime less the modelled final pages took 7-25 ms, median
+    12.5 ms. It depends on how busy the machine is more than on the guest, and it is most
+    of the downtime of a guest that converges. ``setup_s`` is reservation to round 1
+    (65 ms) and ``release_s`` commitment to the source's QEMU gone (200 ms). A round costs
     ``round_s`` beyond its pages: the last collect and the planning of the next."""
 
     setup_s: float = 0.065  # reservation: the destination starts QEMU -incoming
     round_s: float = 0.005  # per round: collect the dirty log, plan the next round
     pause_s: float = 0.002  # QMP stop; the guest writes until it returns
-    stop_s: float = 0.030  # device state + consistency + commit -> cont
+    stop_s: float = 0.0125  # collect + device state + consistency + commit -> cont
     release_s: float = 0.2  # the source's QEMU ends after commitment
 
     @classmethod
