@@ -8,7 +8,8 @@ the same seed, so the same round-1 order) with the default fixed costs, and the
 prediction is compared with the engine's report: total time, data sent, and engine
 downtime. The target is an error within 20% on each.
 
-Usage (root, after ``make setup``; uses its own test bed instance ``s`` by default):
+Usage (root, after ``make setup``; builds its own test bed, instance ``s`` by default, and
+tears it down at the end):
 
     LIVEMIG_INSTANCE=s .venv/bin/python bench/simulator_validation.py \
         [--workloads idle,web,game,mmuncher] [--trace-s 15] [--interval-ms 50]
@@ -152,16 +153,20 @@ def main() -> None:
         if args.json:
             args.json.write_text(json.dumps(results, indent=2) + "\n")
         return
-    testbed.up(3)
-    launch.ensure_daemons()
-    builder.build(log=_say)
     out = args.keep_traces or Path(tempfile.mkdtemp(prefix="livemig-validation-"))
     out.mkdir(parents=True, exist_ok=True)
     results = []
-    for name in args.workloads.split(","):
-        results.append(asyncio.run(one(Workload(name), args.trace_s, args.warmup_s,
-                                       args.interval_ms / 1000, out)))
-        print(table(results[-1:]), flush=True)
+    try:
+        testbed.up(3)
+        launch.ensure_daemons()
+        builder.build(log=_say)
+        for name in args.workloads.split(","):
+            results.append(asyncio.run(one(Workload(name), args.trace_s, args.warmup_s,
+                                           args.interval_ms / 1000, out)))
+            print(table(results[-1:]), flush=True)
+    finally:  # the bed is ours alone: nothing of it may outlive the benchmark
+        asyncio.run(qemu.stop_all())
+        testbed.down()
     print()
     print(table(results))
     if args.json:

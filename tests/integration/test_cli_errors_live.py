@@ -105,6 +105,16 @@ def test_a_second_daemon_for_a_host_leaves_the_running_one_alone(
     # The running daemon still has its control socket: it was not unlinked under it.
     assert loop.run_until_complete(ping()) == {"type": "result", "host": "hostA"}
 
+    async def memory() -> dict[str, object]:
+        return [r async for r in control.call("hostA", {"op": "memory"})][-1]
+
+    # It also says where its memory is (the soak reads this after every migration).
+    figures = loop.run_until_complete(memory())
+    assert figures["type"] == "result"
+    assert isinstance(figures["rss_kib"], int) and figures["rss_kib"] > 10_000, figures
+    assert isinstance(figures["heap_in_use_kib"], int), figures
+    assert 0 < figures["heap_in_use_kib"] < figures["rss_kib"], figures
+
 
 def test_ctrl_c_stops_the_command_but_not_the_migration(idle_vm: qemu.VM) -> None:
     # Ctrl-C as at a terminal: a suite started in the background by a shell without job
