@@ -45,21 +45,20 @@ import argparse
 import asyncio
 import contextlib
 import json
-import signal
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import numpy as np
 
 from livemig import paths
-from livemig.daemon import control, launch
+from livemig.daemon import control
 from livemig.errors import LivemigError
 from livemig.experiments import baselines, paper
+from livemig.experiments.bed import BedInUse, exclusive_test_bed
 from livemig.experiments.probing import ProbeRun, wait_measuring
 from livemig.image import builder
 from livemig.net import testbed
@@ -351,19 +350,6 @@ def table(runs: list[Run]) -> list[dict[str, Any]]:
     return rows
 
 
-RUNNER_PID = os.getpid()
-
-
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    if os.getpid() != RUNNER_PID:
-        # A forked child (pyroute2 reaches namespaces that way) dies as by default; it
-        # must not unwind into our clean-up.
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
-        return
-    raise KeyboardInterrupt
-
-
 async def experiment(conditions: list[Condition], args: argparse.Namespace,
                      out: list[Run]) -> None:
     for c in conditions:
@@ -392,42 +378,22 @@ def main() -> int:
         parser.error("--runs must be at least 1")
 
     print(f"instance {paths.instance()!r}: namespaces {paths.netns_prefix()}*", file=sys.stderr)
-    if busy := testbed.existing_namespaces():
-        print(f"instance {paths.instance()!r} is in use ({', '.join(busy)}): set "
-              "LIVEMIG_INSTANCE to another name, or 'livemig testbed down' if nothing "
-              "runs there", file=sys.stderr)
-        return 1
-    signal.signal(signal.SIGTERM, _terminate)
     runs: list[Run] = []
     started = time.monotonic()
     interrupted = False
     try:
-        try:
-            builder.Image.load()
-        except LivemigError:  # only when there is none: the image cache is shared
-            builder.build(log=lambda m: print(m, file=sys.stderr))
-        testbed.up(len(HOSTS))
-        if any(c.ours_between for c in conditions):
-            launch.ensure_daemons()  # before any condition turns the shim off
-        asyncio.run(experiment(conditions, args, runs))
+        # Daemons first when a condition migrates with ours: before any condition turns
+        # the shim off.
+        with exclusive_test_bed(len(HOSTS), daemons=any(c.ours_between for c in conditions)):
+            asyncio.run(experiment(conditions, args, runs))
+    except BedInUse as exc:
+        print(exc, file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         interrupted = True
-        print("interrupted: cleaning up", file=sys.stderr)
+        print("interrupted: cleaned up", file=sys.stderr)
     except LivemigError as exc:
         print(f"stopped: {exc}", file=sys.stderr)
-    finally:
-        if os.getpid() != RUNNER_PID:
-            os._exit(1)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        try:
-            asyncio.run(qemu.stop_all())
-        finally:
-            removed = testbed.down()
-            print(f"torn down: {len(removed.namespaces)} namespaces, "
-                  f"{len(removed.processes)} processes, {len(removed.ram_files)} RAM files",
-                  file=sys.stderr)
-            signal.signal(signal.SIGINT, signal.default_int_handler)
     rows = table(runs)
     print(f"\n{'condition':<16}{'runs':>5}{'broken':>7}{'no conv':>8}{'RAM differs':>12}"
           f"{'pages (med)':>12}{'syncs (med)':>12}  console")

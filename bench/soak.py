@@ -31,7 +31,6 @@ os.environ.setdefault("LIVEMIG_INSTANCE", "soak")
 import argparse
 import asyncio
 import json
-import signal
 import statistics
 import subprocess
 import sys
@@ -39,12 +38,12 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from livemig import paths
 from livemig.daemon import control, launch
 from livemig.errors import LivemigError
+from livemig.experiments.bed import BedInUse, exclusive_test_bed
 from livemig.image import builder
 from livemig.net import testbed
 from livemig.vm import qemu
@@ -369,20 +368,6 @@ def print_summary(s: dict[str, Any], checks: list[FullCheck]) -> None:
 # -- main ---------------------------------------------------------------------------------
 
 
-SOAK_PID = os.getpid()
-
-
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    if os.getpid() != SOAK_PID:
-        # A child forked from us (pyroute2 reaches other namespaces that way, and ends
-        # the child with SIGTERM) inherits this handler; it must die as by default, not
-        # unwind into our clean-up and tear the test bed down under us.
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
-        return
-    raise KeyboardInterrupt  # the same clean-up path as Ctrl-C
-
-
 async def soak(args: argparse.Namespace, runs: list[Run],
                samples: list[tuple[int, list[DaemonSample]]], checks: list[FullCheck]) -> None:
     options = (("mm_mib", str(args.mm_mib)), ("mm_rate", str(args.mm_rate)))
@@ -436,45 +421,22 @@ def main() -> int:
         parser.error("--runs must be at least 1")
 
     print(f"instance {paths.instance()!r}: namespaces {paths.netns_prefix()}*", file=sys.stderr)
-    signal.signal(signal.SIGTERM, _terminate)
     runs: list[Run] = []
     samples: list[tuple[int, list[DaemonSample]]] = []
     checks: list[FullCheck] = []
     interrupted = stopped = False
-    if busy := testbed.existing_namespaces():
-        # Another soak (or test) of this instance: tearing its bed down would wreck it.
-        print(f"instance {paths.instance()!r} is in use ({', '.join(busy)}): set "
-              "LIVEMIG_INSTANCE to another name, or 'livemig testbed down' if nothing "
-              "runs there", file=sys.stderr)
-        return 1
     try:
-        try:
-            builder.Image.load()
-        except LivemigError:  # only when there is none: the image cache is shared
-            builder.build(log=lambda m: print(m, file=sys.stderr))
-        testbed.up(len(HOSTS))
-        launch.ensure_daemons()
-        asyncio.run(soak(args, runs, samples, checks))
+        with exclusive_test_bed(len(HOSTS)):
+            asyncio.run(soak(args, runs, samples, checks))
+    except BedInUse as exc:
+        print(exc, file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         interrupted = True
-        print("interrupted: cleaning up", file=sys.stderr)
+        print("interrupted: cleaned up", file=sys.stderr)
     except LivemigError as exc:
         stopped = True  # what was measured until then is still worth its summary
         print(f"soak stopped: {exc}", file=sys.stderr)
-    finally:
-        if os.getpid() != SOAK_PID:  # a forked child hit by Ctrl-C: not ours to clean up
-            os._exit(1)
-        # Clean up first, output after: nothing may outlive the soak, even a plot failing.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        try:
-            asyncio.run(qemu.stop_all())
-        finally:
-            removed = testbed.down()
-            print(f"torn down: {len(removed.namespaces)} namespaces, "
-                  f"{len(removed.processes)} processes, {len(removed.ram_files)} RAM files",
-                  file=sys.stderr)
-            signal.signal(signal.SIGINT, signal.default_int_handler)
     if not runs or len(samples) < 2:
         return 130 if interrupted else 1
     result = summary(runs, samples, checks)

@@ -20,6 +20,7 @@ import pytest
 
 from livemig import paths
 from livemig.errors import QEMUCrashed
+from livemig.experiments.bed import BedInUse, exclusive_test_bed
 from livemig.experiments.probing import ProbeRun
 from livemig.image import builder
 from livemig.net import testbed
@@ -178,3 +179,20 @@ def test_probes_enter_the_client_namespace_by_themselves(bed: list[testbed.Node]
                           check=True)
     assert int(done.stdout) == os.stat(f"/run/netns/{testbed.CLIENT.netns}").st_ino
     assert int(done.stdout) != os.stat("/proc/self/ns/net").st_ino
+
+
+def test_an_exclusive_bed_refuses_an_instance_in_use_and_leaves_none_behind(
+    bed: list[testbed.Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    in_use = testbed.existing_namespaces()
+    with pytest.raises(BedInUse), exclusive_test_bed(len(bed)):
+        pass
+    assert testbed.existing_namespaces() == in_use  # the running bed was not touched
+
+    # A bed of another instance, left by an exception: nothing of it remains.
+    monkeypatch.setenv("LIVEMIG_INSTANCE", "tx")
+    with pytest.raises(RuntimeError), exclusive_test_bed(1, daemons=False, say=lambda _: None):
+        assert testbed.existing_namespaces()
+        raise RuntimeError("the benchmark failed")
+    assert testbed.existing_namespaces() == []
+    assert not paths.run_dir().exists()
