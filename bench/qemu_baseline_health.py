@@ -63,7 +63,7 @@ from livemig.experiments.probing import ProbeRun, wait_measuring
 from livemig.image import builder
 from livemig.net import testbed
 from livemig.vm import dirtylog, qemu
-from livemig.vm.spec import PAGE_SIZE, VMRecord, VMSpec, Workload
+from livemig.vm.spec import PAGE_SIZE, VMRecord, Workload
 
 HOSTS = ("hostA", "hostB")
 VM_NAME = "qhealth"
@@ -198,8 +198,7 @@ async def boot(workload: Workload, mem_mib: int, players: int) -> None:
     with contextlib.suppress(LivemigError):
         await qemu.stop(VM_NAME)
     image = builder.Image.load()
-    spec = VMSpec(name=VM_NAME, ip=qemu.free_ip(), mem_mib=mem_mib, workload=workload,
-                  image=image.name, kernel=image.kernel, initrd=image.initrd)
+    spec = qemu.new_spec(VM_NAME, image, mem_mib=mem_mib, workload=workload)
     vm = await qemu.VM.start(spec, HOSTS[0])
     await vm.close()
 

@@ -31,7 +31,7 @@ from livemig.daemon import control, launch
 from livemig.image import builder
 from livemig.net import testbed
 from livemig.vm import qemu
-from livemig.vm.spec import VMSpec, Workload
+from livemig.vm.spec import Workload
 from livemig.wire import tls
 from livemig.wire.channel import Channel, PeerLost, connect, serve
 
@@ -73,8 +73,7 @@ async def handshake_ms(connects: int) -> dict[str, float]:
 
 async def switchovers(runs: int) -> list[dict[str, Any]]:
     image = builder.build(log=lambda _: None).image
-    spec = VMSpec(name="bsec", ip=qemu.free_ip(), mem_mib=128, workload=Workload.IDLE,
-                  image=image.name, kernel=image.kernel, initrd=image.initrd)
+    spec = qemu.new_spec("bsec", image, mem_mib=128, workload=Workload.IDLE)
     vm = await qemu.VM.start(spec, "hostA")
     await vm.close()
     hosts = ["hostA", "hostB"]

@@ -39,7 +39,7 @@ from livemig.image import builder
 from livemig.migration.planner import MBIT, PlannerConfig, RateLimits
 from livemig.net import testbed
 from livemig.vm import qemu
-from livemig.vm.spec import VMSpec, Workload
+from livemig.vm.spec import Workload
 
 os.environ.setdefault("LIVEMIG_INSTANCE", "s")
 WORKLOAD_OPTIONS = {
@@ -65,9 +65,8 @@ async def one(workload: Workload, trace_s: float, warmup_s: float, interval_s: f
               out: Path) -> dict[str, Any]:
     image = builder.Image.load()
     name = f"val{workload.value[:3]}"
-    spec = VMSpec(name=name, ip=qemu.free_ip(), mem_mib=256, workload=workload,
-                  image=image.name, kernel=image.kernel, initrd=image.initrd,
-                  options=WORKLOAD_OPTIONS.get(workload, ()))
+    spec = qemu.new_spec(name, image, mem_mib=256, workload=workload,
+                         options=WORKLOAD_OPTIONS.get(workload, ()))
     vm = await qemu.VM.start(spec, "hostA")
     await vm.close()
     try:

@@ -47,7 +47,7 @@ from livemig.experiments.bed import BedInUse, exclusive_test_bed
 from livemig.image import builder
 from livemig.net import testbed
 from livemig.vm import qemu
-from livemig.vm.spec import VMSpec, Workload
+from livemig.vm.spec import Workload
 
 HOSTS = ("hostA", "hostB")
 VM_NAME = "soak"
@@ -206,8 +206,8 @@ class Run:
 
 async def start_vm(mem_mib: int, options: tuple[tuple[str, str], ...]) -> None:
     image = builder.Image.load()
-    spec = VMSpec(name=VM_NAME, ip=qemu.free_ip(), mem_mib=mem_mib, workload=Workload.MMUNCHER,
-                  image=image.name, kernel=image.kernel, initrd=image.initrd, options=options)
+    spec = qemu.new_spec(VM_NAME, image, mem_mib=mem_mib, workload=Workload.MMUNCHER,
+                         options=options)
     vm = await qemu.VM.start(spec, HOSTS[0])
     await vm.close()  # the source daemon takes hold of it for each migration
 

@@ -28,7 +28,7 @@ from livemig.migration.holds import HoldPoint
 from livemig.net import testbed
 from livemig.probes.cli import add_probe_commands
 from livemig.vm import qemu
-from livemig.vm.spec import DEFAULT_MEM_MIB, WORKLOAD_OPTIONS, VMSpec, Workload, workload_misfit
+from livemig.vm.spec import DEFAULT_MEM_MIB, WORKLOAD_OPTIONS, Workload, workload_misfit
 
 
 def _print_json(value: Any) -> None:
@@ -97,16 +97,8 @@ def cmd_vm_start(args: argparse.Namespace) -> int:
         raise SetupError(f"image {image.name!r} has no custom workload; build it with --run")
 
     async def start() -> dict[str, Any]:
-        spec = VMSpec(
-            name=args.name,
-            ip=qemu.free_ip(),
-            mem_mib=args.mem,
-            workload=workload,
-            image=image.name,
-            kernel=image.kernel,
-            initrd=image.initrd,
-            options=options,
-        )
+        spec = qemu.new_spec(args.name, image, mem_mib=args.mem, workload=workload,
+                             options=options)
         vm = await qemu.VM.start(spec, args.host)
         try:
             return qemu.describe(vm.record, await vm.status())

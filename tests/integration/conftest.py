@@ -21,7 +21,7 @@ from livemig.errors import VMNotFound
 from livemig.image import builder
 from livemig.net import testbed
 from livemig.vm import qemu
-from livemig.vm.spec import VMSpec, Workload
+from livemig.vm.spec import Workload
 
 # The tests build a test bed of their own, apart from any an operator may have up.
 os.environ.setdefault("LIVEMIG_INSTANCE", "t")
@@ -81,16 +81,7 @@ def start_vm(
         image_: builder.Image | None = None,
     ) -> qemu.VM:
         img = image_ or image
-        spec = VMSpec(
-            name=name,
-            ip=qemu.free_ip(),
-            mem_mib=mem_mib,
-            workload=workload,
-            image=img.name,
-            kernel=img.kernel,
-            initrd=img.initrd,
-            options=options,
-        )
+        spec = qemu.new_spec(name, img, mem_mib=mem_mib, workload=workload, options=options)
         vm = loop.run_until_complete(qemu.VM.start(spec, host))
         started.append(vm)
         return vm

@@ -97,8 +97,8 @@ async def run(s: Scenario, on_progress: ProgressPrinter = None) -> dict[str, Any
 async def boot(s: Scenario) -> VMSpec:
     """Start the scenario's VM on ``s.source`` and wait for its workload."""
     image = builder.Image.load()
-    spec = VMSpec(name=s.vm_name, ip=qemu.free_ip(), mem_mib=s.mem_mib, workload=s.workload,
-                  image=image.name, kernel=image.kernel, initrd=image.initrd, options=s.options)
+    spec = qemu.new_spec(s.vm_name, image, mem_mib=s.mem_mib, workload=s.workload,
+                         options=s.options)
     vm = await qemu.VM.start(spec, s.source)
     await vm.close()  # the source daemon takes hold of it for the migration
     return spec

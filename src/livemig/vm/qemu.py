@@ -72,11 +72,12 @@ from livemig.errors import (
     VMExists,
     VMNotFound,
 )
+from livemig.image.builder import Image
 from livemig.net import testbed
 from livemig.vm import dirtylog
 from livemig.vm.agent import AgentClient
 from livemig.vm.memory import GuestMemory
-from livemig.vm.spec import VMRecord, VMSpec
+from livemig.vm.spec import VMRecord, VMSpec, Workload
 
 QEMU_BINARY = "qemu-system-x86_64"
 BOOT_TIMEOUT_S = 90.0
@@ -263,6 +264,13 @@ def free_ip() -> IPv4Address:
         if ip not in used:
             return ip
     raise LivemigError(f"all {len(testbed.VM_IPS)} VM addresses are in use; stop a VM first")
+
+
+def new_spec(name: str, image: Image, *, mem_mib: int, workload: Workload,
+             options: tuple[tuple[str, str], ...] = ()) -> VMSpec:
+    """The spec of a new VM booting ``image``, on the LAN's first free address."""
+    return VMSpec(name=name, ip=free_ip(), mem_mib=mem_mib, workload=workload,
+                  image=image.name, kernel=image.kernel, initrd=image.initrd, options=options)
 
 
 class VM:
