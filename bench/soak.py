@@ -78,6 +78,7 @@ class DaemonSample:
     heap_free_kib: int | None
     rss_anon_kib: int
     rss_shmem_kib: int
+    python_blocks: int  # the interpreter's live memory blocks: Python objects piling up
 
 
 async def _memory(host: str) -> dict[str, Any]:
@@ -100,6 +101,7 @@ async def daemon_samples() -> list[DaemonSample]:
             rss_kib=int(status["VmRSS"].split()[0]), threads=int(status["Threads"]),
             heap_in_use_kib=memory["heap_in_use_kib"], heap_free_kib=memory["heap_free_kib"],
             rss_anon_kib=memory["rss_anon_kib"], rss_shmem_kib=memory["rss_shmem_kib"],
+            python_blocks=memory["python_blocks"],
         ))
     return samples
 
@@ -392,11 +394,12 @@ async def soak(args: argparse.Namespace, runs: list[Run],
         rss = " ".join(f"{s.rss_kib / 1024:.1f}" for s in samples[-1][1])
         heap = " ".join(f"{(s.heap_in_use_kib or 0) / 1024:.1f}/{(s.heap_free_kib or 0) / 1024:.1f}"
                         f"/{s.rss_shmem_kib / 1024:.1f}" for s in samples[-1][1])
+        blocks = " ".join(f"{s.python_blocks}" for s in samples[-1][1])
         print(f"{n:3d} {run.source}->{run.target}  downtime "
               f"{run.downtime_ms if run.downtime_ms is not None else float('nan'):7.1f} ms  "
               f"total {run.total_time_s or float('nan'):6.2f} s  verified {run.verified!s:<5}  "
               f"integrity {'ok' if run.integrity_errors == 0 else run.integrity_errors}  "
-              f"fds {fds}  rss {rss} MiB  heap used/free/shmem {heap} MiB"
+              f"fds {fds}  rss {rss} MiB  heap used/free/shmem {heap} MiB  blocks {blocks}"
               + (f"  FAILED: {run.error}" if run.error else ""),
               flush=True)
         if n % FULL_CHECK_EVERY == 0 or n == args.runs:
