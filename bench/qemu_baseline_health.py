@@ -194,7 +194,7 @@ def console_trouble(name: str) -> str | None:
 # -- one condition --------------------------------------------------------------------------
 
 
-async def boot(workload: Workload, mem_mib: int, players: int) -> None:
+async def boot(workload: Workload, mem_mib: int) -> None:
     with contextlib.suppress(LivemigError):
         await qemu.stop(VM_NAME)
     image = builder.Image.load()
@@ -219,8 +219,8 @@ async def ours(source: str, target: str) -> None:
 
 async def one_run(run: Run, c: Condition, workload: Workload, players: int) -> None:
     """One QEMU pre-copy of the VM under load, with the RAM compare and the checks."""
-    ip = str(qemu.find(VM_NAME).spec.ip)
     record = qemu.find(VM_NAME)
+    ip = str(record.spec.ip)
 
     async def compare(source: qemu.VM, destination: qemu.VM) -> None:
         size = os.stat(source.record.ram_file).st_size  # two pages more with odd_size
@@ -277,7 +277,7 @@ async def condition(c: Condition, runs: int, workload: Workload, mem_mib: int, p
     if c.odd_size:
         qemu.qemu_argv = odd_size_argv(original_argv)  # type: ignore[assignment]
     try:
-        await boot(workload, mem_mib, players)
+        await boot(workload, mem_mib)
         since_boot, previous, host = 0, "boot", HOSTS[0]
         for n in range(1, runs + 1):
             if c.ours_between:
@@ -315,7 +315,7 @@ async def condition(c: Condition, runs: int, workload: Workload, mem_mib: int, p
                   + (f", console: {run.console_trouble}" if run.console_trouble else "")
                   + (f", {run.error}" if run.error else ""), flush=True)
             if run.status in ("broken", "failed"):
-                await boot(workload, mem_mib, players)
+                await boot(workload, mem_mib)
                 since_boot, previous, host = 0, "boot", HOSTS[0]
             elif run.status == "ok":
                 since_boot, previous, host = since_boot + 1, "qemu", run.target
