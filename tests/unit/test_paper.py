@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from livemig.experiments import baselines, paper, paper_plots
+from livemig.experiments import baselines, paper, paper_plots, scenario
 from livemig.probes.http import parse_mix
 
 MS = 1_000_000
@@ -122,10 +122,10 @@ def test_a_row_holds_every_column_in_the_tables_units() -> None:
 
 def test_a_gap_counts_when_it_overlaps_the_window_and_silence_to_the_end_too() -> None:
     times = [0, 10, 20, 100, 110, 400]
-    assert paper.gap_across(times, 105, 120) == (110, 400)
-    assert paper.gap_across(times, 30, 40) == (20, 100)
-    assert paper.gap_across(times, 500, 600) is None
-    assert paper.gap_across(times[:4], 105, 120, stopped_ns=1000) == (100, 1000)
+    assert scenario.gap_across(times, 105, 120) == (110, 400)
+    assert scenario.gap_across(times, 30, 40) == (20, 100)
+    assert scenario.gap_across(times, 500, 600) is None
+    assert scenario.gap_across(times[:4], 105, 120, stopped_ns=1000) == (100, 1000)
 
 
 def test_a_qemu_precopy_that_does_not_converge_is_a_row_not_an_exception() -> None:
@@ -152,6 +152,37 @@ def test_medians_over_completed_runs_and_a_status_that_counts_them() -> None:
         baselines.DidNotConverge(13.0, 3 * RAM, {}), RAM)])
     assert never["status"] == "did-not-converge"
     assert never["data_sent_ratio"] == pytest.approx(3.0)
+
+
+def test_the_worst_run_is_the_highest_outage_and_the_lowest_service() -> None:
+    rows = [paper.summarize(scenario_result(client_ms=v, total_s=t))
+            for v, t in ((80.0, 4.0), (150.0, 3.0), (90.0, 5.0))]
+    rows[1]["service_impact"] = 0.5
+    row = paper.median_row(rows)
+    assert row["worst"]["client_downtime_ms"] == pytest.approx(150.0, abs=2.0)
+    assert row["worst"]["total_time_s"] == pytest.approx(5.0)
+    assert row["worst"]["service_impact"] == pytest.approx(0.5)
+    assert "throughput_before" not in row["worst"]  # the load, not a result
+    heads, cells = paper.table_rows({"table": {"ours": row}})
+    client = cells[0][heads.index("client downtime (ms)")]
+    assert client.startswith("9") and client.endswith("(150)")  # "median (worst)"
+
+
+def test_the_floor_compares_only_the_outage() -> None:
+    table = {
+        "ours": paper.median_row([paper.summarize(scenario_result(client_ms=60.0))]),
+        "floor": paper.median_row([paper.summarize(scenario_result(
+            mode="floor", client_ms=40.0, sent=0))]),
+    }
+    ratios = paper.ratios(table)["floor"]
+    assert ratios["client_downtime_ms"] == pytest.approx(1.5)
+    assert ratios["total_time_s"] is None and ratios["bytes_sent"] is None
+
+
+def test_the_floor_pauses_for_the_median_of_our_downtimes_so_far() -> None:
+    ours = [paper.summarize(scenario_result(downtime_ms=v)) for v in (20.0, 50.0, 30.0)]
+    assert paper._floor_pause_ms(ours) == pytest.approx(30.0)
+    assert paper._floor_pause_ms([]) == paper.FLOOR_DEFAULT_MS
 
 
 def test_ratios_are_ours_over_each_baseline_and_none_without_a_baseline_figure() -> None:

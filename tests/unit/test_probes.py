@@ -571,6 +571,16 @@ def test_http_load_posts_forms_where_the_mix_says(http_server: TestHttpServer) -
     assert by_path["POST /cgi-bin/post"] <= len(http_server.posted)
 
 
+def test_http_clients_think_between_requests(http_server: TestHttpServer) -> None:
+    result = http_probe.run_http_blocking(
+        http_server.url_base + "/file.bin", clients=2, duration_s=0.6, think_s=0.1)
+    assert result.errors() == {}
+    # Each client: a request, 100 ms of thought, the next: at most 6 each in 0.6 s.
+    assert 2 <= result.summary()["requests"] <= 12
+    starts = sorted(result.done_ns - result.latency_ns)
+    assert sum(1 for a, b in zip(starts, starts[1:], strict=False) if b - a < 0.02e9) <= 6
+
+
 def test_http_load_with_a_mix(http_server: TestHttpServer) -> None:
     result = http_probe.run_http_blocking(
         http_server.url_base + "/ignored",

@@ -53,18 +53,27 @@ class Scenario:
     options: tuple[tuple[str, str], ...] = ()
     http_clients: int = 4
     http_mix: str | None = None  # weighted paths (``probe http --mix``) instead of file.bin
+    http_think_ms: float = 0.0  # each HTTP client's pause between requests
     game_players: int = 6
     vm_name: str = "demo"
     qemu_downtime_limit_ms: int = 300  # for the qemu-* modes: QEMU's own default
     qemu_timeout_s: float = 120.0
     extra_request: dict[str, Any] = field(default_factory=dict)
+    # For mode FLOOR: how long the VM is paused in place.
+    floor_pause_ms: float = 0.0
+
+
+# Not a migration: the VM paused in place for ``floor_pause_ms`` and resumed, probed the
+# same way. Client downtime over this floor is what a migration itself adds to a pause.
+FLOOR = "floor"
 
 
 def _workload_probe(s: Scenario, ip: str) -> ProbeRun | None:
     if s.workload is Workload.WEB:
         mix = ("--mix", s.http_mix) if s.http_mix else ()
+        think = ("--think-ms", f"{s.http_think_ms:g}") if s.http_think_ms else ()
         return ProbeRun(testbed.CLIENT, "http", f"http://{ip}/file.bin", "--clients",
-                        str(s.http_clients), *mix)
+                        str(s.http_clients), *mix, *think)
     if s.workload is Workload.GAME:
         return ProbeRun(testbed.CLIENT, "game", ip, "--players", str(s.game_players))
     return None
@@ -126,6 +135,8 @@ async def measure(s: Scenario, on_progress: ProgressPrinter = None) -> dict[str,
                     postcopy=s.mode == "qemu-postcopy", max_bandwidth_mbps=s.max_rate_mbps,
                     downtime_limit_ms=s.qemu_downtime_limit_ms,
                     timeout_s=s.qemu_timeout_s))
+            elif s.mode == FLOOR:
+                report = await pause_in_place(s.vm_name, s.floor_pause_ms)
             else:
                 report = await control.migrate(s.source, request, on_progress)
             ended_ns = time.monotonic_ns()
@@ -187,6 +198,112 @@ async def measure(s: Scenario, on_progress: ProgressPrinter = None) -> dict[str,
         "report": report,
         "probes": probes,
     }
+
+
+async def pause_in_place(name: str, pause_ms: float) -> dict[str, Any]:
+    """Pause VM ``name`` where it runs for ``pause_ms`` and resume it: the physical floor
+    of a switchover of that length, as a report shaped like a migration's."""
+    record = qemu.find(name)
+    vm = await qemu.VM.attach(record)
+    try:
+        started = time.monotonic()
+        await vm.pause()
+        stopped_at = time.monotonic()
+        await asyncio.sleep(pause_ms / 1e3)
+        await vm.resume()
+        cont_returned_at = time.monotonic()
+    finally:
+        await vm.close()
+    return {
+        "vm": name, "source": record.host, "target": record.host, "mode": FLOOR,
+        "ram_bytes": record.spec.ram_bytes, "downtime_ms": (cont_returned_at - stopped_at) * 1e3,
+        "total_time_s": cont_returned_at - started, "bytes_sent": 0, "data_sent_ratio": 0.0,
+        "rounds": [], "stop_reason": f"paused in place for {pause_ms:.1f} ms",
+        "final_pages": 0, "verified": None, "stages": [],
+        "stopped_at": stopped_at, "cont_returned_at": cont_returned_at, "stop_window_ms": {},
+    }
+
+
+# -- what the client felt: one definition, for the demo, the experiments and the benches --
+
+# Where an engine does not say when it stopped the VM, the switchover lies somewhere in
+# the migration or shortly after it (TCG rebuilding its code cache, the ARP announcement).
+SETTLE_S = 1.0
+# The probes' own start-up is not the service's: gaps before this are left out.
+PROBE_STARTUP_S = 0.5
+
+
+def migration_window_ns(result: dict[str, Any]) -> tuple[int, int]:
+    """[start, end + SETTLE_S] of the migration on the probes' clock (ns)."""
+    start = result["probes"]["echo"]["started_ns"] + int(result["migration_started_s"] * 1e9)
+    return start, start + int((result["total_time_s"] + SETTLE_S) * 1e9)
+
+
+def gap_across(times_ns: Any, start_ns: int, end_ns: int,
+               stopped_ns: int | None = None) -> tuple[int, int] | None:
+    """The longest gap between consecutive events that overlaps [start_ns, end_ns].
+
+    With ``stopped_ns`` (the end of the run) silence up to it counts too: a flow that
+    never answered again has a gap to the end, not none."""
+    times = np.sort(np.asarray(times_ns, dtype=np.int64))
+    if stopped_ns is not None:
+        times = np.append(times[times <= stopped_ns], stopped_ns)
+    if times.size < 2:
+        return None
+    begins, ends = times[:-1], times[1:]
+    overlapping = (ends >= start_ns) & (begins <= end_ns)
+    if not overlapping.any():
+        return None
+    lengths = np.where(overlapping, ends - begins, -1)
+    i = int(np.argmax(lengths))
+    return int(begins[i]), int(ends[i])
+
+
+def _gap_ms(gap: tuple[int, int] | None) -> float | None:
+    return None if gap is None else (gap[1] - gap[0]) / 1e6
+
+
+def _echo_recv_ns(result: dict[str, Any]) -> Any:
+    replies = np.asarray(result["probes"]["echo"]["replies"], dtype=np.int64).reshape(-1, 3)
+    return replies[:, 2]
+
+
+def switchover_ns(result: dict[str, Any]) -> tuple[int, int]:
+    """The switchover, stop to running again, on the probes' clock (ns): the engines'
+    own instants where they report them, else the whole migration window."""
+    report = result["report"]
+    if report.get("stopped_at") and report.get("cont_returned_at"):
+        return int(report["stopped_at"] * 1e9), int(report["cont_returned_at"] * 1e9)
+    return migration_window_ns(result)
+
+
+def client_gaps(result: dict[str, Any]) -> dict[str, Any]:
+    """Client downtime and TCP stall: the longest gaps that overlap the switchover (a
+    loaded guest has long gaps elsewhere too, which no migration caused); and the echo's
+    longest gap before the migration, the noise floor of that load."""
+    start, end = switchover_ns(result)
+    echo = result["probes"]["echo"]
+    recv = _echo_recv_ns(result)
+    tcp = result["probes"]["tcp"]
+    # A guest that never answered again has a gap to the end of the run.
+    echo_gap = gap_across(recv, start, end, stopped_ns=echo["stopped_ns"])
+    tcp_gap = gap_across(tcp.get("reply_ns", []), start, end,
+                         stopped_ns=None if tcp["summary"]["survived"] else echo["stopped_ns"])
+    first = echo["started_ns"] + int(PROBE_STARTUP_S * 1e9)
+    is_before = (recv >= first) & (recv < migration_window_ns(result)[0])
+    before = recv[is_before]
+    floor = np.diff(np.sort(before)).max() / 1e6 if before.size > 1 else None
+    replies = np.asarray(echo["replies"], dtype=np.int64).reshape(-1, 3)
+    rtt_before = (replies[is_before, 2] - replies[is_before, 1]) / 1e6
+    return {"client_downtime_ms": _gap_ms(echo_gap), "client_gap_ns": echo_gap,
+            "tcp_stall_ms": _gap_ms(tcp_gap), "echo_gap_before_ms": floor,
+            # How loaded the guest was: a round trip of many ms is a queue, and a client
+            # downtime then measures it as much as the switchover.
+            "echo_rtt_before_ms": (float(np.median(rtt_before)) if rtt_before.size else None,
+                                   float(np.percentile(rtt_before, 99))
+                                   if rtt_before.size else None),
+            "answered_after": bool((recv > end).any())}
+
 
 
 def _ticks(console: str) -> list[int]:

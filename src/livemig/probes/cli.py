@@ -185,6 +185,12 @@ def add_probe_commands(subparsers: argparse._SubParsersAction[Any]) -> None:
         default=http_probe.DEFAULT_BUCKET_MS,
         help="width of the throughput buckets (default 100)",
     )
+    p.add_argument(
+        "--think-ms",
+        type=_nonnegative_float,
+        default=http_probe.DEFAULT_THINK_S * 1000,
+        help="each client's pause after a completed request (default 0: back to back)",
+    )
     p.add_argument("--seed", type=int, default=None, help="seed for the choice of paths")
     _add_common(p)
     p.set_defaults(func=http_command)
@@ -362,6 +368,7 @@ def http_command(args: argparse.Namespace) -> int:
                 timeout_s=args.timeout,
                 backoff_s=args.backoff_ms / 1000,
                 bucket_ms=args.bucket_ms,
+                think_s=args.think_ms / 1000,
                 seed=args.seed,
             )
     except LivemigError as exc:

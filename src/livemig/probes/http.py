@@ -49,6 +49,7 @@ DEFAULT_CLIENTS = 8
 DEFAULT_TIMEOUT_S = 5.0
 DEFAULT_BACKOFF_S = 0.05
 DEFAULT_BUCKET_MS = 100
+DEFAULT_THINK_S = 0.0  # closed loop: the next request as soon as the last one is done
 USER_AGENT = "livemig-probe"
 
 # A response head longer than this is not from busybox httpd; refuse to buffer more.
@@ -420,8 +421,9 @@ async def _client(
     rng: random.Random,
     timeout_s: float,
     backoff_s: float,
+    think_s: float,
 ) -> None:
-    """One client: request after request until cancelled."""
+    """One client: request after request until cancelled, ``think_s`` apart."""
     indices = range(len(paths))
     weights = [p.weight for p in paths]
     while True:
@@ -443,6 +445,8 @@ async def _client(
             kind = error_kind(exc)
         else:
             recorder.done(started_ns, time.monotonic_ns(), nbytes, index)
+            if think_s:
+                await asyncio.sleep(think_s)
             continue
         recorder.failed(time.monotonic_ns(), kind)
         # Back off so that a dead server is probed a few times a second per client, not
@@ -471,14 +475,16 @@ async def run_http(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     backoff_s: float = DEFAULT_BACKOFF_S,
     bucket_ms: int = DEFAULT_BUCKET_MS,
+    think_s: float = DEFAULT_THINK_S,
     seed: int | None = None,
 ) -> HttpResult:
     """Load ``url`` with ``clients`` concurrent clients until ``duration_s`` or ``stop``.
 
     ``mix`` replaces the URL's path with weighted paths on the same host. ``stop`` may be
     a ``threading.Event`` or an ``asyncio.Event``; it is polled every 20 ms. ``seed``
-    makes the choice of paths repeatable. Requests in flight at the end are abandoned
-    and not counted.
+    makes the choice of paths repeatable. ``think_s`` is each client's pause after a
+    completed request, as a user reads a page: the load a service has, rather than all
+    it can take. Requests in flight at the end are abandoned and not counted.
     """
     target = parse_url(url)
     paths = tuple(mix) if mix else (WeightedPath(target.path, 1.0),)
@@ -486,8 +492,8 @@ async def run_http(
         raise ValueError(f"clients must be >= 1, not {clients}")
     if duration_s is None and stop is None:
         raise ValueError("give duration_s or stop, or the probe never ends")
-    if timeout_s <= 0 or backoff_s < 0 or bucket_ms <= 0:
-        raise ValueError("timeout_s and bucket_ms must be > 0, backoff_s >= 0")
+    if timeout_s <= 0 or backoff_s < 0 or bucket_ms <= 0 or think_s < 0:
+        raise ValueError("timeout_s and bucket_ms must be > 0, backoff_s and think_s >= 0")
     for p in paths:
         check_path(p.path)
     seeder = random.Random(seed)
@@ -506,6 +512,7 @@ async def run_http(
                     random.Random(seeder.getrandbits(64)),
                     timeout_s,
                     backoff_s,
+                    think_s,
                 )
             )
             for _ in range(clients)
@@ -545,6 +552,7 @@ def run_http_blocking(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     backoff_s: float = DEFAULT_BACKOFF_S,
     bucket_ms: int = DEFAULT_BUCKET_MS,
+    think_s: float = DEFAULT_THINK_S,
     seed: int | None = None,
 ) -> HttpResult:
     """``run_http`` in a fresh event loop, for callers without one (threads, the CLI)."""
@@ -558,6 +566,7 @@ def run_http_blocking(
             timeout_s=timeout_s,
             backoff_s=backoff_s,
             bucket_ms=bucket_ms,
+            think_s=think_s,
             seed=seed,
         )
     )
