@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -34,7 +35,7 @@ from livemig.migration.holds import HoldPoint, release, wait_until_held
 from livemig.net import testbed
 from livemig.vm import qemu
 from livemig.vm.agent import AgentClient
-from livemig.vm.spec import Workload
+from livemig.vm.spec import VMRecord, Workload
 
 StartVM = Callable[..., qemu.VM]
 
@@ -204,6 +205,75 @@ def test_a_fault_never_loses_the_vm(
         assert outcome.vm_runs_on == "hostA", message
     assert copies(name) == [("hostA", False)]
     loop.run_until_complete(mmuncher_intact(name, "hostA"))
+
+
+def target_leftovers(copy: VMRecord) -> list[str]:
+    """What of ``copy``, an uncommitted incoming copy on hostB, is still there."""
+    tap = subprocess.run(["ip", "-n", testbed.host_node("hostB").netns, "link", "show",
+                          copy.spec.tap], capture_output=True, check=False)
+    return [what for what, there in (
+        ("QEMU process", copy.process_alive()),
+        ("record", ("hostB", True) in copies(copy.spec.name)),
+        ("RAM file", paths.ram_file("hostB", copy.spec.name).exists()),
+        ("tap", tap.returncode == 0),
+    ) if there]
+
+
+def test_a_hung_target_qemu_is_torn_down_and_a_retry_succeeds(
+    start_vm: StartVM, loop: asyncio.AbstractEventLoop, healed: None,
+) -> None:
+    """The target's QEMU hangs (SIGSTOP) just before its device state: the source gives
+    up and resumes the VM, and the target must end that QEMU and remove its copy, or a
+    retry finds the name taken."""
+    vm = start_vm("hung", Workload.MMUNCHER, options=(("mm_mib", "16"), ("mm_rate", "8")))
+    loop.run_until_complete(vm.close())
+    point = HoldPoint.DEVICE_STATE
+    request = {"op": "migrate", "vm": vm.name, "to": "hostB", "hold_at": str(point),
+               "stall_timeout_s": 3.0, "min_rate_mbps": 300}
+    stopped: list[VMRecord] = []
+
+    async def torn_down(copy: VMRecord) -> None:
+        deadline = time.monotonic() + TORN_DOWN_WITHIN_S
+        while left := await asyncio.to_thread(target_leftovers, copy):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"hostB still holds {left} of {copy.spec.name} "
+                                     f"after {TORN_DOWN_WITHIN_S} s")
+            await asyncio.sleep(0.1)
+
+    async def drill() -> dict[str, Any] | control.MigrationFailed:
+        migration = asyncio.ensure_future(control.migrate("hostA", request))
+        await wait_until_held(vm.name, point, timeout=60.0)
+        copy = next(r for r in qemu.records() if r.spec.name == vm.name and r.host == "hostB")
+        os.kill(copy.pid, signal.SIGSTOP)
+        stopped.append(copy)
+        release(vm.name, point)
+        bounds = [asyncio.ensure_future(wait_progressing(vm.name, "hostA", RESUMED_WITHIN_S)),
+                  asyncio.ensure_future(torn_down(copy))]
+        try:
+            outcome: dict[str, Any] | control.MigrationFailed = await migration
+        except control.MigrationFailed as exc:
+            outcome = exc
+        await asyncio.gather(*bounds)
+        return outcome
+
+    try:
+        started = time.monotonic()
+        outcome = loop.run_until_complete(drill())
+        print(f"hung target QEMU torn down {time.monotonic() - started:.1f} s after the drill "
+              "began")
+    finally:
+        # A stopped process takes no SIGTERM: a failed test must not leave one behind.
+        for copy in stopped:
+            if copy.process_alive():
+                os.kill(copy.pid, signal.SIGKILL)
+    assert isinstance(outcome, control.MigrationFailed), outcome
+    assert outcome.vm_runs_on == "hostA", str(outcome)
+    assert copies(vm.name) == [("hostA", False)]
+    retry = {"op": "migrate", "vm": vm.name, "to": "hostB", "min_rate_mbps": 300}
+    report = loop.run_until_complete(control.migrate("hostA", retry))
+    assert report["verified"] is True, report
+    assert copies(vm.name) == [("hostB", False)]
+    loop.run_until_complete(mmuncher_intact(vm.name, "hostB"))
 
 
 def test_cancel_works_at_every_stage_before_commitment_and_a_retry_succeeds(

@@ -145,6 +145,11 @@ class DestinationSession:
                 await self._dispatch(message)
                 if watchdog is None and self.vm is not None:
                     watchdog = asyncio.create_task(self._watch_qemu(asyncio.current_task()))
+            if self.machine.stage is Stage.ABORTED:
+                # Every way into ABORTED ends here (an Abort, a refused reservation, an
+                # image that never came): none may leave an incoming copy behind, which
+                # would block the next try of this VM with VMExists.
+                await self._tear_down()
         except BaseException as exc:
             if self.machine.stage.source_is_primary:
                 why = self._qemu_gone or str(exc) or type(exc).__name__
@@ -289,16 +294,20 @@ class DestinationSession:
         assert self.vm is not None
         if self.machine.stage is Stage.PRECOPY:
             self._event(Event.PRECOPY_DONE)
-        deadline = time.monotonic() + INCOMING_TIMEOUT_S
-        while True:
-            info = await self.vm.qmp_command("query-migrate")
-            status = info.get("status")
-            if status == "completed":
-                break
-            if status == "failed" or time.monotonic() > deadline:
-                self._event(Event.FAILED)
-                return frames.Reply(ok=False, body={"error": f"device state {status}"})
-            await asyncio.sleep(0.001)
+        status = "unanswered"
+        try:
+            # Around QMP too: a hung QEMU answers nothing, not even "failed", and its QMP
+            # time-out is longer than the source waits for this reply.
+            async with asyncio.timeout(INCOMING_TIMEOUT_S):
+                while status not in ("completed", "failed"):
+                    status = (await self.vm.qmp_command("query-migrate")).get("status")
+                    if status != "completed":
+                        await asyncio.sleep(0.001)
+        except TimeoutError:
+            status = f"{status} after {INCOMING_TIMEOUT_S:g} s"
+        if status != "completed":
+            self._event(Event.FAILED)  # serve() tears down once the source has the reply
+            return frames.Reply(ok=False, body={"error": f"device state {status}"})
         body: dict[str, Any] = {"consistent": True}
         if verify:
             started = time.monotonic()

@@ -518,6 +518,10 @@ async def _end_process(
     for signum, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, grace_s)):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signum)
+            if signum == signal.SIGTERM:
+                # A stopped QEMU (SIGSTOP, a debugger) would hold SIGTERM pending for the
+                # whole grace period: let it act on it now.
+                os.kill(pid, signal.SIGCONT)
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
             if _exited(record, process):
