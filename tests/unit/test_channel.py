@@ -12,15 +12,13 @@ import contextlib
 import hashlib
 import logging
 import socket
-import ssl
 import time
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
 
 import numpy as np
 import pytest
+from served import KEY, LOOPBACK, Served, run
 
-from livemig.wire.channel import Channel, Pacer, TokenBucket, connect, serve
+from livemig.wire.channel import Channel, Pacer, TokenBucket, connect
 from livemig.wire.frames import (
     PAGE_SIZE,
     PROTOCOL_VERSION,
@@ -44,51 +42,8 @@ from livemig.wire.frames import (
     encode,
 )
 
-KEY = b"k" * 32
 OTHER_KEY = b"o" * 32
-LOOPBACK = "127.0.0.1"
 NONE = np.empty(0, np.uint32)
-
-
-def run(coro: Coroutine[Any, Any, None], timeout: float = 30) -> None:
-    asyncio.run(asyncio.wait_for(coro, timeout))
-
-
-class Served:
-    """A ``serve()`` server on a free port, with a record of what its handler saw."""
-
-    def __init__(self, handler: Callable[[Channel], Awaitable[None]], *,
-                 key: bytes = KEY, ssl_context: ssl.SSLContext | None = None) -> None:
-        self._handler = handler
-        self._key = key
-        self._ssl = ssl_context
-        self.calls = 0
-        self.done: asyncio.Queue[BaseException | None] = asyncio.Queue()
-        self.server: asyncio.Server | None = None
-
-    async def _run(self, channel: Channel) -> None:
-        self.calls += 1
-        try:
-            await self._handler(channel)
-        except Exception as exc:  # handed to the test, which decides
-            await self.done.put(exc)
-            raise
-        await self.done.put(None)
-
-    async def __aenter__(self) -> Served:
-        self.server = await serve(LOOPBACK, 0, key=self._key, me="hostB", handler=self._run,
-                                  ssl=self._ssl, handshake_timeout=2)
-        return self
-
-    @property
-    def port(self) -> int:
-        assert self.server is not None
-        return int(self.server.sockets[0].getsockname()[1])
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        assert self.server is not None
-        self.server.close()
-        await self.server.wait_closed()
 
 
 async def answer_requests(channel: Channel) -> None:

@@ -9,22 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Coroutine
-from typing import Any
 
 import numpy as np
 import pytest
+from served import KEY, LOOPBACK, Served, run
 
 from livemig.migration.tunnel import StateSink, StateSource, TunnelError
-from livemig.wire.channel import Channel, PeerServer, connect, serve
+from livemig.wire.channel import Channel, connect
 from livemig.wire.frames import MAX_STATE_CHUNK, DeviceState, PeerLost, Reply, Request
-
-KEY = b"k" * 32
-LOOPBACK = "127.0.0.1"
-
-
-def run(coro: Coroutine[Any, Any, None], timeout: float = 30) -> None:
-    asyncio.run(asyncio.wait_for(coro, timeout))
 
 
 def pair() -> tuple[socket.socket, socket.socket]:
@@ -76,10 +68,8 @@ def test_the_stream_arrives_whole_and_ends(size: int) -> None:
             sink.close()
 
     async def main() -> None:
-        server = await serve(LOOPBACK, 0, key=KEY, me="hostB", handler=destination)
-        try:
-            port = server.sockets[0].getsockname()[1]
-            async with await connect(LOOPBACK, port, key=KEY, me="hostA") as channel:
+        async with Served(destination) as served:
+            async with await connect(LOOPBACK, served.port, key=KEY, me="hostA") as channel:
                 ours, qemu_end = pair()
                 source = StateSource(ours)
                 try:
@@ -89,16 +79,9 @@ def test_the_stream_arrives_whole_and_ends(size: int) -> None:
                     assert (await channel.request("image", timeout=10)).ok
                 finally:
                     await source.close()
-        finally:
-            await close(server)
+            assert await served.done.get() is None
         assert received == [stream]
     run(main())
-
-
-async def close(server: PeerServer) -> None:
-    server.close()
-    await server.wait_closed()
-    await asyncio.sleep(0.05)
 
 
 def test_a_broken_channel_is_reported_while_qemu_still_writes() -> None:
@@ -106,14 +89,12 @@ def test_a_broken_channel_is_reported_while_qemu_still_writes() -> None:
     there, not as a time-out after QEMU filled its socket."""
 
     async def hang_up(channel: Channel) -> None:
-        with pytest.raises(PeerLost):  # what the source sends after we left
-            await channel.recv(timeout=0.01)
+        # The state was flowing when we left: returning closes the channel mid-stream.
+        assert isinstance(await channel.recv(timeout=5), DeviceState)
 
     async def main() -> None:
-        server = await serve(LOOPBACK, 0, key=KEY, me="hostB", handler=hang_up)
-        try:
-            port = server.sockets[0].getsockname()[1]
-            async with await connect(LOOPBACK, port, key=KEY, me="hostA") as channel:
+        async with Served(hang_up) as served:
+            async with await connect(LOOPBACK, served.port, key=KEY, me="hostA") as channel:
                 ours, qemu_end = pair()
                 source = StateSource(ours)
                 try:
@@ -127,21 +108,20 @@ def test_a_broken_channel_is_reported_while_qemu_still_writes() -> None:
                 finally:
                     qemu_end.close()
                     await source.close()
-        finally:
-            await close(server)
+            assert await served.done.get() is None
     run(main())
 
 
 def test_finished_without_an_end_times_out() -> None:
     async def idle(channel: Channel) -> None:
-        msg = await channel.recv(timeout=5)
-        assert isinstance(msg, Request | DeviceState)
+        # QEMU wrote nothing and never ended its stream: no state and no end mark may
+        # come, only the source closing the channel once it gave up.
+        with pytest.raises(PeerLost):
+            await channel.recv(timeout=5)
 
     async def main() -> None:
-        server = await serve(LOOPBACK, 0, key=KEY, me="hostB", handler=idle)
-        try:
-            port = server.sockets[0].getsockname()[1]
-            async with await connect(LOOPBACK, port, key=KEY, me="hostA") as channel:
+        async with Served(idle) as served:
+            async with await connect(LOOPBACK, served.port, key=KEY, me="hostA") as channel:
                 ours, qemu_end = pair()  # QEMU never closes its end
                 source = StateSource(ours)
                 try:
@@ -151,6 +131,5 @@ def test_finished_without_an_end_times_out() -> None:
                 finally:
                     qemu_end.close()
                     await source.close()
-        finally:
-            await close(server)
+            assert await served.done.get() is None
     run(main())
