@@ -79,3 +79,14 @@ def test_only_the_targets_proof_leads_back_from_activation() -> None:
     assert machine.stage.source_is_primary
     assert [s for s, events in TRANSITIONS.items() if Event.NOT_ACTIVATED in events] == [
         Stage.ACTIVATION]
+
+
+def test_a_cancel_applies_exactly_where_the_table_accepts_one() -> None:
+    """Source-primary (a failure aborts) and cancellable (a cancel aborts) differ only in
+    COMMITMENT, where the commit handshake has begun: both read the one table."""
+    for stage, allowed in TRANSITIONS.items():
+        assert stage.cancellable == (Event.CANCELLED in allowed), stage
+        assert stage.source_is_primary == (
+            stage is Stage.ABORTED or allowed.get(Event.FAILED) is Stage.ABORTED), stage
+    assert [s for s in Stage if s.source_is_primary and not s.cancellable and not s.terminal
+            ] == [Stage.COMMITMENT]

@@ -197,9 +197,8 @@ class Daemon:
         task, engine = self.migrations.get(vm, (None, None))
         if task is None or engine is None or task.done():
             return {"type": "error", "message": f"no migration of {vm!r} runs on {self.host}"}
-        if not engine.stage.source_is_primary:
-            return {"type": "error", "message": f"too late to cancel: {vm} is committed to "
-                                                f"{engine.target_host}"}
+        if (refused := engine.refuse_cancel()) is not None:
+            return {"type": "error", "message": refused}
         task.cancel()
         return {"type": "result", "cancelled": vm}
 

@@ -227,6 +227,8 @@ class SourceMigration:
         self._holes: npt.NDArray[np.bool_] | None = None
         self._rate_bps = 0.0  # of the round under way
         self._budget: asyncio.Timeout | None = None
+        self._cancel_accepted = False
+        self._aborting: asyncio.Task[None] | None = None  # see _put_back
 
     @property
     def stage(self) -> Stage:
@@ -235,6 +237,18 @@ class SourceMigration:
     def _event(self, event: Event) -> None:
         self.machine.handle(event, time.monotonic() - self._started)
         self._progress(force=True)
+
+    def refuse_cancel(self) -> str | None:
+        """An operator asks to cancel: why the cancel does not apply, or None when it
+        does (the caller then cancels the task that runs ``run()``). A cancel is acted
+        on once: while the first one puts the VM back, another would only interrupt it."""
+        if self._cancel_accepted or self._aborting is not None:
+            return (f"the migration of {self.vm.name} is already being aborted; it runs on "
+                    f"{self.source_host} again once its clean-up is done")
+        if not self.stage.cancellable:
+            return f"too late to cancel: {self.vm.name} is committed to {self.target_host}"
+        self._cancel_accepted = True
+        return None
 
     # -- the whole migration ----------------------------------------------------------
 
@@ -245,7 +259,7 @@ class SourceMigration:
                 return await self._migrate()
         except _NotActivated as exc:
             # The commit did not take: the target proved it never ran the VM and never will.
-            await self._abort(str(exc), Event.NOT_ACTIVATED)
+            await self._put_back(str(exc), Event.NOT_ACTIVATED)
             raise MigrationError(
                 self.vm.name, Stage.ACTIVATION.value,
                 f"{self.target_host} did not activate {self.vm.name} ({exc}); "
@@ -253,7 +267,7 @@ class SourceMigration:
             ) from exc
         except asyncio.CancelledError:
             if self.stage.source_is_primary:
-                await self._abort("the migration was cancelled", Event.CANCELLED)
+                await self._put_back("the migration was cancelled", Event.CANCELLED)
                 raise MigrationCancelled(
                     self.vm.name, self.stage.value, f"migration of {self.vm.name} cancelled; "
                     f"it runs on {self.source_host} as before", self.source_host
@@ -269,7 +283,7 @@ class SourceMigration:
             # Any failure before commitment, a bug included, puts the VM back as it was.
             if self.stage.source_is_primary:
                 failed_in = self.stage.value
-                await self._abort(str(exc), Event.FAILED)
+                await self._put_back(str(exc), Event.FAILED)
                 if isinstance(exc, MigrationError) or not isinstance(exc, LivemigError):
                     raise
                 raise MigrationError(
@@ -541,6 +555,14 @@ class SourceMigration:
         if answer["state"] == "absent":
             raise _NotActivated(f"{why}; {self.target_host} holds no copy of it now")
         return float(answer.get("cont_returned_at") or time.monotonic())
+
+    async def _put_back(self, reason: str, event: Event) -> None:
+        """``_abort``, in a task of its own that no cancel of ours can reach: a cancel
+        that interrupted ``vm.resume()`` would leave the VM paused until the daemon
+        restarts. A cancel that arrives meanwhile (the daemon shutting down) still ends
+        this task at once, never swallowed; the clean-up goes on to its end."""
+        self._aborting = asyncio.ensure_future(self._abort(reason, event))
+        await asyncio.shield(self._aborting)
 
     async def _abort(self, reason: str, event: Event) -> None:
         """Put everything back as it was: the VM runs here, the target tears down."""

@@ -32,20 +32,23 @@ class Stage(enum.Enum):
     ABORTED = "aborted"
     FAILED_AFTER_COMMIT = "failed after commitment"
 
+    # Both read TRANSITIONS, so that the table stays the one truth about each stage.
+
     @property
     def source_is_primary(self) -> bool:
-        """True while a failure must leave (or put) the VM running on the source."""
-        return self in _SOURCE_PRIMARY
+        """True while a failure must leave (or put) the VM running on the source: the
+        table takes a failure here to ABORTED, or this is ABORTED."""
+        return self is Stage.ABORTED or TRANSITIONS[self].get(Event.FAILED) is Stage.ABORTED
+
+    @property
+    def cancellable(self) -> bool:
+        """True while an operator's cancel applies. Narrower than ``source_is_primary``:
+        in COMMITMENT a failure still aborts, but a cancel no longer applies."""
+        return Event.CANCELLED in TRANSITIONS[self]
 
     @property
     def terminal(self) -> bool:
         return self in (Stage.DONE, Stage.ABORTED, Stage.FAILED_AFTER_COMMIT)
-
-
-_SOURCE_PRIMARY = frozenset(
-    {Stage.PRE_MIGRATION, Stage.RESERVATION, Stage.PRECOPY, Stage.STOP_AND_COPY,
-     Stage.COMMITMENT, Stage.ABORTED}
-)
 
 
 class Event(enum.Enum):
