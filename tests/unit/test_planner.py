@@ -372,18 +372,18 @@ def test_stop_and_copy_mode_sends_everything_at_the_maximum_at_once() -> None:
     assert stop.rate_bps == 500 * MBIT
     assert planner.rounds == []
     assert planner.bytes_sent == 0
-    assert planner.expected_downtime_s(stop.pages.size) == pytest.approx(
+    assert planner.time_at_max_rate_s(stop.pages.size) == pytest.approx(
         2048 * PAGE_BITS / (500 * MBIT)
     )
 
 
-def test_expected_downtime_is_the_pages_at_the_maximum_rate() -> None:
+def test_time_at_max_rate_is_the_pages_at_the_maximum_rate() -> None:
     planner = Planner(10, PlannerConfig(limits=RateLimits(max_bps=1000 * MBIT)))
-    assert planner.expected_downtime_s(0) == 0.0
+    assert planner.time_at_max_rate_s(0) == 0.0
     # 64 MiB at 1 Gbit/s: 0.537 s.
-    assert planner.expected_downtime_s(64 * MIB_PAGES) == pytest.approx(0.536870912)
+    assert planner.time_at_max_rate_s(64 * MIB_PAGES) == pytest.approx(0.536870912)
     with pytest.raises(ValueError):
-        planner.expected_downtime_s(-1)
+        planner.time_at_max_rate_s(-1)
 
 
 # -- batches, skipped and zero pages -------------------------------------------------
@@ -461,7 +461,7 @@ def test_a_quiet_guest_converges_with_few_pages_left() -> None:
     assert run.final.reason is StopReason.FEW_PAGES_LEFT
     assert run.final.pages.size * PAGE_SIZE < 256 * 1024
     assert len(run.planner.rounds) >= 2
-    assert run.planner.expected_downtime_s(run.final.pages.size) < 0.005
+    assert run.planner.time_at_max_rate_s(run.final.pages.size) < 0.005
 
 
 def test_mmuncher_outruns_the_maximum_rate() -> None:
@@ -473,7 +473,7 @@ def test_mmuncher_outruns_the_maximum_rate() -> None:
     check_rules(run)
     assert run.final.reason is StopReason.RATE_ABOVE_MAX
     assert run.final.pages.size > region.size // 2
-    assert run.planner.expected_downtime_s(run.final.pages.size) > 2.0
+    assert run.planner.time_at_max_rate_s(run.final.pages.size) > 2.0
     assert run.planner.rounds[-1].dirty_rate_bps > 450 * MBIT
 
 

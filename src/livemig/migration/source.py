@@ -94,7 +94,8 @@ class Progress:
     pages_left: int
     rate_mbps: float
     dirty_rate_mbps: float
-    expected_downtime_ms: float
+    # Not a downtime prediction (none exists yet): pages_left sent at the maximum rate.
+    pages_left_at_max_rate_ms: float
     bytes_sent: int
     elapsed_s: float
 
@@ -603,7 +604,8 @@ class SourceMigration:
             pages_left=left,
             rate_mbps=self._rate_bps / 1e6,
             dirty_rate_mbps=(last.dirty_rate_bps if last else 0.0) / 1e6,
-            expected_downtime_ms=(planner.expected_downtime_s(left) * 1000 if planner else 0.0),
+            pages_left_at_max_rate_ms=(planner.time_at_max_rate_s(left) * 1000
+                                       if planner else 0.0),
             bytes_sent=planner.bytes_sent if planner is not None else 0,
             elapsed_s=now - self._started,
         ))
