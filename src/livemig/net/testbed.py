@@ -266,7 +266,7 @@ def _shape(node: Node, link: Link) -> None:
 
 def link_of(node: Node) -> dict[str, object]:
     """``node``'s link as the kernel holds it: what it sends and what it receives."""
-    ends = {}
+    ends: dict[str, object] = {}
     for key, ns, ifname in (("send", node.netns, _node_ifname(node)),
                             ("receive", SWITCH.netns, node.switch_port)):
         with _ipr(ns) as ipr:
