@@ -17,6 +17,7 @@ from typing import NoReturn
 
 from livemig import paths
 from livemig.errors import BadName
+from livemig.net import shaping
 from livemig.vm.spec import MAX_MEM_MIB, MIN_MEM_MIB
 
 # A rate beyond any link we could pace (100 Gbit/s) is a typo, not a wish.
@@ -46,6 +47,22 @@ def rate(text: str) -> float:
             f"Gbit/s, not {text!r}"
         )
     return value
+
+
+def link_rate(text: str) -> int | None:
+    """A test bed link's rate in bit/s ('100mbit', '1gbit', '10gbit'); None: 'unlimited'."""
+    try:
+        return shaping.parse_rate(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def latency_ms(text: str) -> float:
+    """A one-way latency in ms ('0.1', '0.1ms')."""
+    try:
+        return shaping.parse_latency_ms(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def mem_mib(text: str) -> int:

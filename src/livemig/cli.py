@@ -25,7 +25,7 @@ from livemig.errors import LivemigError, SetupError
 from livemig.experiments import demo, paper
 from livemig.image import builder
 from livemig.migration.holds import HoldPoint
-from livemig.net import testbed
+from livemig.net import shaping, testbed
 from livemig.probes.cli import add_probe_commands
 from livemig.vm import qemu
 from livemig.vm.spec import DEFAULT_MEM_MIB, WORKLOAD_OPTIONS, Workload, workload_misfit
@@ -152,7 +152,11 @@ def _vm_action(action: str) -> Any:
 
 
 def cmd_testbed_up(args: argparse.Namespace) -> int:
-    nodes = testbed.up(args.hosts)
+    link = shaping.Link.of(args.link, args.latency)
+    nodes = testbed.up(args.hosts, link)
+    if link.latency_us and not testbed.netem_available():
+        print("warning: this kernel has no netem (CONFIG_NET_SCH_NETEM), so the link has "
+              "its rate but only the veths' own latency", file=sys.stderr)
     if args.insecure_plaintext:
         print(f"warning: {server.PLAINTEXT_WARNING}", file=sys.stderr)
     launch.ensure_daemons(plaintext=args.insecure_plaintext)
@@ -172,6 +176,16 @@ def cmd_testbed_down(args: argparse.Namespace) -> int:
     return 0
 
 
+def _link_line(link: dict[str, Any]) -> str:
+    """'1gbit, 0.1 ms added each way', or each direction where they differ (a half-made bed)."""
+    send, receive = link["send"], link["receive"]
+    if send is None or receive is None:
+        return "not cabled"
+    rate = (send["rate"] if send["rate"] == receive["rate"]
+            else f"{send['rate']} out, {receive['rate']} in")
+    return f"{rate}, {send['latency_ms']:g} ms added each way"
+
+
 def cmd_testbed_status(args: argparse.Namespace) -> int:
     status = testbed.status()
     if args.json:
@@ -180,7 +194,8 @@ def cmd_testbed_status(args: argparse.Namespace) -> int:
         print("the test bed is down")
     else:
         for node in status["nodes"]:  # type: ignore[attr-defined]
-            print(f"{node['name']:<8} {node['ip']}  (netns {node['netns']})")
+            print(f"{node['name']:<8} {node['ip']}  (netns {node['netns']})  "
+                  f"link {_link_line(node['link'])}")
     return 0
 
 
@@ -380,6 +395,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bed_up = bed.add_parser("up", help="create the test bed (idempotent)")
     bed_up.add_argument("--hosts", type=int, default=3)
+    bed_up.add_argument("--link", type=argtypes.link_rate, metavar="RATE",
+                        default=shaping.DEFAULT_RATE,
+                        help="every node's link to the switch, both ways: 100mbit, "
+                             f"1gbit, 10gbit, ... or unlimited (default {shaping.DEFAULT_RATE})")
+    bed_up.add_argument("--latency", type=argtypes.latency_ms, metavar="MS",
+                        default=shaping.DEFAULT_LATENCY_MS,
+                        help=f"one-way latency added per direction, in ms (default "
+                             f"{shaping.DEFAULT_LATENCY_MS:g}; needs netem in the kernel)")
     bed_up.add_argument("--insecure-plaintext", action="store_true",
                         help="daemons without TLS (default: mutual TLS, keys made for you)")
     bed_up.set_defaults(func=cmd_testbed_up)

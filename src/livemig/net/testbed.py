@@ -11,6 +11,9 @@ from there (the unsolicited ARP). Learning is never turned off to make a test pa
 The test bed keeps no state file: what exists is read back from the kernel (namespaces
 named ``lm-*``), so ``up`` and ``down`` are idempotent and survive a crash half-way.
 With ``LIVEMIG_INSTANCE=x`` the namespaces are ``lmx-*`` instead: a separate test bed.
+
+Every cable to the switch has a speed, 1 Gbit/s unless ``up`` is told otherwise, shaped
+at both of its ends (``net/shaping.py``); ``status`` reads it back from the qdiscs.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
+import functools
 import ipaddress
 import os
 import shutil
@@ -37,6 +41,8 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from livemig import paths
 from livemig.errors import TestbedError
+from livemig.net import shaping
+from livemig.net.shaping import Link
 
 LAN = ipaddress.IPv4Network("10.77.0.0/24")
 CLIENT_IP = IPv4Address("10.77.0.2")
@@ -232,8 +238,47 @@ def _ensure_client() -> None:
         _ensure_address(ipr, nic, CLIENT.ip)
 
 
-def up(n_hosts: int = 3) -> list[Node]:
-    """Build (or complete) the LAN with ``n_hosts`` hosts and the client. Idempotent."""
+def _node_ifname(node: Node) -> str:
+    return CLIENT_NIC if node == CLIENT else HOST_UPLINK
+
+
+@functools.cache
+def netem_available() -> bool:
+    """Whether this kernel can add the link's latency (netem); asked of the switch."""
+    with _ipr(SWITCH.netns) as ipr:
+        lo = _link_index(ipr, "lo")
+        assert lo is not None
+        return shaping.has_netem(ipr, lo)
+
+
+def _shape(node: Node, link: Link) -> None:
+    """Both ends of ``node``'s cable: what it sends (its end, with the latency) and what
+    it receives (the switch's port)."""
+    for ns, ifname, delays in ((node.netns, _node_ifname(node), True),
+                               (SWITCH.netns, node.switch_port, False)):
+        with _ipr(ns) as ipr:
+            index = _link_index(ipr, ifname)
+            if index is None:
+                raise TestbedError(f"{node.name} has no {ifname}; run 'livemig testbed up'")
+            shaping.apply(ipr, index, link.end(delays=delays), f"{node.name}'s {ifname}",
+                          netem=netem_available())
+
+
+def link_of(node: Node) -> dict[str, object]:
+    """``node``'s link as the kernel holds it: what it sends and what it receives."""
+    ends: dict[str, object] = {}
+    for key, ns, ifname in (("send", node.netns, _node_ifname(node)),
+                            ("receive", SWITCH.netns, node.switch_port)):
+        with _ipr(ns) as ipr:
+            index = _link_index(ipr, ifname)
+            ends[key] = None if index is None else shaping.read(ipr, index).describe()
+    return ends
+
+
+def up(n_hosts: int = 3, link: Link = shaping.DEFAULT_LINK) -> list[Node]:
+    """Build (or complete) the LAN with ``n_hosts`` hosts and the client, every node's
+    cable shaped to ``link`` (hosts already up beyond ``n_hosts`` too). Idempotent: a
+    cable already shaped so is left alone, one shaped otherwise is shaped anew."""
     if not 1 <= n_hosts <= MAX_HOSTS:
         raise TestbedError(f"--hosts must be between 1 and {MAX_HOSTS}, not {n_hosts}")
     if os.geteuid() != 0:
@@ -243,6 +288,8 @@ def up(n_hosts: int = 3) -> list[Node]:
         _ensure_client()
         for index in range(n_hosts):
             _ensure_host(host_node(host_name(index)))
+        for node in [CLIENT, *hosts()]:
+            _shape(node, link)
     except NetlinkError as exc:
         raise TestbedError(
             f"could not build the test bed: {exc}; try 'livemig testbed down' first"
@@ -438,7 +485,8 @@ def status() -> dict[str, object]:
     return {
         "up": bool(nodes),
         "lan": str(LAN),
-        "nodes": [{"name": n.name, "netns": n.netns, "ip": str(n.ip)} for n in nodes],
+        "nodes": [{"name": n.name, "netns": n.netns, "ip": str(n.ip), "link": link_of(n)}
+                  for n in nodes],
     }
 
 
