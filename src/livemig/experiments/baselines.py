@@ -209,7 +209,7 @@ async def migrate(name: str, target: str, how: QemuMigration,
                 max_bytes=int(how.max_sent_factor * record.spec.ram_bytes))
             # The source's "completed" means all was sent; the destination may still be
             # loading the device state.
-            await _until_status(at_destination, "completed", deadline)
+            resumed_at = await _destination_completed(at_destination, deadline)
             status = await destination.status()
             if before_cont is not None:
                 source_status = await source.status()
@@ -217,9 +217,10 @@ async def migrate(name: str, target: str, how: QemuMigration,
                     raise DestinationRan(source_status, status)
                 await before_cont(source, destination)
             if status == "running":
-                # QEMU started it (postcopy at the switch): its RESUME is queued already.
-                event = await _next(at_destination, {"RESUME"}, deadline)
-                cont_returned_at = _monotonic(event)
+                # QEMU started it itself (postcopy: at the switch), before "completed".
+                if resumed_at is None:
+                    raise LivemigError("QEMU's destination runs, but sent no RESUME")
+                cont_returned_at = resumed_at
             else:  # the compare's, or a source that was paused
                 await destination.resume()
                 cont_returned_at = time.monotonic()
@@ -298,18 +299,23 @@ async def _completion(source: qemu.VM, events: EventListener, deadline: float,
                              int(info.get("ram", {}).get("transferred", 0)), info) from None
 
 
-async def _until_status(events: EventListener, wanted: str, deadline: float) -> None:
-    """Until a MIGRATION event says ``wanted`` (or the migration failed)."""
+async def _destination_completed(events: EventListener, deadline: float) -> float | None:
+    """Until the destination's MIGRATION "completed"; when it resumed (its RESUME, on
+    CLOCK_MONOTONIC), if it did: QEMU starts it before it says "completed"."""
+    resumed_at = None
     try:
         while True:
-            event = await _next(events, {"MIGRATION"}, deadline)
+            event = await _next(events, {"MIGRATION", "RESUME"}, deadline)
+            if event["event"] == "RESUME":
+                resumed_at = _monotonic(event)
+                continue
             status = _status(event)
-            if status == wanted:
-                return
+            if status == "completed":
+                return resumed_at
             if status in ("failed", "cancelled"):
                 raise LivemigError(f"QEMU's incoming migration {status}")
     except TimeoutError as exc:
-        raise LivemigError(f"QEMU's destination did not reach {wanted!r} in time") from exc
+        raise LivemigError("QEMU's destination did not complete its migration in time") from exc
 
 
 async def _cancelled(vm: qemu.VM, timeout_s: float = 5.0) -> None:
