@@ -138,6 +138,7 @@ class Run:
     echo_answered_after: bool | None = None
     agent_ok: bool | None = None
     console_trouble: str | None = None
+    qemu_info: dict[str, Any] = field(default_factory=dict)  # the last query-migrate
 
 
 def odd_size_argv(original: Callable[[VMRecord, qemu.Inherited], list[str]]
@@ -280,7 +281,7 @@ async def one_run(run: Run, c: Condition, workload: Workload, players: int) -> N
                 with probe, contextlib.suppress(LivemigError):
                     probe.stop()
         echo_result = echo.stop()
-    info = report["qemu_info"]
+    info = run.qemu_info = report["qemu_info"]
     run.dirty_sync_count = int(info.get("ram", {}).get("dirty-sync-count", 0))
     run.qemu_downtime_ms = report["downtime_ms"]
     run.total_time_s = round(report["total_time_s"], 3)

@@ -128,10 +128,9 @@ ENGINES = (  # in the tables' order
 
 # The order the engines take the VM in. QEMU's never follows QEMU's, so that each engine
 # starts from a VM in the same shape. (It was first thought to protect QEMU's pre-copy,
-# whose guests came out corrupted; bench/qemu_baseline_health.py found the order
-# irrelevant. QEMU 7.2's TCG pre-copy loses guest writes in every migration of a running
-# guest, and at downtime-limit 30 ms often fatally: its fast dirty-bitmap sync leaves
-# TCG's TLB stale, fixed upstream in QEMU 9.0, commit 03bfc2188f.)
+# whose guests came out corrupted on QEMU 7.2; bench/qemu_baseline_health.py found the
+# order irrelevant. Its "lost writes" were the check's own artefact, a destination that
+# ran before the compare; corrected, see README.md for what 7.2 and 10.0 show.)
 RUN_ORDER = ("qemu-precopy", OURS, "qemu-precopy-30", "stop-and-copy", "qemu-postcopy")
 
 
