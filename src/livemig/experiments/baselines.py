@@ -229,6 +229,7 @@ async def migrate(name: str, target: str, how: QemuMigration,
             {"capability": c, "state": False} for c in MODE_CAPABILITIES])
         destination.record = VMRecord(spec=record.spec, host=target, pid=destination.pid)
         destination.record.save()
+        destination.disown()  # the VM now: it outlives this call
         await source.stop()
         sent = int(info["ram"]["transferred"])
         return {

@@ -47,7 +47,8 @@ QEMU has no group at all (``command``).
 
 For diagnosis only, ``LIVEMIG_QEMU_BINARY`` runs another QEMU (an older one unpacked
 beside the system's, say) and ``LIVEMIG_QEMU_DATADIR`` gives it its own firmware and
-ROMs (``-L``): bench/qemu_baseline_health.py compared QEMU 7.2 with 10.0 that way.
+ROMs (``-L``; QEMU 7.2 then looks nowhere else, so link /usr/share/seabios's files into
+it): bench/qemu_baseline_health.py compared QEMU 7.2 with 10.0 that way.
 """
 
 from __future__ import annotations
@@ -382,6 +383,14 @@ class VM:
         if self._memory is not None:
             self._memory.close()
             self._memory = None
+
+    def disown(self) -> None:
+        """Let QEMU outlive this handle: a VM started here that others attach to later
+        by its record. Its Popen goes (whose finaliser would warn that QEMU still runs);
+        ``_exited`` reaps QEMU by PID once it ends."""
+        if self._process is not None:
+            self._process.returncode = 0  # all Popen's finaliser looks at
+            self._process = None
 
     async def stop(self) -> None:
         """End QEMU and remove everything this copy of the VM had on its host."""
