@@ -1,34 +1,43 @@
-"""Does QEMU's own pre-copy (our baseline) leave the guest whole, and if not, why not?
+"""Does QEMU's own migration (each of our baselines) leave the guest whole, and if not, why?
 
 The paper experiment saw guests broken (list corruption, GPFs, panics, silence) after
-QEMU's pre-copy with downtime-limit 30 ms, never after the other engines. This separates
-the suspects on one loaded VM (the game server with its players, by default) moved
-hostA <-> hostB again and again by ``baselines.migrate``, exactly as the paper drives QEMU:
+QEMU 7.2's pre-copy with downtime-limit 30 ms, never after the other engines. This checks
+every mode of ``baselines.MODES`` and separates the suspects on one loaded VM (the game
+server with its players, by default) moved hostA <-> hostB again and again by
+``baselines.migrate``, exactly as the paper drives QEMU. A condition is a mode with
+optional variants, ``MODE[+noshim][+ours|+paused|+oddsize]``:
 
-- the uffd shim that every QEMU gets in LD_PRELOAD: each condition runs with it
-  (``shim``) or without it (``noshim``, ``LIVEMIG_NO_UFFD_SHIM=1``: QEMU as shipped);
-- QEMU's own dirty tracking at a small downtime limit: 30 ms against 300 ms (more
-  iterations, so more dirty-bitmap syncs while the guest runs);
+- the uffd shim that every QEMU gets in LD_PRELOAD: on, or off with ``+noshim``
+  (``LIVEMIG_NO_UFFD_SHIM=1``: QEMU as shipped);
+- QEMU's own dirty tracking at a small downtime limit: ``qemu-precopy-30`` against
+  ``qemu-precopy`` (more iterations, so more dirty-bitmap syncs while the guest runs);
 - the order: QEMU after QEMU (each condition migrates the same VM with QEMU over and
   over, and every run notes how many QEMU migrations the guest has had since its boot),
-  or QEMU after ours (``ours`` conditions put one migration by our engine before each);
-- QEMU 7.2's fast dirty-bitmap sync, which leaves TCG's TLB stale: ``oddsize`` runs the
+  or QEMU after ours (``+ours`` puts one migration by our engine before each);
+- QEMU 7.2's fast dirty-bitmap sync, which leaves TCG's TLB stale: ``+oddsize`` runs the
   same guest with two pages more RAM, which QEMU syncs page by page (``odd_size_argv``);
-- the compare itself: ``paused`` conditions stop the guest before QEMU's migration
+- the compare itself: ``+paused`` stops the guest before QEMU's migration
   starts, so nothing can dirty its RAM and the images must come out equal;
 - a stale destination RAM file: no file may wait at the destination's path before the
   migration (checked for every run, ``dest_file_fresh``).
 
-The witness is direct: once QEMU reports ``completed``, both QEMUs are paused (the source
-in postmigrate, the destination before its ``cont``), so the two RAM files must be
-byte-equal. Every page that differs is an update the migration lost. Then the guest runs
-on and is checked like the paper checks it: its console (``paper.guest_kernel_trouble``),
-the UDP echo answering after the switchover, the guest agent. A broken guest is replaced
-by a fresh boot, as in the paper.
+The witness is direct: once QEMU reports ``completed`` on both sides, both QEMUs are
+paused (the source in ``postmigrate``, the destination ``paused``: ``baselines.migrate``
+turns its autostart off and checks both run states), so the two RAM files must be
+byte-equal. Every page that differs is an update the migration lost. (A destination left
+to autostart, as this check once did, runs its guest before the compare, which then
+counts that guest's own writes: 60-270 "lost" pages that were none.) Postcopy has no such
+moment, its destination runs before its RAM is complete: only its guest is checked. Then
+the guest runs on and is checked like the paper checks it: its console
+(``paper.guest_kernel_trouble``), the UDP echo answering after the switchover, the guest
+agent. A broken guest is replaced by a fresh boot, as in the paper.
 
-    .venv/bin/python bench/qemu_baseline_health.py [--runs 8]
-        [--conditions shim-30,noshim-30,shim-300,noshim-300,shim-30-ours,noshim-30-paused]
+    .venv/bin/python bench/qemu_baseline_health.py [--runs 4]
+        [--conditions qemu-precopy,qemu-precopy-30,qemu-multifd,qemu-autoconverge,...]
         [--workload game] [--mem 256] [--json FILE]
+
+For another QEMU (7.2, unpacked beside the system's) set ``LIVEMIG_QEMU_BINARY`` and
+``LIVEMIG_QEMU_DATADIR`` (see ``livemig.vm.qemu``); the output names the version.
 
 It builds a test bed of its own (LIVEMIG_INSTANCE=qh unless set) and removes it at the
 end whatever happens, also on Ctrl-C or SIGTERM. It checks correctness, not speed.
@@ -45,6 +54,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -72,28 +82,37 @@ AFTER_S = 2.0  # load after it, in which the echo must answer again
 CHUNK = 8 << 20  # RAM compared in chunks of this many bytes
 
 
+DEFAULT_CONDITIONS = ("qemu-precopy,qemu-precopy-30,qemu-multifd,qemu-autoconverge,"
+                      "qemu-postcopy,qemu-precopy-30+paused")
+
+
 @dataclass(frozen=True)
 class Condition:
     key: str
-    shim: bool
-    downtime_limit_ms: int
+    mode: baselines.QemuMigration
+    shim: bool = True
     ours_between: bool = False  # our pre-copy before each of QEMU's
     paused: bool = False  # the guest paused for the whole migration: the compare's control
     odd_size: bool = False  # guest RAM two pages more than whole MiB (see odd_size_argv)
 
     @classmethod
     def parse(cls, key: str) -> Condition:
-        parts = key.split("-")
-        variants: list[list[str]] = [[], ["ours"], ["paused"], ["oddsize"]]
-        if (len(parts) not in (2, 3) or parts[0] not in ("shim", "noshim")
-                or not parts[1].isdigit() or parts[2:] not in variants):
-            raise ValueError(f"condition {key!r}: want "
-                             "(shim|noshim)-LIMIT_MS[-ours|-paused|-oddsize]")
-        if parts[0] == "noshim" and parts[2:] == ["ours"]:
+        name, *variants = key.split("+")
+        if (name not in baselines.MODES or len(set(variants)) != len(variants)
+                or not set(variants) <= {"noshim", "ours", "paused", "oddsize"}
+                or len(set(variants) - {"noshim"}) > 1):
+            raise ValueError(f"condition {key!r}: want MODE[+noshim][+ours|+paused|+oddsize], "
+                             f"MODE one of {', '.join(baselines.MODES)}")
+        if "noshim" in variants and "ours" in variants:
             # The daemons, which start our engine's destinations, run with the shim.
-            raise ValueError(f"condition {key!r}: ours-between needs the shim")
-        return cls(key, parts[0] == "shim", int(parts[1]), parts[2:] == ["ours"],
-                   parts[2:] == ["paused"], parts[2:] == ["oddsize"])
+            raise ValueError(f"condition {key!r}: +ours needs the shim")
+        return cls(key, baselines.mode(name, timeout_s=60.0), "noshim" not in variants,
+                   "ours" in variants, "paused" in variants, "oddsize" in variants)
+
+    @property
+    def compared(self) -> bool:
+        """Whether both RAM images can be compared paused (not after postcopy)."""
+        return not self.mode.postcopy
 
 
 @dataclass
@@ -106,6 +125,8 @@ class Run:
     target: str
     status: str = "ok"  # ok, broken, did-not-converge, failed
     error: str | None = None
+    migrated: bool = False  # QEMU's migration completed (what broke after is the guest)
+    run_states: tuple[str, str] | None = None  # (source, destination) at the compare
     dest_file_fresh: bool | None = None
     differing_pages: int | None = None
     differing_zero_on_destination: int | None = None
@@ -117,6 +138,7 @@ class Run:
     echo_answered_after: bool | None = None
     agent_ok: bool | None = None
     console_trouble: str | None = None
+    qemu_info: dict[str, Any] = field(default_factory=dict)  # the last query-migrate
 
 
 def odd_size_argv(original: Callable[[VMRecord, qemu.Inherited], list[str]]
@@ -223,6 +245,8 @@ async def one_run(run: Run, c: Condition, workload: Workload, players: int) -> N
     ip = str(record.spec.ip)
 
     async def compare(source: qemu.VM, destination: qemu.VM) -> None:
+        # baselines.migrate has checked these; kept as the run's evidence.
+        run.run_states = (await source.status(), await destination.status())
         size = os.stat(source.record.ram_file).st_size  # two pages more with odd_size
         bad, zero = await asyncio.to_thread(differing_pages, source.record.ram_file,
                                             destination.record.ram_file, size)
@@ -230,8 +254,6 @@ async def one_run(run: Run, c: Condition, workload: Workload, players: int) -> N
         run.differing_zero_on_destination = zero
         run.first_differing = [int(p) for p in bad[:8]]
 
-    how = baselines.QemuMigration(max_bandwidth_mbps=500.0,
-                                  downtime_limit_ms=c.downtime_limit_ms, timeout_s=60.0)
     with ProbeRun(testbed.CLIENT, "echo", ip) as echo:
         probe = load_probe(workload, ip, players)
         try:
@@ -249,7 +271,9 @@ async def one_run(run: Run, c: Condition, workload: Workload, players: int) -> N
                     await vm.pause()
                 finally:
                     await vm.close()
-            report = await baselines.migrate(VM_NAME, run.target, how, before_cont=compare)
+            report = await baselines.migrate(VM_NAME, run.target, c.mode,
+                                             before_cont=compare if c.compared else None)
+            run.migrated = True
             ended_ns = time.monotonic_ns()
             await asyncio.sleep(AFTER_S)
         finally:
@@ -257,7 +281,7 @@ async def one_run(run: Run, c: Condition, workload: Workload, players: int) -> N
                 with probe, contextlib.suppress(LivemigError):
                     probe.stop()
         echo_result = echo.stop()
-    info = report["qemu_info"]
+    info = run.qemu_info = report["qemu_info"]
     run.dirty_sync_count = int(info.get("ram", {}).get("dirty-sync-count", 0))
     run.qemu_downtime_ms = report["downtime_ms"]
     run.total_time_s = round(report["total_time_s"], 3)
@@ -298,8 +322,7 @@ async def condition(c: Condition, runs: int, workload: Workload, mem_mib: int, p
             except LivemigError as exc:
                 # Past the compare the migration had completed: what failed then (QEMU
                 # gone after a guest panic, say) is the guest, not the migration.
-                done = run.differing_pages is not None
-                run.status = "broken" if done else "failed"
+                run.status = "broken" if run.migrated else "failed"
                 run.error = f"{type(exc).__name__}: {exc}"
                 run.console_trouble = console_trouble(VM_NAME)
             if run.status == "ok" and (run.console_trouble or not run.echo_answered_after
@@ -342,6 +365,7 @@ def table(runs: list[Run]) -> list[dict[str, Any]]:
             "ram_differs": sum(bool(r.differing_pages) for r in done),
             "pages_differing_median": (float(np.median([r.differing_pages for r in done]))
                                        if done else None),
+            "pages_differing_worst": max((r.differing_pages or 0 for r in done), default=None),
             "syncs_median": float(np.median(syncs)) if syncs else None,
             "consoles": sorted({r.console_trouble.split(": ", 1)[-1][:90]
                                 for r in mine if r.console_trouble}),
@@ -352,18 +376,15 @@ def table(runs: list[Run]) -> list[dict[str, Any]]:
 async def experiment(conditions: list[Condition], args: argparse.Namespace,
                      out: list[Run]) -> None:
     for c in conditions:
-        print(f"condition {c.key}: shim {'on' if c.shim else 'off'}, downtime-limit "
-              f"{c.downtime_limit_ms} ms{', ours before each' if c.ours_between else ''}",
-              flush=True)
+        print(f"condition {c.key}: shim {'on' if c.shim else 'off'}, {c.mode}"
+              f"{', ours before each' if c.ours_between else ''}", flush=True)
         await condition(c, args.runs, Workload(args.workload), args.mem, args.players, out)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=8, help="QEMU migrations per condition")
-    parser.add_argument("--conditions",
-                        default="shim-30,noshim-30,shim-300,noshim-300,shim-30-ours,"
-                                "noshim-30-paused")
+    parser.add_argument("--runs", type=int, default=4, help="QEMU migrations per condition")
+    parser.add_argument("--conditions", default=DEFAULT_CONDITIONS)
     parser.add_argument("--workload", default="game", choices=["game", "web", "echo", "idle"])
     parser.add_argument("--players", type=int, default=6)
     parser.add_argument("--mem", type=int, default=256, metavar="MiB")
@@ -377,6 +398,9 @@ def main() -> int:
         parser.error("--runs must be at least 1")
 
     print(f"instance {paths.instance()!r}: namespaces {paths.netns_prefix()}*", file=sys.stderr)
+    version = subprocess.run([qemu.QEMU_BINARY, "--version"], capture_output=True, text=True,
+                             check=False).stdout.splitlines()[0]
+    print(version, file=sys.stderr)
     runs: list[Run] = []
     started = time.monotonic()
     interrupted = False
@@ -394,15 +418,19 @@ def main() -> int:
     except LivemigError as exc:
         print(f"stopped: {exc}", file=sys.stderr)
     rows = table(runs)
-    print(f"\n{'condition':<16}{'runs':>5}{'broken':>7}{'no conv':>8}{'RAM differs':>12}"
-          f"{'pages (med)':>12}{'syncs (med)':>12}  console")
+    print(f"\n{version}")
+    print(f"{'condition':<28}{'runs':>5}{'broken':>7}{'no conv':>8}{'RAM differs':>12}"
+          f"{'pages (med)':>12}{'(worst)':>8}{'syncs (med)':>12}  console")
     for r in rows:
-        print(f"{r['condition']:<16}{r['runs']:>5}{r['broken']:>7}{r['did_not_converge']:>8}"
-              f"{r['ram_differs']:>12}{r['pages_differing_median'] or 0:>12g}"
+        med, worst = r["pages_differing_median"], r["pages_differing_worst"]
+        print(f"{r['condition']:<28}{r['runs']:>5}{r['broken']:>7}{r['did_not_converge']:>8}"
+              f"{r['ram_differs']:>12}{'-' if med is None else f'{med:g}':>12}"
+              f"{'-' if worst is None else worst:>8}"
               f"{r['syncs_median'] or 0:>12g}  {'; '.join(r['consoles'])}")
     print(f"wall time {time.monotonic() - started:.0f} s")
     if args.json:
-        args.json.write_text(json.dumps({"settings": vars(args) | {"json": str(args.json)},
+        args.json.write_text(json.dumps({"qemu": version,
+                                         "settings": vars(args) | {"json": str(args.json)},
                                          "table": rows, "runs": [asdict(r) for r in runs]},
                                         indent=1) + "\n")
     return 130 if interrupted else 0

@@ -130,3 +130,21 @@ if ! getent passwd livemig-qemu >/dev/null; then
     useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin \
         livemig-qemu
 fi
+
+# QEMU's postcopy destination needs a userfaultfd that takes kernel faults, which
+# vm.unprivileged_userfaultfd=0 refuses its user; QEMU (8.1 on) then asks /dev/userfaultfd,
+# whose only check is its mode. Only that QEMU gets this group (setpriv --groups), so no
+# other QEMU can. devtmpfs forgets the mode at boot: the udev rule keeps it, and setup
+# sets it now (a container may run no udev).
+if ! getent group livemig-uffd >/dev/null; then
+    echo "setup: adding group livemig-uffd (QEMU's postcopy destination, /dev/userfaultfd)"
+    groupadd --system livemig-uffd
+fi
+if [ -d /etc/udev/rules.d ]; then
+    echo 'KERNEL=="userfaultfd", GROUP="livemig-uffd", MODE="0660"' \
+        >/etc/udev/rules.d/70-livemig-userfaultfd.rules
+fi
+if [ -c /dev/userfaultfd ]; then
+    chgrp livemig-uffd /dev/userfaultfd
+    chmod 0660 /dev/userfaultfd
+fi

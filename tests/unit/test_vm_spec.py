@@ -170,10 +170,14 @@ def test_qemu_starts_unprivileged_and_always_sandboxed(
     assert drop[0] == "setpriv" and drop[-1] == "--"
     assert {"--reuid=0", "--regid=0", "--clear-groups", "--inh-caps=-all",
             "--bounding-set=-all", "--no-new-privs"} <= set(drop)
-    # QEMU's postcopy baseline keeps root (kernel-fault userfaultfd), not the sandbox.
-    privileged = qemu.command(record, INHERITED, unprivileged=False)
-    assert privileged[0] == qemu.QEMU_BINARY and "-runas" not in privileged
-    assert privileged[privileged.index("-sandbox") + 1] == qemu.SANDBOX
+    # QEMU's postcopy destination (kernel-fault userfaultfd) gets /dev/userfaultfd's
+    # group, and nothing else of root's.
+    monkeypatch.setattr(qemu, "USERFAULTFD_GROUP", "root")  # a group every machine has
+    postcopy = qemu.command(record, INHERITED, userfaultfd=True)
+    drop = postcopy[:postcopy.index(qemu.QEMU_BINARY)]
+    assert drop[0] == "setpriv" and "--groups=0" in drop and "--clear-groups" not in drop
+    assert {"--reuid=0", "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs"} <= set(drop)
+    assert postcopy[postcopy.index("-sandbox") + 1] == qemu.SANDBOX
     monkeypatch.setattr(qemu, "QEMU_USER", "no-such-user-here")
     with pytest.raises(SetupError):
         qemu.command(record, INHERITED)

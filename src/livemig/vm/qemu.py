@@ -38,7 +38,17 @@ without the dirty log, no gcc) QEMU stays dumpable. The shim's userfaultfd needs
 privilege: vm.unprivileged_userfaultfd=0 still allows UFFD_USER_MODE_ONLY, and async
 write-protection never takes a kernel fault.
 
-One QEMU keeps root: the destination of QEMU's own postcopy baseline (``command``).
+No QEMU keeps root. The destination of QEMU's own postcopy baseline needs a userfaultfd
+that takes kernel faults, which vm.unprivileged_userfaultfd=0 refuses an unprivileged
+process; QEMU (8.1 on) asks /dev/userfaultfd for one instead, and that device's only
+check is its file mode. So that one QEMU gets one supplementary group,
+``USERFAULTFD_GROUP``, which owns /dev/userfaultfd (tools/setup-host.sh); every other
+QEMU has no group at all (``command``).
+
+For diagnosis only, ``LIVEMIG_QEMU_BINARY`` runs another QEMU (an older one unpacked
+beside the system's, say) and ``LIVEMIG_QEMU_DATADIR`` gives it its own firmware and
+ROMs (``-L``; QEMU 7.2 then looks nowhere else, so link /usr/share/seabios's files into
+it): bench/qemu_baseline_health.py compared QEMU 7.2 with 10.0 that way.
 """
 
 from __future__ import annotations
@@ -46,6 +56,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import grp
 import os
 import pwd
 import shutil
@@ -79,11 +90,13 @@ from livemig.vm.agent import AgentClient
 from livemig.vm.memory import GuestMemory
 from livemig.vm.spec import VMRecord, VMSpec, Workload
 
-QEMU_BINARY = "qemu-system-x86_64"
+QEMU_BINARY = os.environ.get("LIVEMIG_QEMU_BINARY") or "qemu-system-x86_64"
+QEMU_DATADIR = os.environ.get("LIVEMIG_QEMU_DATADIR")  # -L: that QEMU's own BIOS and ROMs
 BOOT_TIMEOUT_S = 90.0
 QMP_TIMEOUT_S = 10.0  # every command we send answers in milliseconds; a hung QEMU must not hang us
 AGENT_PORT_NAME = "org.livemig.agent"
 QEMU_USER = "livemig-qemu"  # made by tools/setup-host.sh
+USERFAULTFD_GROUP = "livemig-uffd"  # owns /dev/userfaultfd (mode 0660), by setup-host.sh
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 CONSOLE_FDSET = 1  # -add-fd's set for the console log; QEMU's own sets start above
 
@@ -110,13 +123,23 @@ def qemu_user() -> pwd.struct_passwd:
                          "'make setup' (tools/setup-host.sh adds it)") from exc
 
 
-def unprivileged_argv(user: pwd.struct_passwd) -> list[str]:
+def userfaultfd_gid() -> int:
+    try:
+        return grp.getgrnam(USERFAULTFD_GROUP).gr_gid
+    except KeyError as exc:
+        raise SetupError(f"there is no group {USERFAULTFD_GROUP!r} for QEMU's postcopy "
+                         "destination; run 'make setup' (tools/setup-host.sh adds it)") from exc
+
+
+def unprivileged_argv(user: pwd.struct_passwd, *, userfaultfd: bool = False) -> list[str]:
     """What runs QEMU as ``user`` with nothing of root's: all uids and gids changed, no
-    supplementary groups, empty capability sets (the bounding set too, so no exec could
-    regain any), and no_new_privs. setpriv execs, so QEMU keeps its PID."""
+    supplementary groups (but ``USERFAULTFD_GROUP`` when ``userfaultfd``), empty
+    capability sets (the bounding set too, so no exec could regain any), and
+    no_new_privs. setpriv execs, so QEMU keeps its PID."""
     if shutil.which("setpriv") is None:
         raise SetupError("setpriv is missing (Debian: util-linux); run 'make setup'")
-    return ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups",
+    groups = f"--groups={userfaultfd_gid()}" if userfaultfd else "--clear-groups"
+    return ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", groups,
             "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]
 
 
@@ -126,6 +149,7 @@ def qemu_argv(record: VMRecord, inherited: Inherited) -> list[str]:
     spec = record.spec
     argv = [
         QEMU_BINARY,
+        *(("-L", QEMU_DATADIR) if QEMU_DATADIR else ()),
         "-name", spec.name,
         "-accel", "tcg",
         "-nodefaults",
@@ -162,16 +186,15 @@ def qemu_argv(record: VMRecord, inherited: Inherited) -> list[str]:
     return argv
 
 
-def command(record: VMRecord, inherited: Inherited, *, unprivileged: bool = True) -> list[str]:
-    """QEMU's command line, run as ``QEMU_USER`` when ``unprivileged``; the caller
-    prefixes the host's namespace entry, which must come first (setns needs root).
+def command(record: VMRecord, inherited: Inherited, *, userfaultfd: bool = False) -> list[str]:
+    """QEMU's command line, run as ``QEMU_USER``; the caller prefixes the host's
+    namespace entry, which must come first (setns needs root).
 
-    ``unprivileged=False`` only for QEMU's own postcopy baseline, whose destination needs
-    userfaultfd for kernel faults: a privilege its user lacks while
-    vm.unprivileged_userfaultfd is 0 (QEMU 7.2 knows no /dev/userfaultfd). That QEMU
-    keeps root, inside the same sandbox: it cannot change its ids, fork or exec."""
-    argv = qemu_argv(record, inherited)
-    return [*unprivileged_argv(qemu_user()), *argv] if unprivileged else argv
+    ``userfaultfd`` only for the destination of QEMU's own postcopy baseline, which needs
+    a userfaultfd for kernel faults: /dev/userfaultfd, through ``USERFAULTFD_GROUP``.
+    (QEMU 7.2 knew no /dev/userfaultfd; that destination kept root then.)"""
+    user = unprivileged_argv(qemu_user(), userfaultfd=userfaultfd)
+    return [*user, *qemu_argv(record, inherited)]
 
 
 def _listen(path: Path) -> socket.socket:
@@ -189,7 +212,7 @@ def _listen(path: Path) -> socket.socket:
 
 @contextlib.contextmanager
 def _for_qemu(record: VMRecord, node: testbed.Node,
-              user: pwd.struct_passwd | None) -> Iterator[Inherited]:
+              user: pwd.struct_passwd) -> Iterator[Inherited]:
     """Open what QEMU inherits, and close our copies afterwards: a listener or tap queue
     we kept open would outlive QEMU (and a QMP connect would wait on it forever).
 
@@ -208,8 +231,7 @@ def _for_qemu(record: VMRecord, node: testbed.Node,
             record.ram_file.unlink()
         ram = os.open(record.ram_file, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            if user is not None:
-                os.fchown(ram, user.pw_uid, user.pw_gid)
+            os.fchown(ram, user.pw_uid, user.pw_gid)
         finally:
             os.close(ram)
         yield Inherited(qmp=qmp.fileno(), agent=agent.fileno(), tap=tap, console=console)
@@ -296,10 +318,10 @@ class VM:
     @classmethod
     async def start(
         cls, spec: VMSpec, host: str, *, incoming: bool = False, wait_ready: bool = True,
-        unprivileged: bool = True,
+        userfaultfd: bool = False,
     ) -> VM:
         """Start QEMU for ``spec`` on ``host``; unless ``incoming``, wait for the workload.
-        ``unprivileged``: see ``command``."""
+        ``userfaultfd``: see ``command``."""
         # pyroute2's sync API runs its own event loop, so netlink work goes to a thread.
         node = await asyncio.to_thread(testbed.require_host, host)
         with _registry_lock():
@@ -315,7 +337,7 @@ class VM:
         try:
             # Root's alone: QEMU never looks inside, it inherits what it needs from here.
             os.chmod(record.directory, 0o700)
-            user = qemu_user() if unprivileged else None
+            user = qemu_user()
             await asyncio.to_thread(testbed.add_tap, node, spec.tap)
             env = dict(os.environ)
             shim = dirtylog.qemu_preload()
@@ -324,7 +346,7 @@ class VM:
             with (_for_qemu(record, node, user) as inherited,
                   record.stderr_log.open("wb") as stderr):
                 process = subprocess.Popen(
-                    node.exec_argv(command(record, inherited, unprivileged=unprivileged)),
+                    node.exec_argv(command(record, inherited, userfaultfd=userfaultfd)),
                     env=env,
                     stdin=subprocess.DEVNULL,
                     stdout=stderr,
@@ -335,8 +357,7 @@ class VM:
             vm = cls(VMRecord(spec=spec, host=host, pid=process.pid, incoming=incoming), process)
             vm.record.save()
             await vm._connect_qmp(timeout=15.0)
-            if user is not None:
-                _take_back_ram_file(record)
+            _take_back_ram_file(record)
             if wait_ready and not incoming:
                 await vm.wait_ready(BOOT_TIMEOUT_S)
         except BaseException:
@@ -362,6 +383,14 @@ class VM:
         if self._memory is not None:
             self._memory.close()
             self._memory = None
+
+    def disown(self) -> None:
+        """Let QEMU outlive this handle: a VM started here that others attach to later
+        by its record. Its Popen goes (whose finaliser would warn that QEMU still runs);
+        ``_exited`` reaps QEMU by PID once it ends."""
+        if self._process is not None:
+            self._process.returncode = 0  # all Popen's finaliser looks at
+            self._process = None
 
     async def stop(self) -> None:
         """End QEMU and remove everything this copy of the VM had on its host."""
