@@ -26,6 +26,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+import numpy as np
 import pytest
 
 from livemig.probes import echo, game
@@ -302,10 +303,47 @@ def test_echo_steady_state_has_no_loss_and_tiny_gaps() -> None:
 def test_echo_sends_on_a_drift_free_schedule() -> None:
     with EchoServer() as server:
         result = echo.run_echo(LOOPBACK, port=server.port, duration_s=0.5, interval_ms=2.0)
-    # Absolute deadlines: sends + skipped slots fill the run exactly, with no drift.
+    # Sends + skipped slots fill the run exactly; the typical gap is the period (the
+    # median, because a busy machine holds the prober up now and then: SendSchedule's
+    # own tests check the arithmetic on a clock of their own).
     assert result.sent + result.skipped_slots == 250
     intervals = echo.send_intervals_ns(result)
-    assert abs(float(intervals.mean()) - 2 * NS_PER_MS) < 0.2 * NS_PER_MS
+    assert abs(float(np.median(intervals)) - 2 * NS_PER_MS) < 0.5 * NS_PER_MS
+
+
+def test_schedule_keeps_deadlines_on_the_grid_however_late_a_send_is() -> None:
+    schedule = echo.SendSchedule(started_ns=1000, interval_ns=100, end_ns=2000)
+    assert schedule.due(1000)
+    assert not schedule.due(1099)  # the next slot is not due yet
+    assert schedule.due(1170)  # 70 late: sent, and the next deadline is still 1200
+    assert schedule.next_ns == 1200
+    assert schedule.skipped == 0
+
+
+def test_schedule_skips_missed_slots_instead_of_bursting() -> None:
+    schedule = echo.SendSchedule(started_ns=0, interval_ns=100, end_ns=1000)
+    assert schedule.due(0)
+    # Held up until 550: slots 100..400 are skipped, 500 is sent late, once.
+    assert schedule.due(550)
+    assert schedule.skipped == 4
+    assert not schedule.due(560)
+    assert schedule.next_ns == 600
+
+
+def test_schedule_accounts_for_every_slot_of_the_run() -> None:
+    schedule = echo.SendSchedule(started_ns=0, interval_ns=100, end_ns=1000)
+    sends = sum(schedule.due(t) for t in (0, 100, 350, 351))
+    assert not schedule.due(1000)  # the run is over
+    schedule.finish(1040)  # stalled past the end: 400..900 were never sent
+    assert sends == 3
+    assert sends + schedule.skipped == 10
+
+
+def test_schedule_stopped_early_owes_only_the_slots_already_due() -> None:
+    schedule = echo.SendSchedule(started_ns=0, interval_ns=100)
+    assert schedule.due(0)
+    schedule.finish(250)  # 100 and 200 were due and unsent; 300 was not due yet
+    assert schedule.skipped == 2
 
 
 def test_echo_measures_a_pause_as_downtime() -> None:

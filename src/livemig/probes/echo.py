@@ -263,6 +263,41 @@ class EchoResult:
         )
 
 
+class SendSchedule:
+    """The prober's send deadlines ``started + k * interval``, without a clock of its own.
+
+    ``due(now)`` says whether a send is owed now. Slots the prober was too late for are
+    skipped, not sent in a burst, and counted; ``finish(now)`` counts the ones it missed
+    at the end too, so that sends plus skipped slots are exactly the slots of the run.
+    """
+
+    def __init__(self, started_ns: int, interval_ns: int, end_ns: int | None = None) -> None:
+        if interval_ns <= 0:
+            raise ValueError(f"interval_ns must be > 0, not {interval_ns}")
+        self.next_ns = started_ns
+        self.interval_ns = interval_ns
+        self.end_ns = end_ns
+        self.skipped = 0
+
+    def due(self, now_ns: int) -> bool:
+        if now_ns < self.next_ns or (self.end_ns is not None and now_ns >= self.end_ns):
+            return False
+        missed = (now_ns - self.next_ns) // self.interval_ns
+        self.skipped += missed
+        # The next deadline stays on the grid however late this send is: no drift.
+        self.next_ns += (missed + 1) * self.interval_ns
+        return True
+
+    def finish(self, now_ns: int) -> None:
+        """Count the slots left unsent when sending stopped at ``now_ns``: up to the end
+        of the run if it ran out, up to now if it was stopped early."""
+        limit_ns = now_ns + 1 if self.end_ns is None else min(now_ns + 1, self.end_ns)
+        if limit_ns > self.next_ns:
+            unsent = -(-(limit_ns - self.next_ns) // self.interval_ns)  # ceiling division
+            self.skipped += unsent
+            self.next_ns += unsent * self.interval_ns
+
+
 class _Session:
     """The mutable bookkeeping of one run: what was sent, what came back."""
 
@@ -374,23 +409,19 @@ def run_echo(
 
         started_ns = time.monotonic_ns()
         end_ns = None if duration_s is None else started_ns + round(duration_s * NS_PER_S)
-        next_send_ns = started_ns
-        skipped = 0
+        schedule = SendSchedule(started_ns, interval_ns, end_ns)
         while stop is None or not stop.is_set():
             now_ns = time.monotonic_ns()
             if end_ns is not None and now_ns >= end_ns:
                 break
-            if now_ns >= next_send_ns:
-                missed = (now_ns - next_send_ns) // interval_ns
-                skipped += missed
-                next_send_ns += missed * interval_ns
+            if schedule.due(now_ns):
                 session.send(now_ns)
-                next_send_ns += interval_ns
             session.receive_pending()
-            wake_ns = next_send_ns if end_ns is None else min(next_send_ns, end_ns)
+            wake_ns = schedule.next_ns if end_ns is None else min(schedule.next_ns, end_ns)
             wait_s = (wake_ns - time.monotonic_ns()) / NS_PER_S
             _wait_readable(sock, min(wait_s, _MAX_WAIT_S))
         stopped_ns = time.monotonic_ns()
+        schedule.finish(stopped_ns)
 
         drain_end_ns = stopped_ns + round(drain_ms * NS_PER_MS)
         session.receive_pending()
@@ -410,7 +441,7 @@ def run_echo(
         sent_ns=as_int_array(session.reply_sent_ns),
         recv_ns=as_int_array(session.reply_recv_ns),
         max_send_gap_ns=session.max_send_gap_ns,
-        skipped_slots=skipped,
+        skipped_slots=schedule.skipped,
         duplicates=session.duplicates,
         invalid=session.invalid,
         errors=dict(session.errors),
