@@ -35,10 +35,11 @@ def main() -> int:
     parser.add_argument("--engines", default=",".join(e.key for e in paper.ENGINES))
     parser.add_argument("--out", type=Path, default=Path("bench-results"),
                         help="results.json, results.md and the figures (default bench-results)")
+    paper.add_link_argument(parser)
     args = parser.parse_args()
     # Shorter load windows than the paper's: five runs of eight engines on five workloads.
     settings = dataclasses.replace(
-        paper.Settings(), baseline_s=3.0, after_s=1.5, qemu_timeout_s=30.0,
+        paper.Settings(), baseline_s=3.0, after_s=1.5, qemu_timeout_s=30.0, link=args.link,
     ).choose(args.runs, args.workloads, args.engines)
     try:
         results = paper.run(settings, args.out)

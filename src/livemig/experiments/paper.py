@@ -43,11 +43,12 @@ from typing import Any
 
 import numpy as np
 
+from livemig import argtypes
 from livemig.daemon import launch
 from livemig.errors import LivemigError
 from livemig.experiments import baselines, scenario
 from livemig.image import builder
-from livemig.net import testbed
+from livemig.net import shaping, testbed
 from livemig.probes.timeseries import bucketize, service_impact, throughput_per_s
 from livemig.vm import qemu
 from livemig.vm.spec import Workload
@@ -842,7 +843,7 @@ def run(settings: Settings, out: Path, clock: Clock | None = None) -> dict[str, 
     clock = clock or Clock()
     out.mkdir(parents=True, exist_ok=True)
     clock.say(f"test bed up ({', '.join(HOSTS)}, client) and the guest image")
-    testbed.up(len(HOSTS))
+    testbed.up(len(HOSTS), shaping.Link.parse(settings.link))
     try:
         launch.ensure_daemons()
         builder.build(log=clock.say)
@@ -867,12 +868,24 @@ def add_experiment_command(commands: Any) -> None:
                        "1 with --quick)")
     paper.add_argument("--workloads", default=",".join(w.key for w in WORKLOADS))
     paper.add_argument("--engines", default=",".join(e.key for e in ENGINES))
+    add_link_argument(paper)
     paper.set_defaults(func=_command)
 
 
+def _link_label(text: str) -> str:
+    """'1gbit', 'unlimited', ...: checked now, kept as text for the results' settings."""
+    return shaping.format_rate(argtypes.link_rate(text))
+
+
+def add_link_argument(parser: Any) -> None:
+    parser.add_argument("--link", type=_link_label, default=shaping.DEFAULT_RATE, metavar="RATE",
+                        help=f"the test bed's LAN (default {shaping.DEFAULT_RATE}): 100mbit, "
+                        "1gbit, 10gbit or unlimited; the bed is reshaped to it")
+
+
 def _command(args: Any) -> int:
-    settings = (Settings.quick() if args.quick else Settings()).choose(
-        args.runs, args.workloads, args.engines)
+    settings = dataclasses.replace(Settings.quick() if args.quick else Settings(),
+                                   link=args.link).choose(args.runs, args.workloads, args.engines)
     results = run(settings, args.out)
     print(text_report(results))
     print(f"\nresults: {args.out / 'results.json'}, {args.out / 'results.md'}, "
