@@ -8,6 +8,7 @@ the end of the stream. What arrives must be byte for byte what was written.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 
 import numpy as np
@@ -85,27 +86,34 @@ def test_the_stream_arrives_whole_and_ends(size: int) -> None:
 
 
 def test_a_broken_channel_is_reported_while_qemu_still_writes() -> None:
-    """The source polls check() while it waits for QEMU: a dead channel must surface
-    there, not as a time-out after QEMU filled its socket."""
+    """The source waits on the pump beside QEMU (``VM.migration_ended(alongside=)``): a
+    dead channel must end that wait, not a time-out after QEMU filled its socket."""
 
     async def hang_up(channel: Channel) -> None:
         # The state was flowing when we left: returning closes the channel mid-stream.
         assert isinstance(await channel.recv(timeout=5), DeviceState)
+
+    async def qemu_writes(qemu_end: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(OSError):  # our end closed when the test is done
+            for _ in range(200):
+                await loop.sock_sendall(qemu_end, b"x" * 65536)
+                await asyncio.sleep(0.01)
 
     async def main() -> None:
         async with Served(hang_up) as served:
             async with await connect(LOOPBACK, served.port, key=KEY, me="hostA") as channel:
                 ours, qemu_end = pair()
                 source = StateSource(ours)
+                writer = asyncio.ensure_future(qemu_writes(qemu_end))
                 try:
                     source.start(channel)
-                    loop = asyncio.get_running_loop()
+                    assert source.pump is not None
                     with pytest.raises((PeerLost, TunnelError)):
-                        for _ in range(200):
-                            await loop.sock_sendall(qemu_end, b"x" * 65536)
-                            source.check()
-                            await asyncio.sleep(0.01)
+                        await asyncio.wait_for(source.pump, timeout=10)
+                    assert not writer.done()  # QEMU was still writing: no time-out helped
                 finally:
+                    writer.cancel()
                     qemu_end.close()
                     await source.close()
             assert await served.done.get() is None

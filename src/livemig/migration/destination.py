@@ -22,7 +22,8 @@ import asyncio
 import logging
 import os
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -32,6 +33,7 @@ from livemig.migration.holds import HoldPoint, hold
 from livemig.migration.stages import Event, Stage, StageMachine
 from livemig.migration.tunnel import StateSink
 from livemig.vm import qemu
+from livemig.vm.handle import MigratableVM
 from livemig.vm.memory import page_checksums, sum_checksums
 from livemig.vm.spec import VMRecord, VMSpec
 from livemig.wire import frames
@@ -61,11 +63,46 @@ def reservation_problem(ram_bytes: int) -> str | None:
     return None
 
 
+class HostVMs(Protocol):
+    """What a destination needs of its host's VMs: QEMU's (``QemuVMs``), or a test's."""
+
+    def room_problem(self, ram_bytes: int) -> str | None:
+        """Why this host cannot hold ``ram_bytes`` of guest RAM, or None."""
+
+    async def start_incoming(self, spec: VMSpec, host: str) -> MigratableVM: ...
+
+    def records(self) -> list[VMRecord]:
+        """Every VM this host holds, running or incoming."""
+
+    def running(self, record: VMRecord) -> bool: ...
+
+    async def remove(self, record: VMRecord) -> None:
+        """End that copy and remove all it had here."""
+
+
+class QemuVMs:
+    def room_problem(self, ram_bytes: int) -> str | None:
+        return reservation_problem(ram_bytes)
+
+    async def start_incoming(self, spec: VMSpec, host: str) -> MigratableVM:
+        return await qemu.VM.start(spec, host, incoming=True)
+
+    def records(self) -> list[VMRecord]:
+        return qemu.records()
+
+    def running(self, record: VMRecord) -> bool:
+        return record.process_alive()
+
+    async def remove(self, record: VMRecord) -> None:
+        await qemu.VM(record).stop()
+
+
 class Incoming:
     """One daemon's destination sessions, by VM name: what ``locate`` needs to know."""
 
-    def __init__(self, host: str) -> None:
+    def __init__(self, host: str, vms: HostVMs | None = None) -> None:
         self.host = host
+        self.vms: HostVMs = QemuVMs() if vms is None else vms
         self._sessions: dict[str, tuple[DestinationSession, asyncio.Task[Any]]] = {}
         self._activated_at: dict[str, float] = {}
         # Set once the daemon has settled what its predecessor left: until then an
@@ -84,12 +121,12 @@ class Incoming:
     async def remove_orphans(self) -> None:
         """A daemon starting: the incoming copies its predecessor left never ran, and
         nobody serves them now. Until they are gone ``locate`` does not answer."""
-        for record in qemu.records():
+        for record in self.vms.records():
             if record.host == self.host and record.incoming:
                 log.info("removing %s: an incoming copy whose migration died with the "
                          "previous daemon", record.spec.name)
                 try:
-                    await qemu.VM(record).stop()
+                    await self.vms.remove(record)
                 except (LivemigError, OSError) as exc:
                     log.error("could not remove %s: %s", record.spec.name, exc)
         self.recovered.set()
@@ -103,18 +140,36 @@ class Incoming:
             # Uncommitted, and its source asks: it lost us. This copy must never run.
             task.cancel()
             await asyncio.wait({task}, timeout=15.0)
-        for record in qemu.records():
+        for record in self.vms.records():
             if record.spec.name != vm or record.host != self.host:
                 continue
-            if record.incoming or not record.process_alive():
+            if record.incoming or not self.vms.running(record):
                 # An incoming copy nobody serves: its daemon died before commitment.
-                await qemu.VM(record).stop()
+                await self.vms.remove(record)
                 continue
             return {"state": "running", "cont_returned_at": self._activated_at.get(vm)}
         return {"state": "absent"}
 
 
+class QEMUGone(LivemigError):
+    """Our incoming QEMU ended before commitment: the migration cannot go on."""
+
+
+def message_kind(message: frames.Message) -> str:
+    """What the table below is keyed by: a request's kind, else the frame's type."""
+    if isinstance(message, frames.Request):
+        return message.kind
+    return {frames.Pages: "pages", frames.DeviceState: "device-state",
+            frames.Abort: "abort"}.get(type(message), type(message).__name__)
+
+
+Handler = Callable[["DestinationSession", frames.Message], Awaitable[None]]
+
+
 class DestinationSession:
+    """Serves one source, in stage order, by ``STEPS``: the one place that says what the
+    destination does with each message in each stage, and which event that fires."""
+
     def __init__(self, host: str, channel: Channel, incoming: Incoming | None = None) -> None:
         self.host = host
         self.channel = channel
@@ -123,13 +178,16 @@ class DestinationSession:
             incoming.recovered.set()
         self.incoming = incoming
         self.machine = StageMachine()
-        self.vm: qemu.VM | None = None
+        self.vm: MigratableVM | None = None
         self._state_sink: StateSink | None = None
         self._written: npt.NDArray[np.bool_] | None = None
         self._page_sums = np.zeros(0, dtype=np.uint64)
         self._started = time.monotonic()
         self._hold_at: HoldPoint | None = None
-        self._qemu_gone: str | None = None  # why the watchdog ended the session
+        self._qemu_exit: asyncio.Future[None] | None = None
+        self._qemu_gone = False  # the watchdog cancelled us: see serve()
+        self._tearing_down: asyncio.Future[None] | None = None
+        self._vm_name_here: str | None = None  # what Incoming knows this session by
         self._activated_at: float | None = None
 
     def _event(self, event: Event) -> None:
@@ -137,52 +195,67 @@ class DestinationSession:
 
     async def serve(self) -> None:
         """Answer the source until the VM runs here, or until the migration is abandoned."""
-        watchdog: asyncio.Task[None] | None = None
         try:
             self._event(Event.BEGIN)
             while not self.machine.stage.terminal:
-                message = await self.channel.recv(timeout=IDLE_TIMEOUT_S)
-                await self._dispatch(message)
-                if watchdog is None and self.vm is not None:
-                    watchdog = asyncio.create_task(self._watch_qemu(asyncio.current_task()))
+                # Dispatched at once, with no await between: a Pages frame's data is
+                # the channel's buffer, valid only until the channel reads again.
+                await self._dispatch(await self.channel.recv(timeout=IDLE_TIMEOUT_S))
             if self.machine.stage is Stage.ABORTED:
                 # Every way into ABORTED ends here (an Abort, a refused reservation, an
                 # image that never came): none may leave an incoming copy behind, which
                 # would block the next try of this VM with VMExists.
                 await self._tear_down()
-        except BaseException as exc:
+        except (LivemigError, OSError) as exc:
+            await self._abandon(exc)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self._qemu_gone and task is not None and task.uncancel() == 0:
+                # Our own watchdog's cancel and nobody else's: our QEMU exited.
+                await self._abandon(QEMUGone(
+                    f"the destination QEMU of {self._vm_name} on {self.host} exited"))
+                return
+            # The daemon stops, or 'locate' learnt that the source lost us: tear down
+            # (to its end, whatever else is cancelled meanwhile), then stay cancelled.
             if self.machine.stage.source_is_primary:
-                why = self._qemu_gone or str(exc) or type(exc).__name__
-                log.warning("migration from %s abandoned in %s: %s", self.channel.peer,
-                            self.machine.stage.value, why)
                 await self._tear_down()
-                if self._qemu_gone:
-                    await self.channel.abort(f"{self._qemu_gone}; {self.host} tore down",
-                                             timeout=1.0)
-                    return
-                if not isinstance(exc, LivemigError | OSError):
-                    raise
-            else:
-                log.error("VM %s committed here but: %s", self._vm_name, exc)
-                raise
+            raise
         finally:
-            if watchdog is not None:
-                watchdog.cancel()
+            if self._qemu_exit is not None:
+                self._qemu_exit.cancel()
             if self._state_sink is not None:
                 self._state_sink.close()
+            if self._vm_name_here is not None:
+                self.incoming.done(self._vm_name_here, self, self._activated_at)
             if self.vm is not None:
-                self.incoming.done(self.vm.name, self, self._activated_at)
                 await self.vm.close()  # frees QEMU's one-client agent and QMP sockets
             await self.channel.close()
 
-    async def _watch_qemu(self, serving: asyncio.Task[Any] | None) -> None:
-        """End the session if our QEMU dies before commitment: the source must hear it
+    async def _abandon(self, exc: BaseException) -> None:
+        """A failure: before commitment, tear down and tell the source why."""
+        if not self.machine.stage.source_is_primary:
+            log.error("VM %s committed here but: %s", self._vm_name, exc)
+            raise exc
+        log.warning("migration from %s abandoned in %s: %s", self.channel.peer,
+                    self.machine.stage.value, exc)
+        await self._tear_down()
+        await self.channel.abort(f"{exc}; {self.host} tore down", timeout=1.0)
+
+    def _watch_qemu(self, vm: MigratableVM) -> None:
+        """Until commitment, our QEMU exiting ends the session at once (cancelling the
+        serving task, which knows that cancel for its own): the source must hear of it
         now, not after its next time-out."""
-        while self.vm is not None and not self.vm.exited():
-            await asyncio.sleep(QEMU_WATCH_S)
-        if self.vm is not None and self.machine.stage.source_is_primary and serving:
-            self._qemu_gone = f"the destination QEMU of {self.vm.name} on {self.host} exited"
-            serving.cancel()
+        serving = asyncio.current_task()
+        assert serving is not None
+
+        def exited(waiter: asyncio.Future[None]) -> None:
+            if (not waiter.cancelled() and self.machine.stage.source_is_primary
+                    and not serving.done()):
+                self._qemu_gone = True
+                serving.cancel()
+
+        self._qemu_exit = asyncio.ensure_future(vm.wait_exited())
+        self._qemu_exit.add_done_callback(exited)
 
     @property
     def _vm_name(self) -> str:
@@ -190,40 +263,23 @@ class DestinationSession:
 
     async def _dispatch(self, message: frames.Message) -> None:
         stage = self.machine.stage
-        if isinstance(message, frames.Pages) and stage in (Stage.PRECOPY, Stage.STOP_AND_COPY):
-            self._write(message)
-        elif (isinstance(message, frames.DeviceState) and self._state_sink is not None
-              and stage in (Stage.PRECOPY, Stage.STOP_AND_COPY)):
-            await self._state_sink.write(message)
-        elif isinstance(message, frames.Abort):
+        kind = message_kind(message)
+        if kind == "abort" and stage.source_is_primary:
+            assert isinstance(message, frames.Abort)
             log.info("source aborted the migration: %s", message.reason)
-            self._event(Event.CANCELLED)
-            await self._tear_down()
-        elif isinstance(message, frames.Request) and message.kind == "reserve":
-            await self.channel.send(await self._reserve(message.body))
-        elif isinstance(message, frames.Request) and message.kind == "image":
-            await self.channel.send(await self._image(bool(message.body.get("verify"))))
-        elif isinstance(message, frames.Request) and message.kind == "commit":
-            await self._commit()
-        elif (isinstance(message, frames.Request) and message.kind == "locate"
-              and stage is Stage.RESERVATION):
-            vm = str(message.body.get("vm"))
-            await self.channel.send(frames.Reply(ok=True, body=await self.incoming.locate(vm)))
-            self._event(Event.FAILED)  # this connection only asked; it reserved nothing
-        else:
+            self._event(Event.CANCELLED)  # serve() tears down
+            return
+        handler = STEPS.get((stage, kind))
+        if handler is None:
             raise frames.RemoteProtocolError(
-                self.channel.peer,
-                f"{type(message).__name__} {getattr(message, 'kind', '')!s} is not expected "
-                f"in stage {stage.value}"
-            )
+                self.channel.peer, f"{kind} is not expected in stage {stage.value}")
+        await handler(self, message)
 
-    # -- stage 1 ------------------------------------------------------------------------
+    # -- stage 1: reservation -------------------------------------------------------------
 
-    async def _reserve(self, body: dict[str, Any]) -> frames.Reply:
-        if self.machine.stage is not Stage.RESERVATION:
-            raise frames.RemoteProtocolError(
-                self.channel.peer, f"reserve in stage {self.machine.stage.value}"
-            )
+    async def _reserve(self, message: frames.Message) -> None:
+        assert isinstance(message, frames.Request)
+        body = message.body
         try:
             spec = VMSpec.from_json(body["spec"])
         except (KeyError, TypeError, ValueError) as exc:
@@ -233,26 +289,28 @@ class DestinationSession:
         log.info("%s asks to move %s here (%s)", self.channel.peer, spec.name,
                  "its certificate names it" if self.channel.certified_host
                  else "plaintext: only the shared key vouches for it")
-        if problem := reservation_problem(spec.ram_bytes):
-            self._event(Event.FAILED)
-            return frames.Reply(ok=False, body={"error": problem})
         if body.get("hold_at"):
             self._hold_at = HoldPoint(body["hold_at"])
-        if not (spec.kernel.is_file() and spec.initrd.is_file()):
+        problem = self.incoming.vms.room_problem(spec.ram_bytes)
+        if problem is None and not (spec.kernel.is_file() and spec.initrd.is_file()):
+            problem = f"image {spec.image!r} is not here"
+        if problem is None:
+            try:
+                self.vm = await self.incoming.vms.start_incoming(spec, self.host)
+            except LivemigError as exc:
+                problem = str(exc)
+        if problem is not None:
             self._event(Event.FAILED)
-            return frames.Reply(ok=False, body={"error": f"image {spec.image!r} is not here"})
-        try:
-            self.vm = await qemu.VM.start(spec, self.host, incoming=True)
-        except LivemigError as exc:
-            self._event(Event.FAILED)
-            return frames.Reply(ok=False, body={"error": str(exc)})
+            await self.channel.send(frames.Reply(ok=False, body={"error": problem}))
+            return
+        assert self.vm is not None
+        self._watch_qemu(self.vm)
         task = asyncio.current_task()
         assert task is not None
         self.incoming.add(spec.name, self, task)
-        await self.vm.qmp_command(
-            "migrate-set-capabilities",
-            capabilities=[{"capability": "x-ignore-shared", "state": True}],
-        )
+        self._vm_name_here = spec.name
+        await self.vm.qmp_command("migrate-set-capabilities",
+                                  capabilities=list(qemu.ENGINE_MIGRATION_CAPABILITIES))
         # No port for QEMU: it reads its device state from a socket only we hold, and
         # we write into it what arrives on this authenticated channel.
         self._state_sink = await StateSink.open(self.vm)
@@ -262,76 +320,87 @@ class DestinationSession:
         self._page_sums = np.zeros(memory.npages, dtype=np.uint64)
         self.channel.connection.npages = memory.npages  # the codec bounds page indexes
         self._event(Event.RESERVED)
-        return frames.Reply(ok=True, body={"tunnel": True})
+        await self.channel.send(frames.Reply(ok=True, body={"tunnel": True}))
 
-    # -- stages 2 and 3 -----------------------------------------------------------------
+    async def _locate(self, message: frames.Message) -> None:
+        """A source that lost track of a commit asks, on a connection of its own, where
+        the VM stands. This connection reserved nothing: it ends here."""
+        assert isinstance(message, frames.Request)
+        answer = await self.incoming.locate(str(message.body.get("vm")))
+        await self.channel.send(frames.Reply(ok=True, body=answer))
+        self._event(Event.FAILED)
 
-    def _write(self, pages: frames.Pages) -> None:
+    # -- stages 2 and 3: pre-copy and stop-and-copy --------------------------------------
+
+    async def _write_pages(self, message: frames.Message) -> None:
+        assert isinstance(message, frames.Pages)
         assert self.vm is not None and self._written is not None
         memory = self.vm.memory
         npages = memory.npages
-        if (len(pages.indexes) and int(pages.indexes.max()) >= npages) or (
-            len(pages.zero_indexes) and int(pages.zero_indexes.max()) >= npages
+        if (len(message.indexes) and int(message.indexes.max()) >= npages) or (
+            len(message.zero_indexes) and int(message.zero_indexes.max()) >= npages
         ):
             raise frames.RemoteProtocolError(
                 self.channel.peer, f"a page index beyond the VM's {npages} pages"
             )
-        if len(pages.indexes):
-            data = np.frombuffer(pages.data, dtype=np.uint8).reshape(-1, memory.pages.shape[1])
-            memory.pages[pages.indexes] = data
-            self._written[pages.indexes] = True
+        if len(message.indexes):
+            data = np.frombuffer(message.data, dtype=np.uint8).reshape(
+                -1, memory.pages.shape[1])
+            memory.pages[message.indexes] = data
+            self._written[message.indexes] = True
             # The bytes just written: reading them back out of the mapping would copy
             # every frame a second time for the same answer.
-            self._page_sums[pages.indexes] = page_checksums(data, pages.indexes)
-        if len(pages.zero_indexes):
+            self._page_sums[message.indexes] = page_checksums(data, message.indexes)
+        if len(message.zero_indexes):
             # A fresh RAM file reads as zeros: write zeros only over what we wrote before,
             # so that holes stay holes and cost no memory.
-            rewrite = pages.zero_indexes[self._written[pages.zero_indexes]]
+            rewrite = message.zero_indexes[self._written[message.zero_indexes]]
             memory.pages[rewrite] = 0
-            self._page_sums[pages.zero_indexes] = 0
+            self._page_sums[message.zero_indexes] = 0
 
-    async def _image(self, verify: bool) -> frames.Reply:
-        assert self.vm is not None
-        if self.machine.stage is Stage.PRECOPY:
-            self._event(Event.PRECOPY_DONE)
-        status = "unanswered"
+    async def _first_device_state(self, message: frames.Message) -> None:
+        """QEMU's device state leaves the source only once the source has stopped the
+        VM: its first chunk is the stop-and-copy beginning."""
+        self._event(Event.PRECOPY_DONE)
+        await self._write_device_state(message)
+
+    async def _write_device_state(self, message: frames.Message) -> None:
+        assert isinstance(message, frames.DeviceState) and self._state_sink is not None
+        await self._state_sink.write(message)
+
+    async def _image(self, message: frames.Message) -> None:
+        assert isinstance(message, frames.Request) and self.vm is not None
         try:
-            # Around QMP too: a hung QEMU answers nothing, not even "failed", and its QMP
-            # time-out is longer than the source waits for this reply.
-            async with asyncio.timeout(INCOMING_TIMEOUT_S):
-                while status not in ("completed", "failed"):
-                    status = (await self.vm.qmp_command("query-migrate")).get("status")
-                    if status != "completed":
-                        await asyncio.sleep(0.001)
+            # Bounded as a whole: a hung QEMU answers nothing, not even "failed", and
+            # its QMP time-out is longer than the source waits for this reply.
+            status = (await self.vm.migration_ended(INCOMING_TIMEOUT_S)).get("status")
         except TimeoutError:
-            status = f"{status} after {INCOMING_TIMEOUT_S:g} s"
+            status = f"not completed after {INCOMING_TIMEOUT_S:g} s"
         if status != "completed":
             self._event(Event.FAILED)  # serve() tears down once the source has the reply
-            return frames.Reply(ok=False, body={"error": f"device state {status}"})
+            await self.channel.send(
+                frames.Reply(ok=False, body={"error": f"device state {status}"}))
+            return
         body: dict[str, Any] = {"consistent": True}
-        if verify:
+        if message.body.get("verify"):
             started = time.monotonic()
             body["checksum"] = sum_checksums(self._page_sums)
             body["verify_ms"] = (time.monotonic() - started) * 1000
         self._event(Event.IMAGE_CONSISTENT)
-        return frames.Reply(ok=True, body=body)
+        await self.channel.send(frames.Reply(ok=True, body=body))
 
-    # -- stages 4 and 5 -----------------------------------------------------------------
+    # -- stages 4 and 5: commitment and activation -----------------------------------------
 
-    async def _commit(self) -> None:
+    async def _commit(self, message: frames.Message) -> None:
         assert self.vm is not None
-        if self.machine.stage is not Stage.COMMITMENT:
-            raise frames.RemoteProtocolError(
-                self.channel.peer, f"commit in stage {self.machine.stage.value}"
-            )
         self._event(Event.COMMITTED)  # primary from here on: never tear down after this
         await hold(self.vm.name, HoldPoint.COMMITMENT, self._hold_at)
         cont_asked = time.monotonic()
         try:
-            await self.vm.resume()
+            resumed_at = await self.vm.resume()
         except LivemigError as exc:
             # It never ran here, and it never will: the source may take it back.
-            self._event(Event.FAILED)
+            self._event(Event.NOT_ACTIVATED)
             await self._tear_down()
             await self.channel.send(frames.Reply(ok=False, body={
                 "running": False, "error": f"cont failed on {self.host}: {exc}"}))
@@ -347,7 +416,8 @@ class DestinationSession:
         # the offset measured at connection time.
         try:
             await self.channel.send(
-                frames.Reply(ok=True, body={"cont_returned_at": cont_returned_at}), timeout=5.0)
+                frames.Reply(ok=True, body={"cont_returned_at": cont_returned_at,
+                                            "resumed_at": resumed_at}), timeout=5.0)
         except frames.WireError as exc:
             # The VM runs here regardless; the source asks where it runs ('locate').
             log.warning("%s runs here, but %s did not hear it: %s", self.vm.name,
@@ -377,6 +447,33 @@ class DestinationSession:
             await self.vm.qmp_command("announce-self", initial=1, max=50, rounds=3, step=50)
 
     async def _tear_down(self) -> None:
-        if self.vm is not None:
+        """End the incoming copy and remove all it had here. Once begun it runs to its
+        end, whatever cancels the session meanwhile; later calls wait for that end."""
+        if self._qemu_exit is not None:
+            self._qemu_exit.cancel()  # QEMU ending now is our doing, not a failure
+        if self._tearing_down is None:
+            if self.vm is None:
+                return
             vm, self.vm = self.vm, None
-            await vm.stop()
+            self._tearing_down = asyncio.ensure_future(vm.stop())
+        await asyncio.shield(self._tearing_down)
+
+
+# What the destination does with each message in each stage; anything else is the
+# source's protocol error. An Abort is taken in every stage where the source is primary
+# (see _dispatch). Each handler fires its stage's events itself, on success or failure:
+#   reserve        RESERVED, or FAILED with the reason in the reply
+#   locate         FAILED: a connection that only asked reserved nothing
+#   device-state   PRECOPY_DONE on the first chunk (the source has stopped the VM)
+#   image          IMAGE_CONSISTENT, or FAILED with the reason in the reply
+#   commit         COMMITTED, then ACTIVATED; NOT_ACTIVATED if cont fails
+STEPS: dict[tuple[Stage, str], Handler] = {
+    (Stage.RESERVATION, "reserve"): DestinationSession._reserve,
+    (Stage.RESERVATION, "locate"): DestinationSession._locate,
+    (Stage.PRECOPY, "pages"): DestinationSession._write_pages,
+    (Stage.PRECOPY, "device-state"): DestinationSession._first_device_state,
+    (Stage.STOP_AND_COPY, "pages"): DestinationSession._write_pages,
+    (Stage.STOP_AND_COPY, "device-state"): DestinationSession._write_device_state,
+    (Stage.STOP_AND_COPY, "image"): DestinationSession._image,
+    (Stage.COMMITMENT, "commit"): DestinationSession._commit,
+}

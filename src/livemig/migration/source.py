@@ -53,7 +53,8 @@ from livemig.migration.planner import (
 from livemig.migration.stages import Event, Stage, StageMachine
 from livemig.migration.tunnel import StateSource
 from livemig.vm import dirtylog
-from livemig.vm.qemu import VM
+from livemig.vm.handle import MigratableVM
+from livemig.vm.qemu import ENGINE_MIGRATION_CAPABILITIES
 from livemig.vm.spec import VMRecord
 from livemig.wire import frames
 from livemig.wire.channel import Channel
@@ -124,6 +125,10 @@ class MigrationReport:
     stopped_at: float
     cont_returned_at: float
     stop_window_ms: dict[str, float]
+    # QEMU's own view of the same window: its STOP event on the source to its RESUME
+    # event on the destination, both QEMU's CLOCK_REALTIME (one machine here; real hosts
+    # need synchronized clocks). None when an event was missing (a lost commit reply).
+    vcpus_stopped_ms: float | None
 
     @property
     def data_sent_ratio(self) -> float:
@@ -137,6 +142,27 @@ class MigrationReport:
 
 ProgressCallback = Callable[[Progress], None]
 Connect = Callable[[], Awaitable[Channel]]
+
+
+@dataclass(frozen=True)
+class _StopWindow:
+    """What the stop-and-copy measured and got: times on this machine's monotonic clock,
+    ``stopped_event_at`` on QEMU's CLOCK_REALTIME (its STOP event)."""
+
+    stopped_event_at: float | None
+    stopped_at: float
+    final_pages: int
+    final_bytes: int
+    device_started: float
+    image_asked: float
+    destination_checksum: str | None
+    verify_ms: float
+
+
+@dataclass(frozen=True)
+class _Commit:
+    commit_sent: float
+    cont_returned_at: float  # the target's, on the same clock (one machine)
 
 
 class _NotActivated(LivemigError):
@@ -175,7 +201,7 @@ async def locate(vm: str, connect: Connect, patience_s: float) -> dict[str, Any]
     return None
 
 
-async def recover_switchover(vm: VM, connect: Connect) -> tuple[bool, str]:
+async def recover_switchover(vm: MigratableVM, connect: Connect) -> tuple[bool, str]:
     """``vm`` has a switchover journal: its migration ended in its stop window (its
     daemon died, or the commit's fate stayed unknown). Settle it the way the migration
     would have; returns (settled, what was done). Unsettled means in doubt: ask again."""
@@ -202,7 +228,7 @@ async def recover_switchover(vm: VM, connect: Connect) -> tuple[bool, str]:
 class SourceMigration:
     def __init__(
         self,
-        vm: VM,
+        vm: MigratableVM,
         *,
         source_host: str,
         target_host: str,
@@ -220,8 +246,6 @@ class SourceMigration:
         self._channel: Channel | None = None
         self._tracker: dirtylog.DirtyTracker | None = None
         self._state_tunnel: StateSource | None = None
-        self._paused = False
-        self._device_migration_started = False
         self._started = time.monotonic()
         self._last_progress = 0.0
         self.planner: Planner | None = None
@@ -230,6 +254,7 @@ class SourceMigration:
         self._budget: asyncio.Timeout | None = None
         self._cancel_accepted = False
         self._aborting: asyncio.Task[None] | None = None  # see _put_back
+        self._resumed_event_at: float | None = None  # the target's RESUME event
 
     @property
     def stage(self) -> Stage:
@@ -311,17 +336,34 @@ class SourceMigration:
                 await self._channel.close()
 
     async def _migrate(self) -> MigrationReport:
+        await self._pre_migration()
+        reserved_at = time.monotonic()
+        await self._reservation()
+        stop = await self._precopy()
+        window = await self._stop_and_copy(stop)
+        commit = await self._commitment()
+        source_checksum, released_at = await self._activation()
+        return self._report(stop, window, commit, source_checksum,
+                            total_time_s=released_at - reserved_at)
+
+    # Each stage below is one method, with what undoes it beside it. ``_abort`` runs the
+    # undo of the stage the migration failed in (UNDO, after the class): the stage, not
+    # flags, says what there is to put back.
+
+    async def _pre_migration(self) -> None:
+        """Stage 0: the VM runs here, and the target answers and is authenticated."""
         spec = self.vm.record.spec
-        # -- stage 0: pre-migration
         if (state := await self.vm.status()) != "running":
             raise MigrationError(spec.name, Stage.PRE_MIGRATION.value,
                                  f"{spec.name} is {state}, not running; nothing to migrate",
                                  self.source_host)
-        self._channel = channel = await self._connect()
+        self._channel = await self._connect()
         self._event(Event.BEGIN)
-        reserved_at = time.monotonic()
 
-        # -- stage 1: reservation
+    async def _reservation(self) -> None:
+        """Stage 1: the target holds memory and an incoming QEMU for the VM. Undone by
+        the target itself when the channel brings it an Abort or breaks."""
+        spec = self.vm.record.spec
         reserve: dict[str, Any] = {"spec": spec.to_json(), "source": self.source_host}
         if self.options.hold_at is HoldPoint.COMMITMENT:
             reserve["hold_at"] = str(HoldPoint.COMMITMENT)  # the target holds that one
@@ -334,15 +376,16 @@ class SourceMigration:
             )
         # Set now, not in the stop window: every millisecond there is downtime. QEMU
         # migrates into a socket our daemon holds; the state goes on through the channel.
-        await self.vm.qmp_command(
-            "migrate-set-capabilities",
-            capabilities=[{"capability": "x-ignore-shared", "state": True}],
-        )
+        await self.vm.qmp_command("migrate-set-capabilities",
+                                  capabilities=list(ENGINE_MIGRATION_CAPABILITIES))
         self._state_tunnel = await StateSource.open(self.vm)
         self._event(Event.RESERVED)
         await hold(spec.name, HoldPoint.RESERVATION, self.options.hold_at)
 
-        # -- stage 2: iterative pre-copy
+    async def _precopy(self) -> StopAndCopy:
+        """Stage 2: rounds of pages while the VM runs, until the planner says stop.
+        Nothing to undo here: the VM never stopped (the tracker goes in ``run``)."""
+        assert self._channel is not None
         memory = self.vm.memory
         self._tracker = dirtylog.open_tracker(self.vm.pid, memory, self.options.tracker)
         self._tracker.start()  # before the hole scan: a page written after it is tracked
@@ -355,7 +398,7 @@ class SourceMigration:
                           seed=self.options.seed),
         )
         step = self.planner.first(zero_pages=np.flatnonzero(self._holes).astype(np.int64))
-        pacer = channel.pacer  # the channel paces every Pages frame it sends
+        pacer = self._channel.pacer  # the channel paces every Pages frame it sends
         while isinstance(step, RoundPlan):
             pacer.rate_bps = self._rate_bps = step.rate_bps
             round_started = time.monotonic()
@@ -364,22 +407,27 @@ class SourceMigration:
             self._holes[dirtied] = False
             step = self.planner.end_round(dirtied, time.monotonic() - round_started)
         assert isinstance(step, StopAndCopy)
+        return step
 
-        # -- stage 3: stop-and-copy
+    async def _stop_and_copy(self, stop: StopAndCopy) -> _StopWindow:
+        """Stage 3: the VM stops here; the last pages and QEMU's device state go, and the
+        target confirms a consistent image. Undone by ``_undo_stop_and_copy``."""
+        assert self._channel is not None and self._tracker is not None
+        assert self._holes is not None and self.planner is not None
+        spec = self.vm.record.spec
         self._journal(commit_sent=False)  # first: a daemon restarting now must resume it
-        await self.vm.pause()
+        self._event(Event.PRECOPY_DONE)  # before the stop: an undo resumes either way
+        stopped_event_at = await self.vm.pause()
         stopped_at = time.monotonic()
-        self._paused = True
-        self._event(Event.PRECOPY_DONE)
         await hold(spec.name, HoldPoint.STOP_AND_COPY, self.options.hold_at)
-        last = np.union1d(step.pages, self._tracker.collect())
+        last = np.union1d(stop.pages, self._tracker.collect())
         self._holes[last] = False
         # A new transfer at the maximum rate: the last round's debt must not delay it.
-        pacer.reset(step.rate_bps)
-        self._rate_bps = step.rate_bps
+        self._channel.pacer.reset(stop.rate_bps)
+        self._rate_bps = stop.rate_bps
         # The VM is paused: the whole window, not just each step, has a deadline, so that
         # after any fault it runs here again within seconds.
-        window_s = STOP_WINDOW_S + len(last) * PAGE_SIZE * 8 / step.rate_bps
+        window_s = STOP_WINDOW_S + len(last) * PAGE_SIZE * 8 / stop.rate_bps
         window = asyncio.timeout(window_s)
         try:
             async with window:
@@ -390,12 +438,10 @@ class SourceMigration:
                 if held and (when := window.when()) is not None:
                     window.reschedule(when + held)
                 device_started = time.monotonic()
-                self._device_migration_started = True
                 assert self._state_tunnel is not None
-                self._state_tunnel.start(channel)
+                self._state_tunnel.start(self._channel)
                 await self.vm.qmp_command("migrate", uri=self._state_tunnel.uri)
                 await self._wait_device_state()
-                device_state_ms = (time.monotonic() - device_started) * 1000
                 image_asked = time.monotonic()
                 reply = await self._request("image", {"verify": self.options.verify},
                                             STOP_WINDOW_STALL_S + DEVICE_STATE_TIMEOUT_S)
@@ -404,29 +450,51 @@ class SourceMigration:
                 raise
             raise LivemigError(f"the stop-and-copy did not finish within {window_s:.1f} s "
                                f"({self.target_host} too slow or unreachable)") from exc
-        destination_checksum = reply.body.get("checksum")
-        verify_ms = float(reply.body.get("verify_ms", 0.0))
         if not reply.ok or not reply.body.get("consistent"):
             raise MigrationError(spec.name, self.stage.value,
                                  f"{self.target_host} does not hold a consistent image: "
                                  f"{reply.body.get('error')}", self.source_host)
         self._event(Event.IMAGE_CONSISTENT)
+        checksum = reply.body.get("checksum")
+        return _StopWindow(
+            stopped_event_at=stopped_event_at, stopped_at=stopped_at,
+            final_pages=len(last), final_bytes=final_bytes, device_started=device_started,
+            image_asked=image_asked,
+            destination_checksum=None if checksum is None else str(checksum),
+            verify_ms=float(reply.body.get("verify_ms", 0.0)))
 
-        # -- stage 4: commitment. Once "commit" is on its way, the target may be primary:
-        # from here the VM resumes here only if the target proves it never ran it.
+    async def _undo_stop_and_copy(self) -> None:
+        """The VM runs here again. QEMU's device-state migration, if it began, is
+        cancelled first (a no-op otherwise); ``cont`` on a running VM changes nothing."""
+        with contextlib.suppress(LivemigError):
+            await self.vm.qmp_command("migrate_cancel")
+        await self.vm.resume()
+
+    async def _commitment(self) -> _Commit:
+        """Stage 4: "commit" goes out; once it is on its way the target may be primary,
+        and the VM resumes here only if the target proves it never ran it (then the
+        stop-and-copy's undo applies)."""
         self._journal(commit_sent=True)
         self.machine.handle(Event.COMMITTED, time.monotonic() - self._started)
-        budget = self._budget
-        if budget is not None:
-            budget.reschedule(None)  # a time budget never aborts a committed migration
+        if self._budget is not None:
+            self._budget.reschedule(None)  # a time budget never aborts a committed migration
         commit_sent = time.monotonic()
-        cont_returned_at = await self._commit()
+        return _Commit(commit_sent=commit_sent, cont_returned_at=await self._commit())
 
-        # -- stage 5: activation (the target ran cont on commit)
+    async def _activation(self) -> tuple[str | None, float]:
+        """Stage 5: the target ran ``cont`` on commit. This copy is released; returns
+        its checksum (frozen since the stop) and when it was gone. No undo: done."""
         self._event(Event.ACTIVATED)
-        source_checksum = memory.checksum() if self.options.verify else None  # frozen now
+        checksum = self.vm.memory.checksum() if self.options.verify else None
         await self.vm.stop()  # release: the source's copy, tap and RAM file go
-        released_at = time.monotonic()
+        return checksum, time.monotonic()
+
+    def _report(self, stop: StopAndCopy, window: _StopWindow, commit: _Commit,
+                source_checksum: str | None, *, total_time_s: float) -> MigrationReport:
+        assert self.planner is not None and self._tracker is not None
+        spec = self.vm.record.spec
+        device_state_ms = (window.image_asked - window.device_started) * 1000
+        resumed, stopped = self._resumed_event_at, window.stopped_event_at
         return MigrationReport(
             vm=spec.name,
             source=self.source_host,
@@ -434,26 +502,29 @@ class SourceMigration:
             mode=str(self.options.mode),
             tracker=self._tracker.name,
             ram_bytes=spec.ram_bytes,
-            downtime_ms=(cont_returned_at - stopped_at) * 1000,
-            total_time_s=released_at - reserved_at,
-            bytes_sent=self.planner.bytes_sent + final_bytes,
+            downtime_ms=(commit.cont_returned_at - window.stopped_at) * 1000,
+            total_time_s=total_time_s,
+            bytes_sent=self.planner.bytes_sent + window.final_bytes,
             rounds=[asdict(r) for r in self.planner.rounds],
-            stop_reason=str(step.reason),
-            final_pages=len(last),
+            stop_reason=str(stop.reason),
+            final_pages=window.final_pages,
             device_state_ms=device_state_ms,
-            verify_ms=verify_ms,
-            verified=(source_checksum == destination_checksum) if self.options.verify else None,
+            verify_ms=window.verify_ms,
+            verified=((source_checksum == window.destination_checksum)
+                      if self.options.verify else None),
             source_checksum=source_checksum,
-            destination_checksum=destination_checksum,
+            destination_checksum=window.destination_checksum,
             stages=[(s.value, round(t, 4)) for s, t in self.machine.history],
-            stopped_at=stopped_at,
-            cont_returned_at=cont_returned_at,
+            stopped_at=window.stopped_at,
+            cont_returned_at=commit.cont_returned_at,
+            vcpus_stopped_ms=(None if stopped is None or resumed is None
+                              else (resumed - stopped) * 1000),
             # Where the engine's downtime goes, step by step (ms).
             stop_window_ms={
-                "final_pages": (device_started - stopped_at) * 1000,
+                "final_pages": (window.device_started - window.stopped_at) * 1000,
                 "device_state": device_state_ms,
-                "image_consistent": (commit_sent - image_asked) * 1000,
-                "commit_to_cont": (cont_returned_at - commit_sent) * 1000,
+                "image_consistent": (commit.commit_sent - window.image_asked) * 1000,
+                "commit_to_cont": (commit.cont_returned_at - commit.commit_sent) * 1000,
             },
         )
 
@@ -512,18 +583,16 @@ class SourceMigration:
         its end, on the channel."""
         assert self._state_tunnel is not None
         deadline = time.monotonic() + DEVICE_STATE_TIMEOUT_S
-        while time.monotonic() < deadline:
-            info = await self.vm.qmp_command("query-migrate")
-            status = info.get("status")
-            if status == "completed":
-                await self._state_tunnel.finished(max(0.0, deadline - time.monotonic()))
-                return
-            if status in ("failed", "cancelled"):
-                raise LivemigError(f"QEMU's device-state transfer {status}: "
-                                   f"{info.get('error-desc', 'no reason given')}")
-            self._state_tunnel.check()  # a broken channel would leave QEMU waiting
-            await asyncio.sleep(0.001)
-        raise LivemigError(f"QEMU's device-state transfer took over {DEVICE_STATE_TIMEOUT_S} s")
+        try:
+            info = await self.vm.migration_ended(DEVICE_STATE_TIMEOUT_S,
+                                                 alongside=self._state_tunnel.pump)
+        except TimeoutError:
+            raise LivemigError(f"QEMU's device-state transfer took over "
+                               f"{DEVICE_STATE_TIMEOUT_S} s") from None
+        if info.get("status") != "completed":
+            raise LivemigError(f"QEMU's device-state transfer {info.get('status')}: "
+                               f"{info.get('error-desc', 'no reason given')}")
+        await self._state_tunnel.finished(max(0.0, deadline - time.monotonic()))
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -541,6 +610,8 @@ class SourceMigration:
         except frames.WireError as exc:
             return await self._resolve(f"no answer to commit ({exc})")
         if reply.ok:
+            resumed = reply.body.get("resumed_at")
+            self._resumed_event_at = None if resumed is None else float(resumed)
             return float(reply.body["cont_returned_at"])
         if reply.body.get("running") is False:
             raise _NotActivated(str(reply.body.get("error")))
@@ -567,12 +638,8 @@ class SourceMigration:
 
     async def _abort(self, reason: str, event: Event) -> None:
         """Put everything back as it was: the VM runs here, the target tears down."""
-        if self._device_migration_started:
-            with contextlib.suppress(LivemigError):
-                await self.vm.qmp_command("migrate_cancel")
-        if self._paused:
-            await self.vm.resume()
-            self._paused = False
+        if (undo := UNDO.get(self.stage)) is not None:
+            await undo(self)
         self._journal(None)
         if self._channel is not None:
             await self._channel.abort(reason, ABORT_TIMEOUT_S)  # best effort, then closed
@@ -609,3 +676,14 @@ class SourceMigration:
             bytes_sent=planner.bytes_sent if planner is not None else 0,
             elapsed_s=now - self._started,
         ))
+
+
+# What undoes each stage on the source, if the migration fails or is cancelled there.
+# Stages missing here leave nothing to undo locally: the Abort that ``_abort`` always
+# sends (or the broken channel) has the target tear its reservation down.
+Undo = Callable[[SourceMigration], Awaitable[None]]
+UNDO: dict[Stage, Undo] = {
+    Stage.STOP_AND_COPY: SourceMigration._undo_stop_and_copy,
+    Stage.COMMITMENT: SourceMigration._undo_stop_and_copy,  # "commit" not yet sent
+    Stage.ACTIVATION: SourceMigration._undo_stop_and_copy,  # the target proved it never ran
+}

@@ -22,7 +22,7 @@ import socket
 from typing import Final
 
 from livemig.errors import LivemigError
-from livemig.vm.qemu import VM
+from livemig.vm.handle import MigratableVM
 from livemig.wire import frames
 from livemig.wire.channel import Channel
 
@@ -49,7 +49,7 @@ def _grow_buffers(sock: socket.socket) -> None:
             sock.setsockopt(socket.SOL_SOCKET, plain, SOCKET_BUFFER_BYTES)
 
 
-async def _socket_for(vm: VM, fdname: str) -> socket.socket:
+async def _socket_for(vm: MigratableVM, fdname: str) -> socket.socket:
     """A socket pair whose other end ``vm``'s QEMU now holds as ``fdname``; ours is
     returned, non-blocking. Our copy of QEMU's end is closed at once: kept open, it would
     hide QEMU's end of stream from us."""
@@ -76,7 +76,7 @@ class StateSource:
         self._pump: asyncio.Task[int] | None = None
 
     @classmethod
-    async def open(cls, vm: VM) -> StateSource:
+    async def open(cls, vm: MigratableVM) -> StateSource:
         return cls(await _socket_for(vm, SOURCE_FDNAME))
 
     @property
@@ -103,13 +103,11 @@ class StateSource:
         await channel.send(frames.DeviceState(b"", last=True))
         return total
 
-    def check(self) -> None:
-        """Raise what stopped the forwarding, if it failed; poll it while waiting for
-        QEMU, which would otherwise wait on a full socket for ever."""
-        if self._pump is not None and self._pump.done() and not self._pump.cancelled():
-            exc = self._pump.exception()
-            if exc is not None:
-                raise exc
+    @property
+    def pump(self) -> asyncio.Task[int] | None:
+        """The forwarding, once started: wait on it beside QEMU, which would otherwise
+        wait on a full socket for ever if the forwarding failed."""
+        return self._pump
 
     async def finished(self, timeout: float) -> int:
         """Wait until every byte and the end mark are on the channel; the bytes moved."""
@@ -144,7 +142,7 @@ class StateSink:
         self.bytes = 0
 
     @classmethod
-    async def open(cls, vm: VM) -> StateSink:
+    async def open(cls, vm: MigratableVM) -> StateSink:
         return cls(await _socket_for(vm, SINK_FDNAME))
 
     @property

@@ -70,7 +70,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import QMPClient, QMPError
+from qemu.qmp import EventListener, QMPClient, QMPError
 
 from livemig import paths
 from livemig.errors import (
@@ -93,6 +93,16 @@ from livemig.vm.spec import VMRecord, VMSpec, Workload
 QEMU_BINARY = os.environ.get("LIVEMIG_QEMU_BINARY") or "qemu-system-x86_64"
 QEMU_DATADIR = os.environ.get("LIVEMIG_QEMU_DATADIR")  # -L: that QEMU's own BIOS and ROMs
 BOOT_TIMEOUT_S = 90.0
+# QEMU queues STOP or RESUME before it replies to stop or cont; this only bounds the wait
+# for an event that will never come because the run state did not change.
+EVENT_AFTER_REPLY_S = 0.5
+MIGRATION_ENDED = frozenset({"completed", "failed", "cancelled"})
+# Our engine's use of QEMU's migration, the same on both ends: device state only (the
+# RAM is ours to move: x-ignore-shared), and MIGRATION events to wait on, not polling.
+ENGINE_MIGRATION_CAPABILITIES = (
+    {"capability": "x-ignore-shared", "state": True},
+    {"capability": "events", "state": True},
+)
 QMP_TIMEOUT_S = 10.0  # every command we send answers in milliseconds; a hung QEMU must not hang us
 AGENT_PORT_NAME = "org.livemig.agent"
 QEMU_USER = "livemig-qemu"  # made by tools/setup-host.sh
@@ -459,11 +469,45 @@ class VM:
         result = await self.qmp_command("query-status")
         return str(result["status"])
 
-    async def pause(self) -> None:
-        await self.qmp_command("stop")
+    async def pause(self) -> float | None:
+        """Stop the vCPUs; when they stopped, by QEMU's STOP event (CLOCK_REALTIME, s), or
+        None if they were stopped already."""
+        return await self._run_state_change("stop", "STOP")
 
-    async def resume(self) -> None:
-        await self.qmp_command("cont")
+    async def resume(self) -> float | None:
+        """Run the vCPUs; when they started, by QEMU's RESUME event (CLOCK_REALTIME, s)."""
+        return await self._run_state_change("cont", "RESUME")
+
+    async def _run_state_change(self, command: str, event_name: str) -> float | None:
+        # QEMU emits the event inside the command, before its reply: listening from
+        # before the command, the event is queued by the time the reply is in. The
+        # event's own time stamp is when the vCPUs stopped or started, free of the QMP
+        # round trip and of this process's scheduling.
+        with self.qmp.listener(event_name) as events:
+            await self.qmp_command(command)
+            try:
+                event = await asyncio.wait_for(events.get(), EVENT_AFTER_REPLY_S)
+            except TimeoutError:
+                return None  # no change of run state: it already was as asked
+        return event_time(event)
+
+    async def migration_ended(self, timeout: float,
+                              alongside: asyncio.Future[Any] | None = None) -> dict[str, Any]:
+        """QEMU's ``query-migrate`` once its migration has ended ("completed", "failed" or
+        "cancelled"), woken by MIGRATION events instead of polling (the ``events``
+        capability must be on). If ``alongside``, a task the migration depends on,
+        fails first, its exception is raised: QEMU would wait on it for ever."""
+        async with asyncio.timeout(timeout):
+            with self.qmp.listener("MIGRATION") as events:
+                # Subscribed first, then asked: an end reached before we listened shows
+                # in the answer, one reached after it in an event.
+                info: dict[str, Any] = await self.qmp_command("query-migrate")
+                while info.get("status") not in MIGRATION_ENDED:
+                    await _event_or_failure(events, alongside)
+                    if alongside is not None and alongside.done():
+                        alongside = None  # it finished cleanly; only QEMU is left
+                    info = await self.qmp_command("query-migrate")
+        return info
 
     # -- guest --------------------------------------------------------------------------
 
@@ -506,6 +550,22 @@ class VM:
     def console(self) -> str:
         return self.record.console_log.read_text(errors="replace")
 
+    async def wait_exited(self) -> None:
+        """Until QEMU's process has ended, woken by the kernel (a pidfd becomes readable
+        when its process exits), not by polling."""
+        try:
+            pidfd = os.pidfd_open(self.pid)
+        except ProcessLookupError:
+            return
+        loop = asyncio.get_running_loop()
+        ended: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(pidfd, _resolve, ended)
+        try:
+            await ended
+        finally:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+
     def exited(self) -> bool:
         try:
             self._check_alive()
@@ -537,6 +597,35 @@ def _exited(record: VMRecord, process: subprocess.Popen[bytes] | None) -> bool:
     with contextlib.suppress(ChildProcessError):
         os.waitpid(record.pid, os.WNOHANG)
     return not record.process_alive()  # gone, or a zombie: either way it has exited
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def event_time(event: Any) -> float:
+    """A QMP event's time stamp: QEMU's CLOCK_REALTIME when it happened, in seconds."""
+    stamp = event["timestamp"]
+    return int(stamp["seconds"]) + int(stamp["microseconds"]) / 1e6
+
+
+async def _event_or_failure(events: EventListener,
+                            alongside: asyncio.Future[Any] | None) -> None:
+    """Until ``events`` has an event or ``alongside`` is done; raises what it raised."""
+    if alongside is None:
+        await events.get()
+        return
+    next_event = asyncio.ensure_future(events.get())
+    try:
+        await asyncio.wait({next_event, alongside}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not next_event.done():
+            next_event.cancel()
+    if alongside.done() and not alongside.cancelled():
+        failure = alongside.exception()
+        if failure is not None:
+            raise failure
 
 
 async def _end_process(
