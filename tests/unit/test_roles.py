@@ -169,6 +169,8 @@ def test_the_report_times_the_stop_window_by_qemus_events(bed: Bed) -> None:
         report = await bed.migration().run()
         assert report.vcpus_stopped_ms is not None
         assert 0 <= report.vcpus_stopped_ms < 5000
+        assert report.device_state_bytes == len(DEVICE_STATE)
+        assert report.cont_ms is not None and report.cont_ms >= 10  # the fake's QMP trip
         assert report.downtime_ms > 0
         assert set(report.stop_window_ms) == {"final_pages", "device_state",
                                               "image_consistent", "commit_to_cont"}

@@ -22,7 +22,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Protocol
 
 import numpy as np
@@ -155,6 +155,21 @@ class QEMUGone(LivemigError):
     """Our incoming QEMU ended before commitment: the migration cannot go on."""
 
 
+def _cause(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """What ended a session's tasks: one session has one cause. Our QEMU's exit explains
+    the failures it caused in the message loop better than they do."""
+    leaves = list(_leaves(group))
+    return next((e for e in leaves if isinstance(e, QEMUGone)), leaves[0])
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc
+
+
 def message_kind(message: frames.Message) -> str:
     """What the table below is keyed by: a request's kind, else the frame's type."""
     if isinstance(message, frames.Request):
@@ -185,7 +200,7 @@ class DestinationSession:
         self._started = time.monotonic()
         self._hold_at: HoldPoint | None = None
         self._qemu_exit: asyncio.Future[None] | None = None
-        self._qemu_gone = False  # the watchdog cancelled us: see serve()
+        self._tasks = asyncio.TaskGroup()  # entered by serve()
         self._tearing_down: asyncio.Future[None] | None = None
         self._vm_name_here: str | None = None  # what Incoming knows this session by
         self._activated_at: float | None = None
@@ -196,33 +211,22 @@ class DestinationSession:
     async def serve(self) -> None:
         """Answer the source until the VM runs here, or until the migration is abandoned."""
         try:
-            self._event(Event.BEGIN)
-            while not self.machine.stage.terminal:
-                # Dispatched at once, with no await between: a Pages frame's data is
-                # the channel's buffer, valid only until the channel reads again.
-                await self._dispatch(await self.channel.recv(timeout=IDLE_TIMEOUT_S))
-            if self.machine.stage is Stage.ABORTED:
-                # Every way into ABORTED ends here (an Abort, a refused reservation, an
-                # image that never came): none may leave an incoming copy behind, which
-                # would block the next try of this VM with VMExists.
-                await self._tear_down()
+            try:
+                # The session's tasks: the message loop (this task) and, once a QEMU
+                # runs here, its watcher. Either one failing ends the other.
+                async with asyncio.TaskGroup() as self._tasks:
+                    await self._serve_messages()
+            except BaseExceptionGroup as group:
+                raise _cause(group) from None
         except (LivemigError, OSError) as exc:
             await self._abandon(exc)
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if self._qemu_gone and task is not None and task.uncancel() == 0:
-                # Our own watchdog's cancel and nobody else's: our QEMU exited.
-                await self._abandon(QEMUGone(
-                    f"the destination QEMU of {self._vm_name} on {self.host} exited"))
-                return
             # The daemon stops, or 'locate' learnt that the source lost us: tear down
             # (to its end, whatever else is cancelled meanwhile), then stay cancelled.
             if self.machine.stage.source_is_primary:
                 await self._tear_down()
             raise
         finally:
-            if self._qemu_exit is not None:
-                self._qemu_exit.cancel()
             if self._state_sink is not None:
                 self._state_sink.close()
             if self._vm_name_here is not None:
@@ -230,6 +234,20 @@ class DestinationSession:
             if self.vm is not None:
                 await self.vm.close()  # frees QEMU's one-client agent and QMP sockets
             await self.channel.close()
+
+    async def _serve_messages(self) -> None:
+        self._event(Event.BEGIN)
+        while not self.machine.stage.terminal:
+            # Dispatched at once, with no await between: a Pages frame's data is the
+            # channel's buffer, valid only until the channel reads again.
+            await self._dispatch(await self.channel.recv(timeout=IDLE_TIMEOUT_S))
+        if self._qemu_exit is not None:
+            self._qemu_exit.cancel()  # the session is over: nothing left to watch for
+        if self.machine.stage is Stage.ABORTED:
+            # Every way into ABORTED ends here (an Abort, a refused reservation, an
+            # image that never came): none may leave an incoming copy behind, which
+            # would block the next try of this VM with VMExists.
+            await self._tear_down()
 
     async def _abandon(self, exc: BaseException) -> None:
         """A failure: before commitment, tear down and tell the source why."""
@@ -241,21 +259,12 @@ class DestinationSession:
         await self._tear_down()
         await self.channel.abort(f"{exc}; {self.host} tore down", timeout=1.0)
 
-    def _watch_qemu(self, vm: MigratableVM) -> None:
-        """Until commitment, our QEMU exiting ends the session at once (cancelling the
-        serving task, which knows that cancel for its own): the source must hear of it
-        now, not after its next time-out."""
-        serving = asyncio.current_task()
-        assert serving is not None
-
-        def exited(waiter: asyncio.Future[None]) -> None:
-            if (not waiter.cancelled() and self.machine.stage.source_is_primary
-                    and not serving.done()):
-                self._qemu_gone = True
-                serving.cancel()
-
-        self._qemu_exit = asyncio.ensure_future(vm.wait_exited())
-        self._qemu_exit.add_done_callback(exited)
+    async def _watch_qemu(self, vm: MigratableVM) -> None:
+        """Until commitment, our QEMU exiting ends the session at once: the source must
+        hear of it now, not after its next time-out."""
+        await vm.wait_exited()
+        if self.machine.stage.source_is_primary:
+            raise QEMUGone(f"the destination QEMU of {vm.name} on {self.host} exited")
 
     @property
     def _vm_name(self) -> str:
@@ -304,7 +313,7 @@ class DestinationSession:
             await self.channel.send(frames.Reply(ok=False, body={"error": problem}))
             return
         assert self.vm is not None
-        self._watch_qemu(self.vm)
+        self._qemu_exit = self._tasks.create_task(self._watch_qemu(self.vm))
         task = asyncio.current_task()
         assert task is not None
         self.incoming.add(spec.name, self, task)
@@ -416,8 +425,9 @@ class DestinationSession:
         # the offset measured at connection time.
         try:
             await self.channel.send(
-                frames.Reply(ok=True, body={"cont_returned_at": cont_returned_at,
-                                            "resumed_at": resumed_at}), timeout=5.0)
+                frames.Reply(ok=True, body={
+                    "cont_returned_at": cont_returned_at, "resumed_at": resumed_at,
+                    "cont_ms": (cont_returned_at - cont_asked) * 1e3}), timeout=5.0)
         except frames.WireError as exc:
             # The VM runs here regardless; the source asks where it runs ('locate').
             log.warning("%s runs here, but %s did not hear it: %s", self.vm.name,

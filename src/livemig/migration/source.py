@@ -129,6 +129,8 @@ class MigrationReport:
     # event on the destination, both QEMU's CLOCK_REALTIME (one machine here; real hosts
     # need synchronized clocks). None when an event was missing (a lost commit reply).
     vcpus_stopped_ms: float | None
+    device_state_bytes: int  # QEMU's CPU and device state, as it crossed the tunnel
+    cont_ms: float | None  # the destination's cont alone, as it timed it
 
     @property
     def data_sent_ratio(self) -> float:
@@ -255,6 +257,8 @@ class SourceMigration:
         self._cancel_accepted = False
         self._aborting: asyncio.Task[None] | None = None  # see _put_back
         self._resumed_event_at: float | None = None  # the target's RESUME event
+        self._cont_ms: float | None = None  # how long the target's cont took
+        self._device_state_bytes = 0
 
     @property
     def stage(self) -> Stage:
@@ -519,6 +523,8 @@ class SourceMigration:
             cont_returned_at=commit.cont_returned_at,
             vcpus_stopped_ms=(None if stopped is None or resumed is None
                               else (resumed - stopped) * 1000),
+            device_state_bytes=self._device_state_bytes,
+            cont_ms=self._cont_ms,
             # Where the engine's downtime goes, step by step (ms).
             stop_window_ms={
                 "final_pages": (window.device_started - window.stopped_at) * 1000,
@@ -592,7 +598,8 @@ class SourceMigration:
         if info.get("status") != "completed":
             raise LivemigError(f"QEMU's device-state transfer {info.get('status')}: "
                                f"{info.get('error-desc', 'no reason given')}")
-        await self._state_tunnel.finished(max(0.0, deadline - time.monotonic()))
+        self._device_state_bytes = await self._state_tunnel.finished(
+            max(0.0, deadline - time.monotonic()))
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -610,8 +617,9 @@ class SourceMigration:
         except frames.WireError as exc:
             return await self._resolve(f"no answer to commit ({exc})")
         if reply.ok:
-            resumed = reply.body.get("resumed_at")
+            resumed, cont_ms = reply.body.get("resumed_at"), reply.body.get("cont_ms")
             self._resumed_event_at = None if resumed is None else float(resumed)
+            self._cont_ms = None if cont_ms is None else float(cont_ms)
             return float(reply.body["cont_returned_at"])
         if reply.body.get("running") is False:
             raise _NotActivated(str(reply.body.get("error")))
