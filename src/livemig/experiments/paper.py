@@ -280,6 +280,11 @@ def summarize(result: dict[str, Any], by_requests: bool = False) -> dict[str, An
         "service_impact": during / before if before and during is not None else None,
         "rounds": len(result["rounds"]),
         "stop_reason": result["report"].get("stop_reason"),
+        # Where the engine's downtime went (ours only; QEMU reports none of it).
+        "stop_window_ms": result["report"].get("stop_window_ms") or None,
+        "vcpus_stopped_ms": result["report"].get("vcpus_stopped_ms"),
+        "device_state_bytes": result["report"].get("device_state_bytes"),
+        "cont_ms": result["report"].get("cont_ms"),
         "game_max_gap_ms": None if game is None else game["summary"]["max_gap_ms"],
         "integrity_errors": (None if result.get("integrity") is None
                              else result["integrity"].get("errors")),
