@@ -30,7 +30,10 @@ ENGINE_COLOURS = {
     "stop-and-copy": "#8c564b",
     "qemu-precopy": "#d62728",
     "qemu-precopy-30": "#ff7f0e",
+    "qemu-multifd": "#9467bd",
+    "qemu-autoconverge": "#e377c2",
     "qemu-postcopy": "#2ca02c",
+    "floor": "#7f7f7f",  # every engine has its own colour: the legend must tell them apart
 }
 MARKERS = (  # stage name in our report -> label and style of its line
     ("iterative pre-copy", "pre-copy starts", "#1f77b4", "--"),
