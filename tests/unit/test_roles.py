@@ -534,3 +534,18 @@ def test_every_stage_takes_only_the_messages_its_table_lists() -> None:
             assert not handled or stage.source_is_primary, (stage, kind)
     assert dest_module.message_kind(frames.Request("image", {})) == "image"
     assert dest_module.message_kind(frames.DeviceState(b"x")) == "device-state"
+
+
+def test_a_bug_on_the_destination_aborts_cleanly_and_is_raised_there(bed: Bed) -> None:
+    async def broken(spec: object, host: str) -> FakeVM:
+        raise RuntimeError("a bug in starting QEMU")
+
+    bed.target.start_incoming = broken  # type: ignore[method-assign]
+
+    async def main() -> None:
+        error = await migrate_failing(bed)
+        assert "a bug in starting QEMU" in str(error) and error.vm_runs_on == "hostA"
+        ended = await bed.settled()
+        assert isinstance(ended[0], RuntimeError)  # the daemon logs it as a bug
+        assert_runs_on_source_only(bed)
+    run(main)

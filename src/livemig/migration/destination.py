@@ -218,8 +218,10 @@ class DestinationSession:
                     await self._serve_messages()
             except BaseExceptionGroup as group:
                 raise _cause(group) from None
-        except (LivemigError, OSError) as exc:
+        except Exception as exc:
             await self._abandon(exc)
+            if not isinstance(exc, LivemigError | OSError):
+                raise  # a bug: torn down like any failure, and then told loudly
         except asyncio.CancelledError:
             # The daemon stops, or 'locate' learnt that the source lost us: tear down
             # (to its end, whatever else is cancelled meanwhile), then stay cancelled.
