@@ -12,6 +12,7 @@
 #include <errno.h>
 #include <netinet/in.h>
 #include <poll.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/socket.h>
@@ -94,6 +95,10 @@ int main(int argc, char **argv)
     if (optind != argc)
         usage();
 
+    /* A TCP client that reset the connection while we still echo to it (a probe
+     * killed, a flow cut by a migration) gives EPIPE, and with it SIGPIPE, whose
+     * default ends the whole server: every later probe would be refused. */
+    signal(SIGPIPE, SIG_IGN);
     struct pollfd fds[2 + MAX_TCP_CLIENTS];
     fds[0] = (struct pollfd){.fd = bound_socket(SOCK_DGRAM, port), .events = POLLIN};
     fds[1] = (struct pollfd){.fd = bound_socket(SOCK_STREAM, port), .events = POLLIN};

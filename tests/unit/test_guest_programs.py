@@ -209,6 +209,29 @@ def test_echo_serves_tcp_connections_too(spawn: Spawner) -> None:
         assert third.recv(100) == b"again"
 
 
+def test_echo_outlives_sigpipe(spawn: Spawner) -> None:
+    """Echoing to a TCP client that reset the connection (a probe killed, a flow cut by
+    a migration) raises SIGPIPE. Once, that ended lm-echo, and every later probe of the
+    benchmark was refused ("connection refused", 3 runs of 200)."""
+    port = free_udp_port()
+    echo = spawn("lm-echo", "-p", str(port))
+    time.sleep(0.2)  # past its start: the disposition is set before it serves
+    os.kill(echo.pid, signal.SIGPIPE)
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            client = socket.create_connection(("127.0.0.1", port), timeout=1)
+            break
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline or echo.poll() is not None:
+                pytest.fail(f"lm-echo is gone (exit {echo.poll()})")
+            time.sleep(0.02)
+    with client:
+        client.sendall(b"still here")
+        assert client.recv(100) == b"still here"
+    assert echo.poll() is None
+
+
 class GameClient:
     def __init__(self, port: int, client_id: int) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
