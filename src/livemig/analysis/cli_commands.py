@@ -21,8 +21,9 @@ from livemig import argtypes
 from livemig.analysis import record, simulate, wws
 from livemig.analysis.trace import Trace
 from livemig.errors import LivemigError
-from livemig.migration.planner import MBIT, PAGE_SIZE, Mode, PlannerConfig, RateLimits
+from livemig.migration.planner import Mode, PlannerConfig, RateLimits
 from livemig.net import testbed
+from livemig.units import MBIT, PAGE_SIZE
 from livemig.vm import qemu
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6,

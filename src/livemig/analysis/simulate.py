@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import msgspec
 import numpy as np
 import numpy.typing as npt
 
@@ -27,8 +28,6 @@ from livemig.analysis.timeline import Timeline, Writes
 from livemig.analysis.trace import Trace
 from livemig.migration.planner import (
     DEFAULT_CONFIG,
-    MBIT,
-    PAGE_SIZE,
     Mode,
     Planner,
     PlannerConfig,
@@ -37,6 +36,7 @@ from livemig.migration.planner import (
     RoundStats,
     StopAndCopy,
 )
+from livemig.units import MBIT, PAGE_SIZE
 
 PAGE_BITS = PAGE_SIZE * 8
 Int64s = npt.NDArray[np.int64]
@@ -228,7 +228,7 @@ class Result:
             "stop_reason": self.stop_reason,
             "final_pages": self.final_pages,
             "final_data_pages": self.final_data_pages,
-            "rounds": [dataclasses.asdict(r) for r in self.rounds],
+            "rounds": [msgspec.structs.asdict(r) for r in self.rounds],
             "costs": dataclasses.asdict(self.costs),
         }
 

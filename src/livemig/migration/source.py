@@ -32,7 +32,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ import numpy.typing as npt
 from livemig.errors import LivemigError, MigrationCancelled, MigrationError, ReservationRefused
 from livemig.migration.holds import HoldPoint, hold
 from livemig.migration.planner import (
-    PAGE_SIZE,
+    DEFAULT_LIMITS,
     Mode,
     Planner,
     PlannerConfig,
@@ -52,11 +52,13 @@ from livemig.migration.planner import (
 )
 from livemig.migration.stages import Event, Stage, StageMachine
 from livemig.migration.tunnel import StateSource
+from livemig.units import PAGE_SIZE
 from livemig.vm import dirtylog
 from livemig.vm.qemu import VM
 from livemig.vm.spec import VMRecord
-from livemig.wire import frames
+from livemig.wire import frames, messages
 from livemig.wire.channel import Channel
+from livemig.wire.messages import DEFAULT_OPTIONS, MigrationReport, Progress
 
 log = logging.getLogger(__name__)
 
@@ -75,64 +77,23 @@ PROGRESS_INTERVAL_S = 0.1
 
 @dataclass(frozen=True)
 class MigrationOptions:
-    limits: RateLimits = field(default_factory=RateLimits)
-    mode: Mode = Mode.PRECOPY
-    tracker: str = dirtylog.TrackerKind.AUTO
-    verify: bool = True  # checksum both images; costs destination time before cont
-    seed: int = 0
-    stall_timeout_s: float = 10.0  # pre-copy: the target took no data for this long
-    timeout_s: float | None = None  # the whole migration's budget, up to commitment
-    hold_at: HoldPoint | None = None  # fault drills: wait at this point (migration.holds)
+    """``messages.MigrateOptions`` in the engine's units; the defaults are its."""
 
+    limits: RateLimits = DEFAULT_LIMITS
+    mode: Mode = DEFAULT_OPTIONS.mode
+    tracker: str = DEFAULT_OPTIONS.tracker
+    verify: bool = DEFAULT_OPTIONS.verify  # checksum both images; costs time before cont
+    seed: int = DEFAULT_OPTIONS.seed
+    stall_timeout_s: float = DEFAULT_OPTIONS.stall_timeout_s  # the target took no data
+    timeout_s: float | None = DEFAULT_OPTIONS.timeout_s  # the budget, up to commitment
+    hold_at: HoldPoint | None = DEFAULT_OPTIONS.hold_at  # fault drills (migration.holds)
 
-@dataclass(frozen=True)
-class Progress:
-    """What the operator sees while a migration runs."""
-
-    stage: str
-    round: int
-    pages_left: int
-    rate_mbps: float
-    dirty_rate_mbps: float
-    # Not a downtime prediction (none exists yet): pages_left sent at the maximum rate.
-    pages_left_at_max_rate_ms: float
-    bytes_sent: int
-    elapsed_s: float
-
-
-@dataclass
-class MigrationReport:
-    vm: str
-    source: str
-    target: str
-    mode: str
-    tracker: str
-    ram_bytes: int
-    downtime_ms: float  # engine: source's stop returned -> destination's cont returned
-    total_time_s: float  # reservation began -> source released after commitment
-    bytes_sent: int  # page bytes on the wire
-    rounds: list[dict[str, Any]]
-    stop_reason: str
-    final_pages: int  # sent while the VM was stopped
-    device_state_ms: float
-    verify_ms: float
-    verified: bool | None
-    source_checksum: str | None
-    destination_checksum: str | None
-    stages: list[tuple[str, float]]  # stage entered, seconds since the start
-    # CLOCK_MONOTONIC of this machine (s): to line the switchover up with the probes'.
-    stopped_at: float
-    cont_returned_at: float
-    stop_window_ms: dict[str, float]
-
-    @property
-    def data_sent_ratio(self) -> float:
-        return self.bytes_sent / self.ram_bytes
-
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["data_sent_ratio"] = round(self.data_sent_ratio, 4)
-        return data
+    @classmethod
+    def of(cls, options: messages.MigrateOptions) -> MigrationOptions:
+        return cls(limits=RateLimits.of(options), mode=options.mode, tracker=options.tracker,
+                   verify=options.verify, seed=options.seed,
+                   stall_timeout_s=options.stall_timeout_s, timeout_s=options.timeout_s,
+                   hold_at=options.hold_at)
 
 
 ProgressCallback = Callable[[Progress], None]
@@ -156,7 +117,7 @@ def read_journal(record: VMRecord) -> dict[str, Any] | None:
     return entry
 
 
-async def locate(vm: str, connect: Connect, patience_s: float) -> dict[str, Any] | None:
+async def locate(vm: str, connect: Connect, patience_s: float) -> messages.Location | None:
     """Ask the target's daemon, on fresh connections, where ``vm`` stands: "running"
     there, or "absent" (it holds no copy, and tore down any uncommitted one before
     answering). Asks again on "activating" or no answer, for up to ``patience_s``;
@@ -166,9 +127,9 @@ async def locate(vm: str, connect: Connect, patience_s: float) -> dict[str, Any]
         try:
             async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
                 async with await connect() as peer:
-                    reply = await peer.request("locate", {"vm": vm}, timeout=5.0)
-            if reply.ok and reply.body.get("state") in ("running", "absent"):
-                return reply.body
+                    answer = await peer.ask(messages.Locate(vm=vm), messages.Location, 5.0)
+            if isinstance(answer, messages.Location) and answer.final:
+                return answer
         except (LivemigError, OSError, TimeoutError) as exc:
             log.info("locating %s: %s", vm, exc)
         await asyncio.sleep(0.5)
@@ -184,7 +145,7 @@ async def recover_switchover(vm: VM, connect: Connect) -> tuple[bool, str]:
         return True, f"{vm.name} was in no switchover"
     target = entry["target"]
     answer = await locate(vm.name, connect, RESOLVE_TIMEOUT_S)
-    if answer is not None and answer["state"] == "running":
+    if answer is not None and answer.state == "running":
         await vm.stop()  # the target runs it: this copy is the stale one
         return True, f"{vm.name} runs on {target}; released the copy here"
     if answer is None and entry["commit_sent"]:
@@ -322,14 +283,16 @@ class SourceMigration:
         reserved_at = time.monotonic()
 
         # -- stage 1: reservation
-        reserve: dict[str, Any] = {"spec": spec.to_json(), "source": self.source_host}
-        if self.options.hold_at is HoldPoint.COMMITMENT:
-            reserve["hold_at"] = str(HoldPoint.COMMITMENT)  # the target holds that one
-        reply = await self._request("reserve", reserve, RESERVE_TIMEOUT_S)
-        if not reply.ok:
+        reserve = messages.Reserve(
+            spec=messages.VMSpecFields(**spec.to_json()), source=self.source_host,
+            # The target holds that one point; the others are ours.
+            hold_at=(HoldPoint.COMMITMENT if self.options.hold_at is HoldPoint.COMMITMENT
+                     else None))
+        reserved = await self._request(reserve, messages.Reserved, RESERVE_TIMEOUT_S)
+        if isinstance(reserved, messages.Refusal):
             raise ReservationRefused(
                 spec.name, Stage.RESERVATION.value,
-                f"{self.target_host} cannot take {spec.name}: {reply.body.get('error')}",
+                f"{self.target_host} cannot take {spec.name}: {reserved.error}",
                 self.source_host,
             )
         # Set now, not in the stop window: every millisecond there is downtime. QEMU
@@ -397,19 +360,21 @@ class SourceMigration:
                 await self._wait_device_state()
                 device_state_ms = (time.monotonic() - device_started) * 1000
                 image_asked = time.monotonic()
-                reply = await self._request("image", {"verify": self.options.verify},
+                image = await self._request(messages.Image(verify=self.options.verify),
+                                            messages.ImageConsistent,
                                             STOP_WINDOW_STALL_S + DEVICE_STATE_TIMEOUT_S)
         except TimeoutError as exc:
             if not window.expired():
                 raise
             raise LivemigError(f"the stop-and-copy did not finish within {window_s:.1f} s "
                                f"({self.target_host} too slow or unreachable)") from exc
-        destination_checksum = reply.body.get("checksum")
-        verify_ms = float(reply.body.get("verify_ms", 0.0))
-        if not reply.ok or not reply.body.get("consistent"):
+        if isinstance(image, messages.Refusal) or not image.consistent:
+            why = image.error if isinstance(image, messages.Refusal) else "it says so"
             raise MigrationError(spec.name, self.stage.value,
                                  f"{self.target_host} does not hold a consistent image: "
-                                 f"{reply.body.get('error')}", self.source_host)
+                                 f"{why}", self.source_host)
+        destination_checksum = image.checksum
+        verify_ms = image.verify_ms
         self._event(Event.IMAGE_CONSISTENT)
 
         # -- stage 4: commitment. Once "commit" is on its way, the target may be primary:
@@ -427,6 +392,7 @@ class SourceMigration:
         source_checksum = memory.checksum() if self.options.verify else None  # frozen now
         await self.vm.stop()  # release: the source's copy, tap and RAM file go
         released_at = time.monotonic()
+        bytes_sent = self.planner.bytes_sent + final_bytes
         return MigrationReport(
             vm=spec.name,
             source=self.source_host,
@@ -436,8 +402,9 @@ class SourceMigration:
             ram_bytes=spec.ram_bytes,
             downtime_ms=(cont_returned_at - stopped_at) * 1000,
             total_time_s=released_at - reserved_at,
-            bytes_sent=self.planner.bytes_sent + final_bytes,
-            rounds=[asdict(r) for r in self.planner.rounds],
+            bytes_sent=bytes_sent,
+            rounds=list(self.planner.rounds),
+            data_sent_ratio=round(bytes_sent / spec.ram_bytes, 4),
             stop_reason=str(step.reason),
             final_pages=len(last),
             device_state_ms=device_state_ms,
@@ -527,9 +494,10 @@ class SourceMigration:
 
     # -- helpers ------------------------------------------------------------------------
 
-    async def _request(self, kind: str, body: dict[str, Any], timeout: float) -> frames.Reply:
+    async def _request(self, request: messages.PeerRequest, expected: type[messages.R],
+                       timeout: float) -> messages.R | messages.Refusal:
         assert self._channel is not None
-        return await self._channel.request(kind, body, timeout=timeout)
+        return await self._channel.ask(request, expected, timeout)
 
     async def _commit(self) -> float:
         """Send "commit"; return when the target's ``cont`` returned (on its monotonic
@@ -537,15 +505,16 @@ class SourceMigration:
         did not run the VM, LivemigError if nobody can tell."""
         assert self._channel is not None
         try:
-            reply = await self._channel.request("commit", {}, timeout=COMMIT_TIMEOUT_S)
+            reply = await self._request(messages.Commit(), messages.Activated,
+                                        COMMIT_TIMEOUT_S)
         except frames.WireError as exc:
             return await self._resolve(f"no answer to commit ({exc})")
-        if reply.ok:
-            return float(reply.body["cont_returned_at"])
-        if reply.body.get("running") is False:
-            raise _NotActivated(str(reply.body.get("error")))
+        if isinstance(reply, messages.Activated):
+            return reply.cont_returned_at
+        if reply.running is False:
+            raise _NotActivated(reply.error)
         return await self._resolve(f"{self.target_host} failed to activate the VM: "
-                                   f"{reply.body.get('error')}")
+                                   f"{reply.error}")
 
     async def _resolve(self, why: str) -> float:
         log.warning("%s: %s; asking %s where %s runs", self.vm.name, why, self.target_host,
@@ -553,9 +522,9 @@ class SourceMigration:
         answer = await locate(self.vm.name, self._connect, RESOLVE_TIMEOUT_S)
         if answer is None:
             raise LivemigError(f"{why}, and {self.target_host} has not answered since")
-        if answer["state"] == "absent":
+        if answer.state == "absent":
             raise _NotActivated(f"{why}; {self.target_host} holds no copy of it now")
-        return float(answer.get("cont_returned_at") or time.monotonic())
+        return answer.cont_returned_at or time.monotonic()
 
     async def _put_back(self, reason: str, event: Event) -> None:
         """``_abort``, in a task of its own that no cancel of ours can reach: a cancel

@@ -89,9 +89,9 @@ import numpy as np
 import numpy.typing as npt
 
 from livemig.errors import LivemigError
+from livemig.units import PAGE_SIZE as PAGE_SIZE
 
 PROTOCOL_VERSION = 2  # 2: DeviceState, the tunnelled device-state stream
-PAGE_SIZE = 4096
 MAX_PAGES_PER_FRAME = 1024  # data pages; zero pages (indexes only) up to 16x as many
 MAX_ZERO_PAGES_PER_FRAME = 16 * MAX_PAGES_PER_FRAME
 MAX_JSON_BYTES = 64 * 1024
