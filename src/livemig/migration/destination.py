@@ -24,6 +24,7 @@ import os
 import time
 from typing import Any
 
+import msgspec
 import numpy as np
 import numpy.typing as npt
 
@@ -34,7 +35,7 @@ from livemig.migration.tunnel import StateSink
 from livemig.vm import qemu
 from livemig.vm.memory import page_checksums, sum_checksums
 from livemig.vm.spec import VMRecord, VMSpec
-from livemig.wire import frames
+from livemig.wire import frames, messages
 from livemig.wire.channel import Channel
 
 log = logging.getLogger(__name__)
@@ -94,12 +95,12 @@ class Incoming:
                     log.error("could not remove %s: %s", record.spec.name, exc)
         self.recovered.set()
 
-    async def locate(self, vm: str) -> dict[str, Any]:
+    async def locate(self, vm: str) -> messages.Location:
         await asyncio.wait_for(self.recovered.wait(), timeout=60.0)
         if (entry := self._sessions.get(vm)) is not None:
             session, task = entry
             if not session.machine.stage.source_is_primary:
-                return {"state": "activating"}  # committed; cont is under way
+                return messages.Location("activating")  # committed; cont is under way
             # Uncommitted, and its source asks: it lost us. This copy must never run.
             task.cancel()
             await asyncio.wait({task}, timeout=15.0)
@@ -110,8 +111,8 @@ class Incoming:
                 # An incoming copy nobody serves: its daemon died before commitment.
                 await qemu.VM(record).stop()
                 continue
-            return {"state": "running", "cont_returned_at": self._activated_at.get(vm)}
-        return {"state": "absent"}
+            return messages.Location("running", self._activated_at.get(vm))
+        return messages.Location("absent")
 
 
 class DestinationSession:
@@ -190,6 +191,8 @@ class DestinationSession:
 
     async def _dispatch(self, message: frames.Message) -> None:
         stage = self.machine.stage
+        request = (messages.read_request(message, self.channel.peer)
+                   if isinstance(message, frames.Request) else None)
         if isinstance(message, frames.Pages) and stage in (Stage.PRECOPY, Stage.STOP_AND_COPY):
             self._write(message)
         elif (isinstance(message, frames.DeviceState) and self._state_sink is not None
@@ -199,16 +202,15 @@ class DestinationSession:
             log.info("source aborted the migration: %s", message.reason)
             self._event(Event.CANCELLED)
             await self._tear_down()
-        elif isinstance(message, frames.Request) and message.kind == "reserve":
-            await self.channel.send(await self._reserve(message.body))
-        elif isinstance(message, frames.Request) and message.kind == "image":
-            await self.channel.send(await self._image(bool(message.body.get("verify"))))
-        elif isinstance(message, frames.Request) and message.kind == "commit":
+        elif isinstance(request, messages.Reserve):
+            await self.channel.send(messages.reply_frame(await self._reserve(request)))
+        elif isinstance(request, messages.Image):
+            await self.channel.send(messages.reply_frame(await self._image(request.verify)))
+        elif isinstance(request, messages.Commit):
             await self._commit()
-        elif (isinstance(message, frames.Request) and message.kind == "locate"
-              and stage is Stage.RESERVATION):
-            vm = str(message.body.get("vm"))
-            await self.channel.send(frames.Reply(ok=True, body=await self.incoming.locate(vm)))
+        elif isinstance(request, messages.Locate) and stage is Stage.RESERVATION:
+            answer = await self.incoming.locate(request.vm)
+            await self.channel.send(messages.reply_frame(answer))
             self._event(Event.FAILED)  # this connection only asked; it reserved nothing
         else:
             raise frames.RemoteProtocolError(
@@ -219,14 +221,14 @@ class DestinationSession:
 
     # -- stage 1 ------------------------------------------------------------------------
 
-    async def _reserve(self, body: dict[str, Any]) -> frames.Reply:
+    async def _reserve(self, request: messages.Reserve) -> messages.Reserved | messages.Refusal:
         if self.machine.stage is not Stage.RESERVATION:
             raise frames.RemoteProtocolError(
                 self.channel.peer, f"reserve in stage {self.machine.stage.value}"
             )
         try:
-            spec = VMSpec.from_json(body["spec"])
-        except (KeyError, TypeError, ValueError) as exc:
+            spec = VMSpec.from_json(msgspec.structs.asdict(request.spec))
+        except (TypeError, ValueError) as exc:
             raise frames.RemoteProtocolError(
                 self.channel.peer, f"malformed VM spec: {exc}"
             ) from exc
@@ -235,17 +237,16 @@ class DestinationSession:
                  else "plaintext: only the shared key vouches for it")
         if problem := reservation_problem(spec.ram_bytes):
             self._event(Event.FAILED)
-            return frames.Reply(ok=False, body={"error": problem})
-        if body.get("hold_at"):
-            self._hold_at = HoldPoint(body["hold_at"])
+            return messages.Refusal(error=problem)
+        self._hold_at = request.hold_at
         if not (spec.kernel.is_file() and spec.initrd.is_file()):
             self._event(Event.FAILED)
-            return frames.Reply(ok=False, body={"error": f"image {spec.image!r} is not here"})
+            return messages.Refusal(error=f"image {spec.image!r} is not here")
         try:
             self.vm = await qemu.VM.start(spec, self.host, incoming=True)
         except LivemigError as exc:
             self._event(Event.FAILED)
-            return frames.Reply(ok=False, body={"error": str(exc)})
+            return messages.Refusal(error=str(exc))
         task = asyncio.current_task()
         assert task is not None
         self.incoming.add(spec.name, self, task)
@@ -262,7 +263,7 @@ class DestinationSession:
         self._page_sums = np.zeros(memory.npages, dtype=np.uint64)
         self.channel.connection.npages = memory.npages  # the codec bounds page indexes
         self._event(Event.RESERVED)
-        return frames.Reply(ok=True, body={"tunnel": True})
+        return messages.Reserved()
 
     # -- stages 2 and 3 -----------------------------------------------------------------
 
@@ -290,7 +291,7 @@ class DestinationSession:
             memory.pages[rewrite] = 0
             self._page_sums[pages.zero_indexes] = 0
 
-    async def _image(self, verify: bool) -> frames.Reply:
+    async def _image(self, verify: bool) -> messages.ImageConsistent | messages.Refusal:
         assert self.vm is not None
         if self.machine.stage is Stage.PRECOPY:
             self._event(Event.PRECOPY_DONE)
@@ -307,14 +308,14 @@ class DestinationSession:
             status = f"{status} after {INCOMING_TIMEOUT_S:g} s"
         if status != "completed":
             self._event(Event.FAILED)  # serve() tears down once the source has the reply
-            return frames.Reply(ok=False, body={"error": f"device state {status}"})
-        body: dict[str, Any] = {"consistent": True}
+            return messages.Refusal(error=f"device state {status}")
+        checksum, verify_ms = None, 0.0
         if verify:
             started = time.monotonic()
-            body["checksum"] = sum_checksums(self._page_sums)
-            body["verify_ms"] = (time.monotonic() - started) * 1000
+            checksum = sum_checksums(self._page_sums)
+            verify_ms = (time.monotonic() - started) * 1000
         self._event(Event.IMAGE_CONSISTENT)
-        return frames.Reply(ok=True, body=body)
+        return messages.ImageConsistent(checksum=checksum, verify_ms=verify_ms)
 
     # -- stages 4 and 5 -----------------------------------------------------------------
 
@@ -333,8 +334,8 @@ class DestinationSession:
             # It never ran here, and it never will: the source may take it back.
             self._event(Event.FAILED)
             await self._tear_down()
-            await self.channel.send(frames.Reply(ok=False, body={
-                "running": False, "error": f"cont failed on {self.host}: {exc}"}))
+            await self.channel.send(messages.reply_frame(messages.Refusal(
+                error=f"cont failed on {self.host}: {exc}", running=False)))
             return
         cont_returned_at = self._activated_at = time.monotonic()
         # First of all, before any I/O that may fail: the record says this copy runs
@@ -346,8 +347,8 @@ class DestinationSession:
         # The source's clock is this one (one machine); across machines it would need
         # the offset measured at connection time.
         try:
-            await self.channel.send(
-                frames.Reply(ok=True, body={"cont_returned_at": cont_returned_at}), timeout=5.0)
+            await self.channel.send(messages.reply_frame(
+                messages.Activated(cont_returned_at=cont_returned_at)), timeout=5.0)
         except frames.WireError as exc:
             # The VM runs here regardless; the source asks where it runs ('locate').
             log.warning("%s runs here, but %s did not hear it: %s", self.vm.name,
