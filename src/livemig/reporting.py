@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from livemig.units import MBIT
 from livemig.wire.messages import MigrationReport, Progress
 
 
@@ -36,7 +37,7 @@ def report_text(report: MigrationReport) -> str:
     for r in report.rounds:
         lines.append(
             f"  {r.number:>5} {r.pages_sent:>8} {r.pages_skipped:>8} "
-            f"{r.pages_dirtied:>8} {r.rate_bps / 1e6:>8.1f} "
-            f"{r.dirty_rate_bps / 1e6:>12.1f} {r.duration_s:>8.3f}"
+            f"{r.pages_dirtied:>8} {r.rate_bps / MBIT:>8.1f} "
+            f"{r.dirty_rate_bps / MBIT:>12.1f} {r.duration_s:>8.3f}"
         )
     return "\n".join(lines)

@@ -37,6 +37,7 @@ from livemig.migration.planner import (
     StopAndCopy,
 )
 from livemig.units import MBIT, PAGE_SIZE
+from livemig.wire.messages import DEFAULT_OPTIONS
 
 PAGE_BITS = PAGE_SIZE * 8
 Int64s = npt.NDArray[np.int64]
@@ -391,7 +392,7 @@ def sweep(
     min_rates_mbps: list[float],
     max_rates_mbps: list[float],
     *,
-    increment_mbps: float = 50.0,
+    increment_mbps: float = DEFAULT_OPTIONS.increment_mbps,
     base: PlannerConfig = DEFAULT_CONFIG,
     costs: Costs = DEFAULT_COSTS,
     zero_pages: Int64s | None = None,

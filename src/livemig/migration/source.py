@@ -52,7 +52,7 @@ from livemig.migration.planner import (
 )
 from livemig.migration.stages import Event, Stage, StageMachine
 from livemig.migration.tunnel import StateSource
-from livemig.units import PAGE_SIZE
+from livemig.units import MBIT, PAGE_SIZE
 from livemig.vm import dirtylog
 from livemig.vm.qemu import VM
 from livemig.vm.spec import VMRecord
@@ -571,8 +571,8 @@ class SourceMigration:
             stage=self.stage.value,
             round=len(rounds) + (1 if self.stage is Stage.PRECOPY else 0),
             pages_left=left,
-            rate_mbps=self._rate_bps / 1e6,
-            dirty_rate_mbps=(last.dirty_rate_bps if last else 0.0) / 1e6,
+            rate_mbps=self._rate_bps / MBIT,
+            dirty_rate_mbps=(last.dirty_rate_bps if last else 0.0) / MBIT,
             pages_left_at_max_rate_ms=(planner.time_at_max_rate_s(left) * 1000
                                        if planner else 0.0),
             bytes_sent=planner.bytes_sent if planner is not None else 0,
