@@ -127,7 +127,7 @@ class Daemon:
                 vm = await qemu.VM.attach(record)
                 try:
                     settled, what = await source.recover_switchover(
-                        vm, self._connector(entry["target"]))
+                        vm, self._connector(entry.target))
                 finally:
                     await vm.close()
                 log.log(logging.INFO if settled else logging.WARNING, "%s", what)

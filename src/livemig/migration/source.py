@@ -28,14 +28,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+import msgspec
 import numpy as np
 import numpy.typing as npt
 
@@ -108,13 +107,21 @@ def journal_file(record: VMRecord) -> Path:
     return record.directory / "switchover.json"
 
 
-def read_journal(record: VMRecord) -> dict[str, Any] | None:
-    """The switchover ``record``'s VM was stopped in ({"target", "commit_sent"}), if any."""
+class Journal(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What a daemon restarting mid-switchover must know: the target, and whether the
+    commit may have reached it."""
+
+    target: str
+    commit_sent: bool
+
+
+def read_journal(record: VMRecord) -> Journal | None:
+    """The switchover ``record``'s VM was stopped in, if any. A journal that does not
+    parse raises ``msgspec.DecodeError`` (a ValueError)."""
     try:
-        entry: dict[str, Any] = json.loads(journal_file(record).read_text())
+        return msgspec.json.decode(journal_file(record).read_bytes(), type=Journal)
     except FileNotFoundError:
         return None
-    return entry
 
 
 async def locate(vm: str, connect: Connect, patience_s: float) -> messages.Location | None:
@@ -143,12 +150,12 @@ async def recover_switchover(vm: VM, connect: Connect) -> tuple[bool, str]:
     entry = read_journal(vm.record)
     if entry is None:
         return True, f"{vm.name} was in no switchover"
-    target = entry["target"]
+    target = entry.target
     answer = await locate(vm.name, connect, RESOLVE_TIMEOUT_S)
     if answer is not None and answer.state == "running":
         await vm.stop()  # the target runs it: this copy is the stale one
         return True, f"{vm.name} runs on {target}; released the copy here"
-    if answer is None and entry["commit_sent"]:
+    if answer is None and entry.commit_sent:
         return False, (f"{vm.name}: the commit to {target} is in doubt and {target} does "
                        f"not answer; {vm.name} stays paused here")
     # Not committed, or the target proved it holds no copy: the VM is ours.
@@ -555,7 +562,7 @@ class SourceMigration:
             path.unlink(missing_ok=True)
             return
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"target": self.target_host, "commit_sent": commit_sent}))
+        tmp.write_bytes(msgspec.json.encode(Journal(self.target_host, commit_sent)))
         tmp.replace(path)  # atomic: a restart sees the old or the new, never half
 
     def _progress(self, *, pages_left: int | None = None, force: bool = False) -> None:
