@@ -35,7 +35,6 @@ import socket
 import ssl as ssl_module
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from livemig.wire import messages
 from livemig.wire.frames import (
@@ -456,7 +455,7 @@ class Channel:
             self._transport.write(part)
         await self._drain(timeout)
 
-    async def request(self, kind: str, body: dict[str, Any] | None = None,
+    async def request(self, kind: str, body: dict[str, object] | None = None,
                       timeout: float | None = DEFAULT_TIMEOUT) -> Reply:
         """Send Request(kind, body) and return the peer's Reply within ``timeout``.
         Raises PeerAborted if the peer aborts instead, RemoteProtocolError if any other
