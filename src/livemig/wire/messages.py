@@ -282,8 +282,8 @@ class ControlVersionMismatch(ControlMessageError):
         said = "no version" if theirs is None else f"version {theirs}"
         LivemigError.__init__(
             self, f"the {what} speaks {said} of the control protocol, this livemig speaks "
-                  f"version {ours}: run the CLI and the daemons of one release "
-                  f"('livemig testbed up' restarts the daemons)")
+                  f"version {ours}: run the CLI and every daemon from one livemig release "
+                  f"(restart daemons that another one started)")
         self.what = what
         self.detail = said
         self.theirs = theirs
