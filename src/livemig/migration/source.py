@@ -291,7 +291,7 @@ class SourceMigration:
 
         # -- stage 1: reservation
         reserve = messages.Reserve(
-            spec=messages.VMSpecFields(**spec.to_json()), source=self.source_host,
+            spec=msgspec.convert(spec.to_json(), messages.VMSpecFields), source=self.source_host,
             # The target holds that one point; the others are ours.
             hold_at=(HoldPoint.COMMITMENT if self.options.hold_at is HoldPoint.COMMITMENT
                      else None))
@@ -376,7 +376,7 @@ class SourceMigration:
             raise LivemigError(f"the stop-and-copy did not finish within {window_s:.1f} s "
                                f"({self.target_host} too slow or unreachable)") from exc
         if isinstance(image, messages.Refusal) or not image.consistent:
-            why = image.error if isinstance(image, messages.Refusal) else "it says so"
+            why = image.error if isinstance(image, messages.Refusal) else "it says it is not"
             raise MigrationError(spec.name, self.stage.value,
                                  f"{self.target_host} does not hold a consistent image: "
                                  f"{why}", self.source_host)

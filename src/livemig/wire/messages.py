@@ -17,7 +17,9 @@ Two protocols carry them:
 - **Peer** (``wire.frames``): two daemons. The kinds of ``frames.Request`` (reserve,
   image, commit, locate) and the bodies of their ``frames.Reply``. The frame header
   already carries ``frames.PROTOCOL_VERSION`` and the codec refuses any other, so these
-  bodies carry no version of their own: they are that version's bodies.
+  bodies carry no version of their own: they are that version's bodies, field for field
+  the JSON objects version 2 always sent (which is why it is still 2). A change to them
+  is a new protocol version.
 
 Decoding is strict. A missing field, an extra one, a value of the wrong type or out of
 range, or an unknown op or kind is refused with one sentence naming the field. Control
