@@ -248,8 +248,8 @@ def test_a_reserved_spec_is_the_vm_spec_it_was() -> None:
 
 @pytest.mark.parametrize(("reply", "expected"), [
     (m.Reserved(), m.Reserved),
-    (m.ImageConsistent(checksum="ab12", verify_ms=1.5), m.ImageConsistent),
-    (m.ImageConsistent(), m.ImageConsistent),
+    (m.ImageConsistent(consistent=True, checksum="ab12", verify_ms=1.5), m.ImageConsistent),
+    (m.ImageConsistent(consistent=True), m.ImageConsistent),
     (m.Activated(cont_returned_at=1000.25), m.Activated),
     (m.Location("running", 1000.25), m.Location),
     (m.Location("absent"), m.Location),
@@ -341,3 +341,18 @@ def test_asking_a_peer_gives_its_typed_answer_or_its_refusal() -> None:
                     error="no", running=False)
             assert await served.done.get() is None
     run(main())
+
+
+def test_peer_bodies_are_the_json_the_last_release_sent_and_read() -> None:
+    # The frame's version is unchanged: a peer of the last release must read ours...
+    assert m.reply_frame(m.Location("absent")).body == {"state": "absent"}
+    assert m.reply_frame(m.ImageConsistent(consistent=True)).body == {"consistent": True}
+    assert m.reply_frame(m.Refusal(error="no", running=False)) == frames.Reply(
+        False, {"error": "no", "running": False})
+    assert m.request_frame(m.Image(verify=True)) == frames.Request("image", {"verify": True})
+    assert m.request_frame(m.Commit()) == frames.Request("commit", {})
+    # ... and we read what it sent.
+    old_reserve = frames.Request("reserve", {"spec": a_spec().to_json(), "source": "hostA"})
+    assert isinstance(m.read_request(old_reserve, "hostA"), m.Reserve)
+    old_locate_reply = frames.Reply(True, {"state": "running", "cont_returned_at": None})
+    assert m.read_reply(old_locate_reply, m.Location, "hostB") == m.Location("running")

@@ -315,7 +315,8 @@ class DestinationSession:
             checksum = sum_checksums(self._page_sums)
             verify_ms = (time.monotonic() - started) * 1000
         self._event(Event.IMAGE_CONSISTENT)
-        return messages.ImageConsistent(checksum=checksum, verify_ms=verify_ms)
+        return messages.ImageConsistent(consistent=True, checksum=checksum,
+                                        verify_ms=verify_ms)
 
     # -- stages 4 and 5 -----------------------------------------------------------------
 

@@ -339,7 +339,12 @@ def decode_control_reply(line: bytes) -> ControlReply:
 # -- peer protocol ---------------------------------------------------------------------------
 
 
-class VMSpecFields(_Struct, frozen=True):
+class _PeerBody(_Struct, frozen=True, omit_defaults=True):
+    """A peer body leaves out what is at its default: the JSON objects stay the ones
+    version 2 sent, and no bigger."""
+
+
+class VMSpecFields(_PeerBody, frozen=True):
     """A VM's spec as it travels (``vm.spec.VMSpec.to_json``); ``VMSpec.from_json``
     checks the values (a safe name, an address, a known workload) on arrival."""
 
@@ -353,7 +358,7 @@ class VMSpecFields(_Struct, frozen=True):
     options: list[tuple[str, str]] = []
 
 
-class _PeerRequest(_Struct, frozen=True, tag_field="kind"):
+class _PeerRequest(_PeerBody, frozen=True, tag_field="kind"):
     pass
 
 
@@ -361,7 +366,8 @@ class Reserve(_PeerRequest, frozen=True, tag="reserve"):
     """Stage 1: check memory and image, start QEMU -incoming for ``spec``."""
 
     spec: VMSpecFields
-    source: str
+    # Informational: the channel's handshake, not this, says who the peer is.
+    source: str | None = None
     # Only the commitment point is held on the destination; the others are the source's.
     hold_at: HoldPoint | None = None
 
@@ -386,28 +392,28 @@ class Locate(_PeerRequest, frozen=True, tag="locate"):
 PeerRequest = Reserve | Image | Commit | Locate
 
 
-class Reserved(_Struct, frozen=True):
+class Reserved(_PeerBody, frozen=True):
     """Reply to ``Reserve``: QEMU -incoming waits; device state comes through the channel."""
 
     tunnel: bool = True
 
 
-class ImageConsistent(_Struct, frozen=True):
+class ImageConsistent(_PeerBody, frozen=True):
     """Reply to ``Image``: the pages and the device state are all here."""
 
-    consistent: bool = True
+    consistent: bool  # always sent: a source of the last release requires it
     checksum: str | None = None  # only when asked to verify
     verify_ms: float = 0.0
 
 
-class Activated(_Struct, frozen=True):
+class Activated(_PeerBody, frozen=True):
     """Reply to ``Commit``: ``cont`` returned at this instant (the destination's
     CLOCK_MONOTONIC, which is the source's on one machine)."""
 
     cont_returned_at: float
 
 
-class Location(_Struct, frozen=True):
+class Location(_PeerBody, frozen=True):
     """Reply to ``Locate``. "activating": committed, ``cont`` under way: ask again."""
 
     state: Literal["running", "absent", "activating"]
@@ -418,7 +424,7 @@ class Location(_Struct, frozen=True):
         return self.state != "activating"
 
 
-class Refusal(_Struct, frozen=True):
+class Refusal(_PeerBody, frozen=True):
     """A negative reply (``ok`` false) to any request. For ``Commit``, ``running``
     False proves that the destination did not run the VM and never will."""
 
