@@ -20,8 +20,9 @@ import contextlib
 import logging
 import os
 import signal
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from livemig import keys, paths
 from livemig.daemon import control, memstats
@@ -34,7 +35,7 @@ from livemig.vm import qemu
 from livemig.vm.spec import VMRecord
 from livemig.wire import channel, frames, messages, tls
 from livemig.wire.channel import Channel
-from livemig.wire.messages import Failed, Migrate
+from livemig.wire.messages import Failed, Migrate, MigrationReport
 
 log = logging.getLogger("livemigd")
 
@@ -55,10 +56,12 @@ class Daemon:
         self.key = key
         self.tls = tls.Contexts(tls_files) if tls_files is not None else None
         self.ip = str(testbed.host_node(host).ip)
-        self.migrations: dict[str, tuple[asyncio.Task[Any], SourceMigration]] = {}
-        self._sessions: set[asyncio.Task[None]] = set()
+        self.migrations: dict[str, tuple[asyncio.Task[Outcome], SourceMigration]] = {}
         self.incoming = Incoming(host)
-        self._settling: set[asyncio.Task[None]] = set()
+        # Everything the daemon runs beside its listeners: recovery, migrations both
+        # ways, settling. Entered by run(); a shutdown cancels them all.
+        self._tasks = asyncio.TaskGroup()
+        self._ready = asyncio.Event()  # the group is entered: the handlers may use it
 
     async def run(self) -> None:
         path = control.socket_path(self.host)
@@ -90,25 +93,38 @@ class Daemon:
                  control.PEER_PORT, "mutual TLS" if self.tls else "PLAINTEXT")
         if self.tls is None:
             log.warning(PLAINTEXT_WARNING)
-        recovery = asyncio.create_task(self._recover())
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         try:
-            await stop.wait()
+            async with self._tasks:
+                self._ready.set()
+                self._spawn(self._recover(), "recovery")
+                await stop.wait()
+                local.close()  # no new work from here on
+                peers.close()
+                # Leaving the group by an exception cancels every task in it (each
+                # migration puts its VM back, each incoming copy is torn down) and
+                # waits for them to finish.
+                raise _ShuttingDown
+        except* _ShuttingDown:
+            pass
         finally:
-            recovery.cancel()
-            for task in self._settling:
-                task.cancel()
             local.close()
             peers.close()
-            running = [task for task, _ in self.migrations.values()]
-            for task in [*running, *self._sessions]:
-                task.cancel()
-            await asyncio.gather(*running, *self._sessions,
-                                 return_exceptions=True)
             path.unlink(missing_ok=True)
+
+    def _spawn(self, work: Coroutine[Any, Any, T], what: str) -> asyncio.Task[T | None]:
+        """Run ``work`` in the daemon's task group. Its failure is logged, never raised:
+        one migration's bug must not cancel the others."""
+        async def logged() -> T | None:
+            try:
+                return await work
+            except Exception:
+                log.exception("%s failed", what)
+                return None
+        return self._tasks.create_task(logged())
 
     async def _recover(self) -> None:
         """What a previous daemon on this host left behind: incoming copies that never
@@ -151,17 +167,17 @@ class Daemon:
     # -- peers ----------------------------------------------------------------------------
 
     async def _on_peer(self, peer: Channel) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._sessions.add(task)
+        # In the daemon's task group, so that a shutdown tears the session down; the
+        # peer server's task only waits for it.
+        await self._ready.wait()
+        await self._spawn(self._serve_peer(peer), "incoming migration")
+
+    async def _serve_peer(self, peer: Channel) -> None:
         try:
             await DestinationSession(self.host, peer, self.incoming).serve()
         except LivemigError as exc:
             log.warning("incoming migration ended: %s", exc)
-        except Exception:
-            log.exception("incoming migration failed")
         finally:
-            self._sessions.discard(task)
             memstats.give_back()
 
     # -- the CLI --------------------------------------------------------------------------
@@ -223,17 +239,18 @@ class Daemon:
             options=options,
             on_progress=progress,
         )
-        task = asyncio.get_running_loop().create_task(migration.run())
+        await self._ready.wait()
+        task = self._tasks.create_task(_outcome(migration))
         self.migrations[name] = (task, migration)
         try:
             # shield: the CLI hanging up must not cancel the migration; only 'cancel' does
-            report = await asyncio.shield(task)
-            writer.write(messages.encode_control(messages.Migrated(report=report)))
+            outcome = await asyncio.shield(task)
+            if isinstance(outcome, Exception):
+                raise outcome
+            writer.write(messages.encode_control(messages.Migrated(report=outcome)))
         except MigrationError as exc:
             if exc.vm_runs_on is None:  # the commit is in doubt: keep asking the target
-                settling = asyncio.create_task(self._settle(record))
-                self._settling.add(settling)
-                settling.add_done_callback(self._settling.discard)
+                self._spawn(self._settle(record), f"settling {name}")
             writer.write(messages.encode_control(
                 Failed(message=str(exc), stage=exc.stage, vm_runs_on=exc.vm_runs_on)))
         except Exception as exc:  # a bug: the engine has put the VM back; say so plainly
@@ -248,6 +265,23 @@ class Daemon:
                 self.migrations.pop(name, None)
                 await vm.close()
                 memstats.give_back()
+
+
+class _ShuttingDown(Exception):
+    """Raised inside the daemon's task group to end it: see ``Daemon.run``."""
+
+
+T = TypeVar("T")
+Outcome = MigrationReport | Exception
+
+
+async def _outcome(migration: SourceMigration) -> Outcome:
+    """A migration's report, or what it failed with: returned, not raised, because a
+    task that raises in a task group cancels all the others."""
+    try:
+        return await migration.run()
+    except Exception as exc:
+        return exc
 
 
 async def _answers(path: Path) -> bool:
