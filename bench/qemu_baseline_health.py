@@ -74,6 +74,7 @@ from livemig.image import builder
 from livemig.net import testbed
 from livemig.vm import dirtylog, qemu
 from livemig.vm.spec import PAGE_SIZE, VMRecord, Workload
+from livemig.wire.messages import Migrate
 
 HOSTS = ("hostA", "hostB")
 VM_NAME = "qhealth"
@@ -234,9 +235,7 @@ def load_probe(workload: Workload, ip: str, players: int) -> ProbeRun | None:
 
 
 async def ours(source: str, target: str) -> None:
-    await control.migrate(source, {
-        "op": "migrate", "vm": VM_NAME, "to": target, "mode": "precopy",
-        "min_rate_mbps": 100.0, "max_rate_mbps": 500.0, "tracker": "auto", "verify": True})
+    await control.migrate(source, Migrate(vm=VM_NAME, to=target))  # the defaults
 
 
 async def one_run(run: Run, c: Condition, workload: Workload, players: int) -> None:

@@ -34,6 +34,7 @@ from livemig.vm import qemu
 from livemig.vm.spec import Workload
 from livemig.wire import tls
 from livemig.wire.channel import Channel, PeerLost, connect, serve
+from livemig.wire.messages import Migrate, MigrateOptions
 
 KEY = b"b" * 32
 
@@ -81,10 +82,10 @@ async def switchovers(runs: int) -> list[dict[str, Any]]:
     try:
         for i in range(runs):
             source, target = hosts[i % 2], hosts[(i + 1) % 2]
-            report = await control.migrate(source, {"op": "migrate", "vm": spec.name,
-                                                    "to": target, "verify": False})
-            row = {"downtime_ms": report["downtime_ms"],
-                   **{f"stop.{k}": v for k, v in report["stop_window_ms"].items()}}
+            report = await control.migrate(source, Migrate(
+                vm=spec.name, to=target, options=MigrateOptions(verify=False)))
+            row = {"downtime_ms": report.downtime_ms,
+                   **{f"stop.{k}": v for k, v in report.stop_window_ms.items()}}
             print(f"  run {i + 1} {source}->{target}: " + ", ".join(
                 f"{k}={v:.1f}" for k, v in row.items()), flush=True)
             results.append(row)

@@ -40,13 +40,14 @@ from livemig.migration.planner import MBIT, PlannerConfig, RateLimits
 from livemig.net import testbed
 from livemig.vm import qemu
 from livemig.vm.spec import Workload
+from livemig.wire.messages import Migrate, MigrateOptions
 
 os.environ.setdefault("LIVEMIG_INSTANCE", "s")
 WORKLOAD_OPTIONS = {
     # As bench/migration.py: a 64 MiB region written at 100 MiB/s.
     Workload.MMUNCHER: (("mm_mib", "64"), ("mm_rate", "100")),
 }
-MIN_RATE_MBPS, MAX_RATE_MBPS = 100.0, 500.0
+OPTIONS = MigrateOptions()  # the migrate command's defaults, simulated and run
 
 
 def _load(workload: Workload, ip: str) -> ProbeRun | None:
@@ -78,10 +79,8 @@ async def one(workload: Workload, trace_s: float, warmup_s: float, interval_s: f
                                             interval_s=interval_s, duration_s=trace_s)
             trace.save(out / f"{workload}.npz")
             _say(f"{workload}: migrating")
-            request = {"op": "migrate", "vm": name, "to": "hostB", "mode": "precopy",
-                       "min_rate_mbps": MIN_RATE_MBPS, "max_rate_mbps": MAX_RATE_MBPS,
-                       "tracker": "auto", "verify": True}
-            report = await control.migrate("hostA", request, None)
+            request = Migrate(vm=name, to="hostB", options=OPTIONS)
+            report = (await control.migrate("hostA", request, None)).to_json()
             if load is not None:
                 load.stop()
     finally:
@@ -97,7 +96,7 @@ async def one(workload: Workload, trace_s: float, warmup_s: float, interval_s: f
 
 def compare(workload: Workload, trace: Trace, real: dict[str, Any]) -> dict[str, Any]:
     """The prediction from ``trace`` against the ``real`` figures, and the errors."""
-    config = PlannerConfig(limits=RateLimits(MIN_RATE_MBPS * MBIT, MAX_RATE_MBPS * MBIT))
+    config = PlannerConfig(limits=RateLimits.of(OPTIONS))
     started = time.perf_counter()
     predicted = simulate.simulate(simulate.TraceDirtier(trace), config,
                                   zero_pages=trace.zero_pages.astype("int64"))

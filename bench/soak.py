@@ -7,7 +7,7 @@ its region (SIGUSR1, through the guest agent) and must find no bad page.
 
 Leaks are looked for from the outside, the way an operator would see them:
   - file descriptors and RSS of each livemigd (/proc/PID/fd, VmRSS), after every move,
-    and the daemon's own account of its C heap (``{"op": "memory"}``, daemon.memstats):
+    and the daemon's own account of its C heap (a ``MemoryQuery``, daemon.memstats):
     RSS alone cannot tell a leak from freed memory that malloc keeps for reuse;
   - processes inside our namespaces: only the daemons and the one VM's QEMU may remain;
   - network links in each namespace: only the VM's tap on the host it runs on;
@@ -55,6 +55,13 @@ from livemig.image import builder
 from livemig.net import testbed
 from livemig.vm import qemu
 from livemig.vm.spec import Workload
+from livemig.wire.messages import (
+    DEFAULT_OPTIONS,
+    MemoryFigures,
+    MemoryQuery,
+    Migrate,
+    MigrateOptions,
+)
 
 HOSTS = ("hostA", "hostB")
 VM_NAME = "soak"
@@ -88,11 +95,8 @@ class DaemonSample:
     python_blocks: int  # the interpreter's live memory blocks: Python objects piling up
 
 
-async def _memory(host: str) -> dict[str, Any]:
-    async for reply in control.call(host, {"op": "memory"}):
-        if reply.get("type") == "result":
-            return reply
-    raise LivemigError(f"the daemon of {host} did not report its memory")
+async def _memory(host: str) -> MemoryFigures:
+    return await control.request(host, MemoryQuery(), MemoryFigures)
 
 
 async def daemon_samples() -> list[DaemonSample]:
@@ -106,9 +110,9 @@ async def daemon_samples() -> list[DaemonSample]:
         samples.append(DaemonSample(
             host=host, pid=pid, fds=fds,
             rss_kib=int(status["VmRSS"].split()[0]), threads=int(status["Threads"]),
-            heap_in_use_kib=memory["heap_in_use_kib"], heap_free_kib=memory["heap_free_kib"],
-            rss_anon_kib=memory["rss_anon_kib"], rss_shmem_kib=memory["rss_shmem_kib"],
-            python_blocks=memory["python_blocks"],
+            heap_in_use_kib=memory.heap_in_use_kib, heap_free_kib=memory.heap_free_kib,
+            rss_anon_kib=memory.rss_anon_kib or 0, rss_shmem_kib=memory.rss_shmem_kib or 0,
+            python_blocks=memory.python_blocks,
         ))
     return samples
 
@@ -237,9 +241,8 @@ async def mmuncher_check(host: str) -> tuple[int, int]:
     return errors, int(stats["full_verifies"])
 
 
-async def migrate_once(run: Run, request_extra: dict[str, Any]) -> None:
-    request = {"op": "migrate", "vm": VM_NAME, "to": run.target, "verify": True,
-               **request_extra}
+async def migrate_once(run: Run, options: MigrateOptions) -> None:
+    request = Migrate(vm=VM_NAME, to=run.target, options=options)
     started = time.monotonic()
     try:
         report = await control.migrate(run.source, request)
@@ -248,9 +251,9 @@ async def migrate_once(run: Run, request_extra: dict[str, Any]) -> None:
         return
     finally:
         run.wall_s = time.monotonic() - started
-    run.downtime_ms = report["downtime_ms"]
-    run.total_time_s = report["total_time_s"]
-    run.verified = report["verified"]
+    run.downtime_ms = report.downtime_ms
+    run.total_time_s = report.total_time_s
+    run.verified = report.verified
     try:
         run.integrity_errors, run.full_verifies = await mmuncher_check(run.target)
     except LivemigError as exc:
@@ -387,12 +390,13 @@ async def soak(args: argparse.Namespace, runs: list[Run],
                       for h in HOSTS}
     samples.append((0, await daemon_samples()))
     checks.append(full_check(0, HOSTS[0], baseline_links))
-    extra = {"min_rate_mbps": args.min_rate, "max_rate_mbps": args.max_rate}
+    migration = MigrateOptions(min_rate_mbps=args.min_rate, max_rate_mbps=args.max_rate,
+                               verify=True)
     host = HOSTS[0]
     for n in range(1, args.runs + 1):
         target = HOSTS[1] if host == HOSTS[0] else HOSTS[0]
         run = Run(n, host, target)
-        await migrate_once(run, extra)
+        await migrate_once(run, migration)
         runs.append(run)
         # Where the VM is now decides the next move: a failed migration leaves it at home.
         host = qemu.find(VM_NAME).host
@@ -422,8 +426,10 @@ def main() -> int:
     parser.add_argument("--mm-mib", type=int, default=32, help="mmuncher's region (MiB)")
     parser.add_argument("--mm-rate", type=int, default=16,
                         help="mmuncher's write rate, MiB/s (0 = flat out)")
-    parser.add_argument("--min-rate", type=float, default=100.0, help="Mbit/s")
-    parser.add_argument("--max-rate", type=float, default=500.0, help="Mbit/s")
+    parser.add_argument("--min-rate", type=float, default=DEFAULT_OPTIONS.min_rate_mbps,
+                        help="Mbit/s")
+    parser.add_argument("--max-rate", type=float, default=DEFAULT_OPTIONS.max_rate_mbps,
+                        help="Mbit/s")
     parser.add_argument("--json", type=Path, metavar="FILE")
     parser.add_argument("--plot", type=Path, metavar="FILE.png")
     args = parser.parse_args()

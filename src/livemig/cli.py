@@ -14,6 +14,7 @@ import asyncio
 import json
 import os
 import sys
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,11 +25,11 @@ from livemig.daemon import control, launch, server
 from livemig.errors import LivemigError, SetupError
 from livemig.experiments import demo, paper
 from livemig.image import builder
-from livemig.migration.holds import HoldPoint
 from livemig.net import shaping, testbed
 from livemig.probes.cli import add_probe_commands
 from livemig.vm import qemu
 from livemig.vm.spec import DEFAULT_MEM_MIB, WORKLOAD_OPTIONS, Workload, workload_misfit
+from livemig.wire import messages
 
 
 def _print_json(value: Any) -> None:
@@ -202,7 +203,7 @@ def cmd_testbed_status(args: argparse.Namespace) -> int:
 # -- migrate ----------------------------------------------------------------------------
 
 
-def _show_progress(update: dict[str, Any]) -> None:
+def _show_progress(update: messages.Progress) -> None:
     tty = sys.stderr.isatty()
     line = reporting.progress_line(update)
     print(("\r" + line) if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
@@ -226,13 +227,11 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     record = qemu.find(args.name)
     if record.host == args.to:
         raise LivemigError(f"{args.name} already runs on {args.to}; name another host")
-    request = {
-        "op": "migrate", "vm": args.name, "to": args.to, "mode": args.mode,
-        "min_rate_mbps": args.min_rate, "max_rate_mbps": args.max_rate,
-        "tracker": args.tracker, "verify": not args.no_verify,
-        "stall_timeout_s": args.stall_timeout, "timeout_s": args.timeout,
-        "hold_at": args.hold_at,
-    }
+    request = messages.Migrate(vm=args.name, to=args.to, options=messages.MigrateOptions(
+        mode=messages.Mode(args.mode), min_rate_mbps=args.min_rate, max_rate_mbps=args.max_rate,
+        tracker=args.tracker, verify=not args.no_verify, stall_timeout_s=args.stall_timeout,
+        timeout_s=args.timeout,
+        hold_at=messages.HoldPoint(args.hold_at) if args.hold_at else None))
     try:
         report = asyncio.run(
             control.migrate(record.host, request, None if args.quiet else _show_progress)
@@ -249,12 +248,12 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     print(reporting.report_text(report))
     if args.json:
         _write_report(args.json, report)
-    return 0 if report["verified"] is not False else 1
+    return 0 if report.verified is not False else 1
 
 
-def _write_report(path: Path, report: dict[str, Any]) -> None:
+def _write_report(path: Path, report: messages.MigrationReport) -> None:
     try:
-        path.write_text(json.dumps(report, indent=2) + "\n")
+        path.write_text(json.dumps(report.to_json(), indent=2) + "\n")
     except OSError as exc:
         # The migration itself is done: say so, or the operator would retry it.
         raise LivemigError(f"the migration completed, but its report could not be written to "
@@ -264,14 +263,8 @@ def _write_report(path: Path, report: dict[str, Any]) -> None:
 def cmd_cancel(args: argparse.Namespace) -> int:
     record = qemu.find(args.name)
 
-    async def cancel() -> dict[str, Any]:
-        async for reply in control.call(record.host, {"op": "cancel", "vm": args.name}):
-            return reply
-        raise AssertionError("unreachable")
-
-    reply = asyncio.run(cancel())
-    if reply.get("type") != "result":
-        raise LivemigError(str(reply.get("message")))
+    asyncio.run(control.request(record.host, messages.Cancel(vm=args.name),
+                                messages.Cancelled))
     print(f"cancelled the migration of {args.name}", file=sys.stderr)
     return 0
 
@@ -416,12 +409,17 @@ def build_parser() -> argparse.ArgumentParser:
     mig = commands.add_parser("migrate", help="live-migrate a VM to another host")
     mig.add_argument("name")
     mig.add_argument("--to", required=True, metavar="HOST")
-    mig.add_argument("--min-rate", type=argtypes.rate, default=100.0, metavar="R",
-                     help="Mbit/s of round 1 and the floor (default 100)")
-    mig.add_argument("--max-rate", type=argtypes.rate, default=500.0, metavar="R",
-                     help="Mbit/s ceiling and the stop-and-copy's rate (default 500)")
-    mig.add_argument("--mode", choices=["precopy", "stop-and-copy"], default="precopy")
-    mig.add_argument("--tracker", choices=["auto", "uffd", "shadow"], default="auto")
+    defaults = messages.DEFAULT_OPTIONS
+    mig.add_argument("--min-rate", type=argtypes.rate, default=defaults.min_rate_mbps,
+                     metavar="R", help=f"Mbit/s of round 1 and the floor "
+                                       f"(default {defaults.min_rate_mbps:g})")
+    mig.add_argument("--max-rate", type=argtypes.rate, default=defaults.max_rate_mbps,
+                     metavar="R", help=f"Mbit/s ceiling and the stop-and-copy's rate "
+                                       f"(default {defaults.max_rate_mbps:g})")
+    mig.add_argument("--mode", choices=[str(m) for m in messages.Mode],
+                     default=str(defaults.mode))
+    mig.add_argument("--tracker", choices=typing.get_args(messages.Tracker),
+                     default=defaults.tracker)
     mig.add_argument("--no-verify", action="store_true",
                      help="skip the checksum of both images (it costs downtime)")
     mig.add_argument("--json", type=argtypes.writable_file, metavar="FILE",
@@ -429,9 +427,10 @@ def build_parser() -> argparse.ArgumentParser:
     mig.add_argument("--quiet", action="store_true", help="no live progress")
     mig.add_argument("--timeout", type=_seconds, default=None, metavar="S",
                      help="abort cleanly unless committed within S seconds")
-    mig.add_argument("--stall-timeout", type=_seconds, default=10.0, metavar="S",
-                     help="abort if the target takes no data for S seconds (default 10)")
-    mig.add_argument("--hold-at", choices=[str(p) for p in HoldPoint], default=None,
+    mig.add_argument("--stall-timeout", type=_seconds, default=defaults.stall_timeout_s,
+                     metavar="S", help=f"abort if the target takes no data for S seconds "
+                                       f"(default {defaults.stall_timeout_s:g})")
+    mig.add_argument("--hold-at", choices=[str(p) for p in messages.HoldPoint], default=None,
                      help="fault drills: wait at this point until holds/VM@POINT is removed")
     mig.set_defaults(func=cmd_migrate)
     cancel = commands.add_parser("cancel", help="cancel a running migration")

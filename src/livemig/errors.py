@@ -16,6 +16,8 @@
      ├── IllegalTransition   (migration.stages) an event the current stage does not accept
      ├── PlannerStateError   (migration.planner) the planner called out of order
      ├── DirtyLogUnavailable (vm.dirtylog) the kernel dirty log cannot track this QEMU
+     ├── ControlMessageError (wire.messages) a control line that is not one of our messages
+     │    └── ControlVersionMismatch  from another release (.theirs, .ours)
      └── WireError           (wire.frames) one connection to another daemon (carries .peer)
           ├── LocalProtocolError   we broke the protocol: a bug
           ├── RemoteProtocolError  the peer broke it (VersionMismatch, FrameTooLarge, ...)

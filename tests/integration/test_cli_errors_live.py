@@ -22,6 +22,7 @@ from livemig.daemon import control, launch
 from livemig.net import testbed
 from livemig.vm import qemu
 from livemig.vm.spec import Workload
+from livemig.wire.messages import MemoryFigures, MemoryQuery, Ping, Pong
 
 StartVM = Callable[..., qemu.VM]
 LIVEMIG = str(Path(sys.executable).with_name("livemig"))
@@ -99,21 +100,15 @@ def test_a_second_daemon_for_a_host_leaves_the_running_one_alone(
     assert_one_sentence(livemig("daemon", "--host", "hostA", netns=node.netns),
                         "already serves hostA")
 
-    async def ping() -> dict[str, object]:
-        return [r async for r in control.call("hostA", {"op": "ping"})][-1]
-
     # The running daemon still has its control socket: it was not unlinked under it.
-    assert loop.run_until_complete(ping()) == {"type": "result", "host": "hostA"}
-
-    async def memory() -> dict[str, object]:
-        return [r async for r in control.call("hostA", {"op": "memory"})][-1]
+    pong = loop.run_until_complete(control.request("hostA", Ping(), Pong))
+    assert pong == Pong(host="hostA")
 
     # It also says where its memory is (the soak reads this after every migration).
-    figures = loop.run_until_complete(memory())
-    assert figures["type"] == "result"
-    assert isinstance(figures["rss_kib"], int) and figures["rss_kib"] > 10_000, figures
-    assert isinstance(figures["heap_in_use_kib"], int), figures
-    assert 0 < figures["heap_in_use_kib"] < figures["rss_kib"], figures
+    figures = loop.run_until_complete(control.request("hostA", MemoryQuery(), MemoryFigures))
+    assert figures.rss_kib is not None and figures.rss_kib > 10_000, figures
+    assert figures.heap_in_use_kib is not None, figures
+    assert 0 < figures.heap_in_use_kib < figures.rss_kib, figures
 
 
 def test_ctrl_c_stops_the_command_but_not_the_migration(idle_vm: qemu.VM) -> None:

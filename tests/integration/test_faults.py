@@ -36,6 +36,15 @@ from livemig.net import testbed
 from livemig.vm import qemu
 from livemig.vm.agent import AgentClient
 from livemig.vm.spec import VMRecord, Workload
+from livemig.wire.messages import (
+    Cancel,
+    Cancelled,
+    ControlReply,
+    Failed,
+    Migrate,
+    MigrateOptions,
+    MigrationReport,
+)
 
 StartVM = Callable[..., qemu.VM]
 
@@ -158,13 +167,13 @@ def test_a_fault_never_loses_the_vm(
     name = f"f{CASES.index((fault, point))}"
     vm = start_vm(name, Workload.MMUNCHER, options=(("mm_mib", "16"), ("mm_rate", "8")))
     loop.run_until_complete(vm.close())
-    request = {"op": "migrate", "vm": name, "to": "hostB", "hold_at": str(point),
-               "stall_timeout_s": 3.0, "min_rate_mbps": 300}
+    request = Migrate(vm=name, to="hostB", options=MigrateOptions(
+        hold_at=point, stall_timeout_s=3.0, min_rate_mbps=300))
 
     committed = point is HoldPoint.COMMITMENT and fault in (
         "cut-link", "blackhole", "restart-source-daemon")
 
-    async def drill() -> dict[str, Any] | control.MigrationFailed:
+    async def drill() -> MigrationReport | control.MigrationFailed:
         migration = asyncio.ensure_future(control.migrate("hostA", request))
         await wait_until_held(name, point, timeout=60.0)
         # pyroute2's sync API runs an event loop of its own: not inside this one.
@@ -179,7 +188,7 @@ def test_a_fault_never_loses_the_vm(
             await asyncio.sleep(HEAL_AFTER_S)
             await asyncio.to_thread(heal)
         try:
-            outcome: dict[str, Any] | control.MigrationFailed = await migration
+            outcome: MigrationReport | control.MigrationFailed = await migration
         except control.MigrationFailed as exc:
             outcome = exc
         await asyncio.gather(*bounds)
@@ -193,7 +202,7 @@ def test_a_fault_never_loses_the_vm(
         # The target ran cont before it heard of any fault: the VM is the target's, and
         # the source lets its paused copy go once the target says so.
         if fault != "restart-source-daemon":
-            assert isinstance(outcome, dict), outcome  # the in-doubt commit was settled
+            assert isinstance(outcome, MigrationReport), outcome  # the in-doubt commit was settled
         deadline = time.monotonic() + TORN_DOWN_WITHIN_S + 30
         while copies(name) != [("hostB", False)] and time.monotonic() < deadline:
             loop.run_until_complete(asyncio.sleep(0.1))
@@ -228,8 +237,8 @@ def test_a_hung_target_qemu_is_torn_down_and_a_retry_succeeds(
     vm = start_vm("hung", Workload.MMUNCHER, options=(("mm_mib", "16"), ("mm_rate", "8")))
     loop.run_until_complete(vm.close())
     point = HoldPoint.DEVICE_STATE
-    request = {"op": "migrate", "vm": vm.name, "to": "hostB", "hold_at": str(point),
-               "stall_timeout_s": 3.0, "min_rate_mbps": 300}
+    request = Migrate(vm=vm.name, to="hostB", options=MigrateOptions(
+        hold_at=point, stall_timeout_s=3.0, min_rate_mbps=300))
     stopped: list[VMRecord] = []
 
     async def torn_down(copy: VMRecord) -> None:
@@ -240,7 +249,7 @@ def test_a_hung_target_qemu_is_torn_down_and_a_retry_succeeds(
                                      f"after {TORN_DOWN_WITHIN_S} s")
             await asyncio.sleep(0.1)
 
-    async def drill() -> dict[str, Any] | control.MigrationFailed:
+    async def drill() -> MigrationReport | control.MigrationFailed:
         migration = asyncio.ensure_future(control.migrate("hostA", request))
         await wait_until_held(vm.name, point, timeout=60.0)
         copy = next(r for r in qemu.records() if r.spec.name == vm.name and r.host == "hostB")
@@ -250,7 +259,7 @@ def test_a_hung_target_qemu_is_torn_down_and_a_retry_succeeds(
         bounds = [asyncio.ensure_future(wait_progressing(vm.name, "hostA", RESUMED_WITHIN_S)),
                   asyncio.ensure_future(torn_down(copy))]
         try:
-            outcome: dict[str, Any] | control.MigrationFailed = await migration
+            outcome: MigrationReport | control.MigrationFailed = await migration
         except control.MigrationFailed as exc:
             outcome = exc
         await asyncio.gather(*bounds)
@@ -269,9 +278,9 @@ def test_a_hung_target_qemu_is_torn_down_and_a_retry_succeeds(
     assert isinstance(outcome, control.MigrationFailed), outcome
     assert outcome.vm_runs_on == "hostA", str(outcome)
     assert copies(vm.name) == [("hostA", False)]
-    retry = {"op": "migrate", "vm": vm.name, "to": "hostB", "min_rate_mbps": 300}
+    retry = Migrate(vm=vm.name, to="hostB", options=MigrateOptions(min_rate_mbps=300))
     report = loop.run_until_complete(control.migrate("hostA", retry))
-    assert report["verified"] is True, report
+    assert report.verified is True, report
     assert copies(vm.name) == [("hostB", False)]
     loop.run_until_complete(mmuncher_intact(vm.name, "hostB"))
 
@@ -282,12 +291,12 @@ def test_cancel_works_at_every_stage_before_commitment_and_a_retry_succeeds(
     vm = start_vm("cancelme", Workload.MMUNCHER, options=(("mm_mib", "16"), ("mm_rate", "8")))
     loop.run_until_complete(vm.close())
 
-    async def cancel_at(point: HoldPoint) -> tuple[dict[str, Any], Any]:
-        request = {"op": "migrate", "vm": vm.name, "to": "hostB", "hold_at": str(point),
-                   "min_rate_mbps": 300}
+    async def cancel_at(point: HoldPoint) -> tuple[ControlReply, Any]:
+        request = Migrate(vm=vm.name, to="hostB", options=MigrateOptions(
+            hold_at=point, min_rate_mbps=300))
         migration = asyncio.ensure_future(control.migrate("hostA", request))
         await wait_until_held(vm.name, point, timeout=60.0)
-        replies = [r async for r in control.call("hostA", {"op": "cancel", "vm": vm.name})]
+        replies = [r async for r in control.call("hostA", Cancel(vm=vm.name))]
         release(vm.name, point)  # if the cancel did not take, the migration goes on
         try:
             return replies[-1], await migration
@@ -296,7 +305,7 @@ def test_cancel_works_at_every_stage_before_commitment_and_a_retry_succeeds(
 
     for point in [p for p in HoldPoint if p is not HoldPoint.COMMITMENT]:
         reply, outcome = loop.run_until_complete(cancel_at(point))
-        assert reply == {"type": "result", "cancelled": vm.name}, (point, reply)
+        assert reply == Cancelled(vm=vm.name), (point, reply)
         assert isinstance(outcome, control.MigrationFailed), (point, outcome)
         assert outcome.vm_runs_on == "hostA" and "cancelled" in str(outcome), point
         loop.run_until_complete(wait_progressing(vm.name, "hostA", RESUMED_WITHIN_S))
@@ -304,8 +313,8 @@ def test_cancel_works_at_every_stage_before_commitment_and_a_retry_succeeds(
         assert copies(vm.name) == [("hostA", False)], point
     # Once the commit is out, the VM is the target's: a cancel is refused, not half done.
     reply, outcome = loop.run_until_complete(cancel_at(HoldPoint.COMMITMENT))
-    assert reply["type"] == "error" and "too late" in reply["message"], reply
-    assert isinstance(outcome, dict) and outcome["verified"] is True, outcome
+    assert isinstance(reply, Failed) and "too late" in reply.message, reply
+    assert isinstance(outcome, MigrationReport) and outcome.verified is True, outcome
     assert copies(vm.name) == [("hostB", False)]
     loop.run_until_complete(mmuncher_intact(vm.name, "hostB"))
 
@@ -315,8 +324,8 @@ def test_a_time_budget_aborts_cleanly_and_says_so(
 ) -> None:
     vm = start_vm("budget", Workload.MMUNCHER, options=(("mm_mib", "16"), ("mm_rate", "8")))
     loop.run_until_complete(vm.close())
-    request = {"op": "migrate", "vm": vm.name, "to": "hostB", "timeout_s": 1.5,
-               "min_rate_mbps": 20, "max_rate_mbps": 40}  # round 1 alone takes > 10 s
+    request = Migrate(vm=vm.name, to="hostB", options=MigrateOptions(
+        timeout_s=1.5, min_rate_mbps=20, max_rate_mbps=40))  # round 1 alone takes > 10 s
     started = time.monotonic()
     with pytest.raises(control.MigrationFailed) as caught:
         loop.run_until_complete(control.migrate("hostA", request))

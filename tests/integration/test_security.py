@@ -32,6 +32,14 @@ from livemig.migration.tunnel import StateSink
 from livemig.net import testbed
 from livemig.vm import qemu
 from livemig.vm.spec import VMSpec, Workload
+from livemig.wire.messages import (
+    Migrate,
+    MigrationReport,
+    Ping,
+    Pong,
+    decode_control_reply,
+    encode_control,
+)
 
 TRY_PEER = Path(__file__).parent / "data" / "try_peer.py"
 
@@ -204,9 +212,8 @@ def revoked(host: str) -> Iterator[None]:
 
 
 def migrate(loop: asyncio.AbstractEventLoop, vm: str, source: str, target: str
-            ) -> dict[str, Any]:
-    return loop.run_until_complete(control.migrate(source, {"op": "migrate", "vm": vm,
-                                                            "to": target}))
+            ) -> MigrationReport:
+    return loop.run_until_complete(control.migrate(source, Migrate(vm=vm, to=target)))
 
 
 def assert_runs_on(loop: asyncio.AbstractEventLoop, vm: str, host: str) -> None:
@@ -240,10 +247,10 @@ def test_a_revoked_target_gets_no_vm_and_the_others_go_on(
             logged = f.read()
         assert "TLS handshake failed" in logged and "incoming migration" not in logged
         # Between two hosts nobody revoked, migrations go on.
-        assert migrate(loop, vm.name, "hostA", "hostC")["verified"] is True
+        assert migrate(loop, vm.name, "hostA", "hostC").verified is True
         assert_runs_on(loop, vm.name, "hostC")
     # hostB's new certificate is good: its daemon took it up without a restart.
-    assert migrate(loop, vm.name, "hostC", "hostB")["verified"] is True
+    assert migrate(loop, vm.name, "hostC", "hostB").verified is True
     assert_runs_on(loop, vm.name, "hostB")
 
 
@@ -295,8 +302,8 @@ def test_the_control_socket_is_root_only(bed: list[testbed.Node]) -> None:
     assert as_root.stdout.strip() == "connected"
     with socket.socket(socket.AF_UNIX) as s:  # and the daemon answers root
         s.connect(str(path))
-        s.sendall(control.encode({"op": "ping"}))
-        assert json.loads(s.makefile().readline())["host"] == "hostB"
+        s.sendall(encode_control(Ping()))
+        assert decode_control_reply(s.makefile("rb").readline()) == Pong(host="hostB")
 
 
 # -- confined QEMUs and the tunnel --------------------------------------------------------
@@ -355,10 +362,9 @@ def test_every_qemu_runs_confined_and_the_dirty_log_still_works(
     assert "-sandbox" in Path(f"/proc/{vm.pid}/cmdline").read_bytes().decode().split("\0")
     # There and back: the first destination becomes a source, still confined.
     for source, target in (("hostA", "hostB"), ("hostB", "hostA")):
-        request = {"op": "migrate", "vm": vm.name, "to": target}
-        report = loop.run_until_complete(control.migrate(source, request))
-        assert report["tracker"] == "uffd", report["tracker"]  # the shim and pagemap work
-        assert report["verified"] is True
+        report = migrate(loop, vm.name, source, target)
+        assert report.tracker == "uffd", report.tracker  # the shim and pagemap work
+        assert report.verified is True
         (record,) = [r for r in qemu.records() if r.spec.name == vm.name]
         assert record.host == target
         assert_confined(record.pid)
@@ -417,24 +423,20 @@ def test_plaintext_only_by_choice_and_refused_by_tls_daemons(
 
         # A TLS source and a plaintext target: refused, the VM runs on as before.
         with pytest.raises(control.MigrationFailed) as caught:
-            loop.run_until_complete(control.migrate("hostA", {"op": "migrate", "vm": "ptls",
-                                                              "to": "hostB"}))
+            migrate(loop, "ptls", "hostA", "hostB")
         assert caught.value.vm_runs_on == "hostA"
         assert "--insecure-plaintext" in str(caught.value)
         # A plaintext source and a TLS target: told so, in the target's words.
         with pytest.raises(control.MigrationFailed) as caught:
-            loop.run_until_complete(control.migrate("hostC", {"op": "migrate",
-                                                              "vm": "pplain", "to": "hostA"}))
+            migrate(loop, "pplain", "hostC", "hostA")
         assert caught.value.vm_runs_on == "hostC"
         assert "requires mutual TLS" in str(caught.value)
         assert qemus_in("hostB") == qemus_before
         assert [r.host for r in qemu.records() if r.spec.name == "pplain"] == ["hostC"]
 
         # Two plaintext daemons, by choice: the migration works (the tunnel included).
-        report = loop.run_until_complete(control.migrate("hostC", {"op": "migrate",
-                                                                   "vm": "pplain",
-                                                                   "to": "hostB"}))
-        assert report["verified"] is True
+        report = migrate(loop, "pplain", "hostC", "hostB")
+        assert report.verified is True
         assert [r.host for r in qemu.records() if r.spec.name == "pplain"] == ["hostB"]
     finally:
         restart_daemons(["hostB", "hostC"], plaintext=False)

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
-
-from livemig.migration.source import Progress
 from livemig.reporting import progress_line
+from livemig.wire.messages import Progress
 
 
 def test_the_progress_line_gives_the_pages_left_at_the_max_rate_not_a_downtime() -> None:
-    # What the daemon sends: a Progress as a dict. 2304 pages at 1 Gbit/s: 75.5 ms.
-    update = asdict(Progress(stage="iterative pre-copy", round=3, pages_left=2304,
-                             rate_mbps=412.0, dirty_rate_mbps=120.5,
-                             pages_left_at_max_rate_ms=75.497472, bytes_sent=1 << 27,
-                             elapsed_s=4.2))
+    # What the daemon sends. 2304 pages at 1 Gbit/s: 75.5 ms.
+    update = Progress(stage="iterative pre-copy", round=3, pages_left=2304,
+                      rate_mbps=412.0, dirty_rate_mbps=120.5,
+                      pages_left_at_max_rate_ms=75.497472, bytes_sent=1 << 27, elapsed_s=4.2)
     line = progress_line(update)
     assert "left:    2304 pages, ≥   75.5 ms at the max rate" in line
     assert "downtime" not in line  # nothing predicts it yet

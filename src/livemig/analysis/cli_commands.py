@@ -21,9 +21,11 @@ from livemig import argtypes
 from livemig.analysis import record, simulate, wws
 from livemig.analysis.trace import Trace
 from livemig.errors import LivemigError
-from livemig.migration.planner import MBIT, PAGE_SIZE, Mode, PlannerConfig, RateLimits
+from livemig.migration.planner import Mode, PlannerConfig, RateLimits
 from livemig.net import testbed
+from livemig.units import MBIT, PAGE_SIZE
 from livemig.vm import qemu
+from livemig.wire.messages import DEFAULT_OPTIONS
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6,
                "mib": 2**20, "g": 1e9, "gb": 1e9, "gib": 2**30}
@@ -350,9 +352,11 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
     s.add_argument("--skew", type=float, default=0.9, help="fraction of writes into the hot set")
     s.add_argument("--zero-fraction", type=float, default=0.0, metavar="F",
                    help="fraction of RAM that reads as zero at the start")
-    s.add_argument("--min-rate", type=argtypes.rate, default=100.0, metavar="R")
-    s.add_argument("--max-rate", type=argtypes.rate, default=500.0, metavar="R")
-    s.add_argument("--increment", type=argtypes.rate, default=50.0, metavar="R")
+    # The migrate command's defaults, so that a simulation predicts a plain migrate.
+    rates = DEFAULT_OPTIONS
+    s.add_argument("--min-rate", type=argtypes.rate, default=rates.min_rate_mbps, metavar="R")
+    s.add_argument("--max-rate", type=argtypes.rate, default=rates.max_rate_mbps, metavar="R")
+    s.add_argument("--increment", type=argtypes.rate, default=rates.increment_mbps, metavar="R")
     s.add_argument("--mode", choices=[m.value for m in Mode], default=Mode.PRECOPY.value)
     s.add_argument("--start", type=float, default=0.0, metavar="SECONDS",
                    help="where in the trace the migration starts")

@@ -22,9 +22,10 @@ import numpy.typing as npt
 
 from livemig.analysis.trace import Trace, TraceMeta
 from livemig.errors import LivemigError, VMError
+from livemig.units import PAGE_SIZE
 from livemig.vm import dirtylog
 from livemig.vm.memory import GuestMemory
-from livemig.vm.spec import PAGE_SIZE, VMRecord
+from livemig.vm.spec import VMRecord
 
 ZERO_SCAN_PAGES = 4096  # 16 MiB at a time: bounded temporaries while finding zero pages
 

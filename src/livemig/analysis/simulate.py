@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import msgspec
 import numpy as np
 import numpy.typing as npt
 
@@ -27,8 +28,6 @@ from livemig.analysis.timeline import Timeline, Writes
 from livemig.analysis.trace import Trace
 from livemig.migration.planner import (
     DEFAULT_CONFIG,
-    MBIT,
-    PAGE_SIZE,
     Mode,
     Planner,
     PlannerConfig,
@@ -37,6 +36,8 @@ from livemig.migration.planner import (
     RoundStats,
     StopAndCopy,
 )
+from livemig.units import MBIT, PAGE_SIZE
+from livemig.wire.messages import DEFAULT_OPTIONS
 
 PAGE_BITS = PAGE_SIZE * 8
 Int64s = npt.NDArray[np.int64]
@@ -228,7 +229,7 @@ class Result:
             "stop_reason": self.stop_reason,
             "final_pages": self.final_pages,
             "final_data_pages": self.final_data_pages,
-            "rounds": [dataclasses.asdict(r) for r in self.rounds],
+            "rounds": [msgspec.structs.asdict(r) for r in self.rounds],
             "costs": dataclasses.asdict(self.costs),
         }
 
@@ -391,7 +392,7 @@ def sweep(
     min_rates_mbps: list[float],
     max_rates_mbps: list[float],
     *,
-    increment_mbps: float = 50.0,
+    increment_mbps: float = DEFAULT_OPTIONS.increment_mbps,
     base: PlannerConfig = DEFAULT_CONFIG,
     costs: Costs = DEFAULT_COSTS,
     zero_pages: Int64s | None = None,

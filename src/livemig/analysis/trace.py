@@ -21,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from livemig.errors import LivemigError
+from livemig.units import PAGE_SIZE
 
 FORMAT = "livemig-trace"
 VERSION = 1
@@ -50,7 +51,7 @@ class TraceMeta:
     npages: int
     interval_s: float  # the nominal interval; ``Trace.times`` holds the real ones
     started_at: float  # Unix time at which the tracker was armed
-    page_size: int = 4096
+    page_size: int = PAGE_SIZE
     options: dict[str, str] = field(default_factory=dict)  # the workload's options
     format: str = FORMAT
     version: int = VERSION

@@ -23,6 +23,7 @@ import numpy.typing as npt
 
 from livemig.analysis.timeline import Timeline
 from livemig.analysis.trace import Trace
+from livemig.units import PAGE_SIZE
 
 MBIT = 1_000_000
 DEFAULT_RATES_MBPS = (128.0, 256.0, 512.0)  # the paper's
@@ -126,7 +127,7 @@ class HotSet:
 
     @property
     def bytes(self) -> int:
-        return self.pages * 4096
+        return self.pages * PAGE_SIZE
 
 
 def hot_set(trace: Trace, fraction: float = HOT_FRACTION) -> HotSet:

@@ -1,10 +1,11 @@
 """The local control protocol between the CLI and its host's daemon: JSON lines.
 
-Request, one line:  {"op": "migrate", "vm": "v1", "to": "hostB", ...}
-                    {"op": "cancel", "vm": "v1"}     {"op": "ping"}
-                    {"op": "memory"}  (where the daemon's memory is: daemon.memstats)
-Replies, lines:     {"type": "progress", ...}*  then one of
-                    {"type": "result", ...}  or  {"type": "error", "message": ..., ...}
+One request line, then reply lines: any number of ``Progress``, then one last reply.
+The messages, and their version, are declared in ``wire.messages``::
+
+    {"op": "migrate", "vm": "v1", "to": "hostB", "options": {...}, "v": 1}
+    {"type": "progress", ...}*  then  {"type": "result", "report": {...}}
+                                or    {"type": "error", "message": ..., ...}
 
 The socket is root-only (mode 0600 in a root-only directory): whoever can talk to it can
 move VMs.
@@ -14,13 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
 
 from livemig import paths
 from livemig.errors import LivemigError
+from livemig.wire import messages
+from livemig.wire.messages import ControlReply, ControlRequest, Failed, Migrate, Progress
 
 MAX_LINE_BYTES = 1 << 20
 PEER_PORT = 7477
@@ -42,21 +43,7 @@ class DaemonUnavailable(LivemigError):
         self.host = host
 
 
-def encode(message: dict[str, Any]) -> bytes:
-    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
-
-
-def decode(line: bytes) -> dict[str, Any]:
-    try:
-        value = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise LivemigError(f"malformed control message: {exc}") from exc
-    if not isinstance(value, dict):
-        raise LivemigError("a control message must be a JSON object")
-    return value
-
-
-async def call(host: str, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+async def call(host: str, request: ControlRequest) -> AsyncIterator[ControlReply]:
     """Send one request to ``host``'s daemon and yield its replies until the last."""
     try:
         reader, writer = await asyncio.open_unix_connection(
@@ -65,12 +52,12 @@ async def call(host: str, request: dict[str, Any]) -> AsyncIterator[dict[str, An
     except OSError as exc:
         raise DaemonUnavailable(host, exc.strerror or str(exc)) from exc
     try:
-        writer.write(encode(request))
+        writer.write(messages.encode_control(request))
         await writer.drain()
         while line := await reader.readline():
-            reply = decode(line)
+            reply = messages.decode_control_reply(line)
             yield reply
-            if reply.get("type") != "progress":
+            if not isinstance(reply, Progress):
                 return
         raise DaemonUnavailable(host, "it closed the connection mid-request")
     finally:
@@ -82,37 +69,58 @@ async def call(host: str, request: dict[str, Any]) -> AsyncIterator[dict[str, An
 class MigrationFailed(LivemigError):
     """The daemon reported a failed migration; ``vm_runs_on`` says where the VM is now."""
 
-    def __init__(self, reply: dict[str, Any]) -> None:
-        super().__init__(str(reply.get("message", "the migration failed")))
-        self.stage = reply.get("stage")
-        self.vm_runs_on = reply.get("vm_runs_on")
+    def __init__(self, reply: Failed) -> None:
+        super().__init__(reply.message)
+        self.stage = reply.stage
+        self.vm_runs_on = reply.vm_runs_on
+
+
+class UnexpectedReply(LivemigError):
+    """The daemon answered with a reply that does not belong to the request."""
+
+    def __init__(self, host: str, request: ControlRequest, reply: ControlReply) -> None:
+        super().__init__(f"{host}'s daemon answered {type(request).__name__} with "
+                         f"{type(reply).__name__}: run the CLI and the daemons of one release")
+        self.host = host
+
+
+async def request(host: str, message: ControlRequest,
+                  expected: type[messages.FinalReply]) -> messages.FinalReply:
+    """Send a request that has one reply, ``expected``; a ``Failed`` raises LivemigError."""
+    async for reply in call(host, message):
+        if isinstance(reply, expected):
+            return reply
+        if isinstance(reply, Failed):
+            raise LivemigError(reply.message)
+        raise UnexpectedReply(host, message, reply)
+    raise DaemonUnavailable(host, "it sent no reply")
 
 
 async def migrate(
     host: str,
-    request: dict[str, Any],
-    on_progress: Callable[[dict[str, Any]], None] | None = None,
-) -> dict[str, Any]:
+    request: Migrate,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> messages.MigrationReport:
     """Ask ``host``'s daemon to run a migration; returns its report or raises."""
     began = False
     try:
         async for reply in call(host, request):
             began = True
-            kind = reply.get("type")
-            if kind == "progress":
+            if isinstance(reply, Progress):
                 if on_progress is not None:
                     on_progress(reply)
-            elif kind == "result":
-                report: dict[str, Any] = reply["report"]
-                return report
-            else:
+            elif isinstance(reply, messages.Migrated):
+                return reply.report
+            elif isinstance(reply, Failed):
                 raise MigrationFailed(reply)
+            else:
+                raise UnexpectedReply(host, request, reply)
     except DaemonUnavailable:
         if not began:
             raise
-        vm = request.get("vm")
-        raise MigrationFailed({"message": (
+        vm = request.vm
+        raise MigrationFailed(Failed(message=(
             f"{host}'s daemon ended in the middle of the migration of {vm}; restarted, it "
-            f"settles it: {vm} runs on {host} again unless {request.get('to')} already "
-            f"ran it ('livemig vm list' shows where)")}) from None
+            f"settles it: {vm} runs on {host} again unless {request.to} already "
+            f"ran it ('livemig vm list' shows where)"))) from None
     raise DaemonUnavailable(host, "it sent no result")

@@ -2,8 +2,8 @@
 
 RSS alone cannot tell a leak from a heap that keeps freed memory: glibc returns freed
 chunks to the kernel only from the top of a heap, or when asked (``malloc_trim``). So
-the daemon answers ``{"op": "memory"}`` with both views, and the soak benchmark reads
-them after every migration:
+the daemon answers a ``MemoryQuery`` with both views (``wire.messages.MemoryFigures``),
+and the soak benchmark reads them after every migration:
 
 - ``rss_kib``: resident memory, what the kernel charges us, and its parts: anonymous
   (``rss_anon_kib``: heaps, Python's arenas), file-backed (``rss_file_kib``) and shared
@@ -23,7 +23,9 @@ import ctypes
 import ctypes.util
 import sys
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
+
+from livemig.wire.messages import MemoryFigures
 
 
 class _MallInfo2(ctypes.Structure):
@@ -63,15 +65,15 @@ def _resident() -> dict[str, int]:
     return figures
 
 
-def report() -> dict[str, Any]:
+def report() -> MemoryFigures:
     """This process's memory, as the module docstring describes."""
-    figures: dict[str, Any] = {**_resident(), "python_blocks": sys.getallocatedblocks(),
-                               "heap_in_use_kib": None, "heap_free_kib": None}
+    heap_in_use = heap_free = None
     if _LIBC is not None:
         info = _LIBC.mallinfo2()
-        figures["heap_in_use_kib"] = (info.uordblks + info.hblkhd) // 1024
-        figures["heap_free_kib"] = info.fordblks // 1024
-    return figures
+        heap_in_use = (info.uordblks + info.hblkhd) // 1024
+        heap_free = info.fordblks // 1024
+    return MemoryFigures(python_blocks=sys.getallocatedblocks(), heap_in_use_kib=heap_in_use,
+                         heap_free_kib=heap_free, **_resident())
 
 
 def give_back() -> bool:

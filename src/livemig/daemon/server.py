@@ -20,23 +20,22 @@ import contextlib
 import logging
 import os
 import signal
-from dataclasses import asdict
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from livemig import keys, paths
 from livemig.daemon import control, memstats
 from livemig.errors import LivemigError, MigrationError
 from livemig.migration import source
 from livemig.migration.destination import DestinationSession, Incoming
-from livemig.migration.holds import HoldPoint
-from livemig.migration.planner import MBIT, Mode, RateLimits
-from livemig.migration.source import MigrationOptions, Progress, SourceMigration
+from livemig.migration.source import MigrationOptions, SourceMigration
 from livemig.net import testbed
 from livemig.vm import qemu
 from livemig.vm.spec import VMRecord
-from livemig.wire import channel, frames, tls
+from livemig.wire import channel, frames, messages, tls
 from livemig.wire.channel import Channel
+from livemig.wire.messages import Failed, Migrate, MigrationReport
 
 log = logging.getLogger("livemigd")
 
@@ -57,10 +56,12 @@ class Daemon:
         self.key = key
         self.tls = tls.Contexts(tls_files) if tls_files is not None else None
         self.ip = str(testbed.host_node(host).ip)
-        self.migrations: dict[str, tuple[asyncio.Task[Any], SourceMigration]] = {}
-        self._sessions: set[asyncio.Task[None]] = set()
+        self.migrations: dict[str, tuple[asyncio.Task[Outcome], SourceMigration]] = {}
         self.incoming = Incoming(host)
-        self._settling: set[asyncio.Task[None]] = set()
+        # Everything the daemon runs beside its listeners: recovery, migrations both
+        # ways, settling. Entered by run(); a shutdown cancels them all.
+        self._tasks = asyncio.TaskGroup()
+        self._ready = asyncio.Event()  # the group is entered: the handlers may use it
 
     async def run(self) -> None:
         path = control.socket_path(self.host)
@@ -92,25 +93,38 @@ class Daemon:
                  control.PEER_PORT, "mutual TLS" if self.tls else "PLAINTEXT")
         if self.tls is None:
             log.warning(PLAINTEXT_WARNING)
-        recovery = asyncio.create_task(self._recover())
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         try:
-            await stop.wait()
+            async with self._tasks:
+                self._ready.set()
+                self._spawn(self._recover(), "recovery")
+                await stop.wait()
+                local.close()  # no new work from here on
+                peers.close()
+                # Leaving the group by an exception cancels every task in it (each
+                # migration puts its VM back, each incoming copy is torn down) and
+                # waits for them to finish.
+                raise _ShuttingDown
+        except* _ShuttingDown:
+            pass
         finally:
-            recovery.cancel()
-            for task in self._settling:
-                task.cancel()
             local.close()
             peers.close()
-            running = [task for task, _ in self.migrations.values()]
-            for task in [*running, *self._sessions]:
-                task.cancel()
-            await asyncio.gather(*running, *self._sessions,
-                                 return_exceptions=True)
             path.unlink(missing_ok=True)
+
+    def _spawn(self, work: Coroutine[Any, Any, T], what: str) -> asyncio.Task[T | None]:
+        """Run ``work`` in the daemon's task group. Its failure is logged, never raised:
+        one migration's bug must not cancel the others."""
+        async def logged() -> T | None:
+            try:
+                return await work
+            except Exception:
+                log.exception("%s failed", what)
+                return None
+        return self._tasks.create_task(logged())
 
     async def _recover(self) -> None:
         """What a previous daemon on this host left behind: incoming copies that never
@@ -129,7 +143,7 @@ class Daemon:
                 vm = await qemu.VM.attach(record)
                 try:
                     settled, what = await source.recover_switchover(
-                        vm, self._connector(entry["target"]))
+                        vm, self._connector(entry.target))
                 finally:
                     await vm.close()
                 log.log(logging.INFO if settled else logging.WARNING, "%s", what)
@@ -153,17 +167,17 @@ class Daemon:
     # -- peers ----------------------------------------------------------------------------
 
     async def _on_peer(self, peer: Channel) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._sessions.add(task)
+        # In the daemon's task group, so that a shutdown tears the session down; the
+        # peer server's task only waits for it.
+        await self._ready.wait()
+        await self._spawn(self._serve_peer(peer), "incoming migration")
+
+    async def _serve_peer(self, peer: Channel) -> None:
         try:
             await DestinationSession(self.host, peer, self.incoming).serve()
         except LivemigError as exc:
             log.warning("incoming migration ended: %s", exc)
-        except Exception:
-            log.exception("incoming migration failed")
         finally:
-            self._sessions.discard(task)
             memstats.give_back()
 
     # -- the CLI --------------------------------------------------------------------------
@@ -171,40 +185,36 @@ class Daemon:
     async def _on_cli(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             line = await reader.readline()
-            request = control.decode(line)
-            op = request.get("op")
-            if op == "ping":
-                writer.write(control.encode({"type": "result", "host": self.host}))
-            elif op == "memory":
-                writer.write(control.encode({"type": "result", **memstats.report()}))
-            elif op == "migrate":
-                await self._migrate(request, writer)
-            elif op == "cancel":
-                writer.write(control.encode(self._cancel(str(request.get("vm")))))
-            else:
-                writer.write(control.encode({"type": "error", "message": f"unknown op {op!r}"}))
+            match messages.decode_control_request(line):
+                case messages.Ping():
+                    writer.write(messages.encode_control(messages.Pong(host=self.host)))
+                case messages.MemoryQuery():
+                    writer.write(messages.encode_control(memstats.report()))
+                case Migrate() as request:
+                    await self._migrate(request, writer)
+                case messages.Cancel(vm=vm):
+                    writer.write(messages.encode_control(self._cancel(vm)))
             await writer.drain()
         except LivemigError as exc:
             with contextlib.suppress(OSError):
-                writer.write(control.encode({"type": "error", "message": str(exc)}))
+                writer.write(messages.encode_control(Failed(message=str(exc))))
                 await writer.drain()
         except OSError:
             pass  # the CLI went away; a running migration goes on without it
         finally:
             writer.close()
 
-    def _cancel(self, vm: str) -> dict[str, Any]:
+    def _cancel(self, vm: str) -> messages.Cancelled | Failed:
         task, engine = self.migrations.get(vm, (None, None))
         if task is None or engine is None or task.done():
-            return {"type": "error", "message": f"no migration of {vm!r} runs on {self.host}"}
+            return Failed(message=f"no migration of {vm!r} runs on {self.host}")
         if (refused := engine.refuse_cancel()) is not None:
-            return {"type": "error", "message": refused}
+            return Failed(message=refused)
         task.cancel()
-        return {"type": "result", "cancelled": vm}
+        return messages.Cancelled(vm=vm)
 
-    async def _migrate(self, request: dict[str, Any], writer: asyncio.StreamWriter) -> None:
-        name = str(request.get("vm"))
-        target = str(request.get("to"))
+    async def _migrate(self, request: Migrate, writer: asyncio.StreamWriter) -> None:
+        name, target = request.vm, request.to
         if name in self.migrations and not self.migrations[name][0].done():
             raise LivemigError(f"{name} is already migrating")
         record = qemu.find(name)
@@ -213,27 +223,12 @@ class Daemon:
         if target == self.host:
             raise LivemigError(f"{name} already runs on {target}")
         testbed.require_host(target)
-        try:
-            options = MigrationOptions(
-                limits=RateLimits(
-                    min_bps=float(request.get("min_rate_mbps", 100)) * MBIT,
-                    max_bps=float(request.get("max_rate_mbps", 500)) * MBIT,
-                    increment_bps=float(request.get("increment_mbps", 50)) * MBIT,
-                ),
-                mode=Mode(request.get("mode", Mode.PRECOPY)),
-                tracker=str(request.get("tracker", "auto")),
-                verify=bool(request.get("verify", True)),
-                stall_timeout_s=float(request.get("stall_timeout_s", 10.0)),
-                timeout_s=float(request["timeout_s"]) if request.get("timeout_s") else None,
-                hold_at=HoldPoint(request["hold_at"]) if request.get("hold_at") else None,
-            )
-        except (TypeError, ValueError) as exc:
-            # The request comes over a socket: refuse it in a reply, never by dying.
-            raise LivemigError(f"bad migrate request for {name}: {exc}") from exc
+        # Validated when the line was decoded: the units are converted here, once.
+        options = MigrationOptions.of(request.options)
 
-        def progress(update: Progress) -> None:
+        def progress(update: messages.Progress) -> None:
             with contextlib.suppress(OSError, RuntimeError):
-                writer.write(control.encode({"type": "progress", **asdict(update)}))
+                writer.write(messages.encode_control(update))
 
         vm = await qemu.VM.attach(record)
         migration = SourceMigration(
@@ -244,33 +239,49 @@ class Daemon:
             options=options,
             on_progress=progress,
         )
-        task = asyncio.get_running_loop().create_task(migration.run())
+        await self._ready.wait()
+        task = self._tasks.create_task(_outcome(migration))
         self.migrations[name] = (task, migration)
         try:
             # shield: the CLI hanging up must not cancel the migration; only 'cancel' does
-            report = await asyncio.shield(task)
-            writer.write(control.encode({"type": "result", "report": report.to_json()}))
+            outcome = await asyncio.shield(task)
+            if isinstance(outcome, Exception):
+                raise outcome
+            writer.write(messages.encode_control(messages.Migrated(report=outcome)))
         except MigrationError as exc:
             if exc.vm_runs_on is None:  # the commit is in doubt: keep asking the target
-                settling = asyncio.create_task(self._settle(record))
-                self._settling.add(settling)
-                settling.add_done_callback(self._settling.discard)
-            writer.write(control.encode({
-                "type": "error", "message": str(exc), "stage": exc.stage,
-                "vm_runs_on": exc.vm_runs_on,
-            }))
+                self._spawn(self._settle(record), f"settling {name}")
+            writer.write(messages.encode_control(
+                Failed(message=str(exc), stage=exc.stage, vm_runs_on=exc.vm_runs_on)))
         except Exception as exc:  # a bug: the engine has put the VM back; say so plainly
             log.exception("migration of %s failed", name)
-            writer.write(control.encode({
-                "type": "error", "vm_runs_on": record.host, "stage": migration.stage.value,
-                "message": f"migration of {name} failed with an internal error ({exc!r}); "
-                           f"it runs on {record.host}; see {self.host}'s livemigd.log",
-            }))
+            writer.write(messages.encode_control(Failed(
+                vm_runs_on=record.host, stage=migration.stage.value,
+                message=f"migration of {name} failed with an internal error ({exc!r}); "
+                        f"it runs on {record.host}; see {self.host}'s livemigd.log",
+            )))
         finally:
             if task.done():
                 self.migrations.pop(name, None)
                 await vm.close()
                 memstats.give_back()
+
+
+class _ShuttingDown(Exception):
+    """Raised inside the daemon's task group to end it: see ``Daemon.run``."""
+
+
+T = TypeVar("T")
+Outcome = MigrationReport | Exception
+
+
+async def _outcome(migration: SourceMigration) -> Outcome:
+    """A migration's report, or what it failed with: returned, not raised, because a
+    task that raises in a task group cancels all the others."""
+    try:
+        return await migration.run()
+    except Exception as exc:
+        return exc
 
 
 async def _answers(path: Path) -> bool:

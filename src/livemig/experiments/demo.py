@@ -25,6 +25,7 @@ from livemig.net import testbed
 from livemig.probes.timeseries import bucketize
 from livemig.vm import qemu
 from livemig.vm.spec import Workload, workload_misfit
+from livemig.wire import messages
 
 SUMMARY_KEYS = ("downtime_ms", "client_downtime_ms", "tcp_stall_ms", "total_time_s",
                 "bytes_sent", "ram_bytes", "data_sent_ratio", "verified", "service_impact")
@@ -34,7 +35,7 @@ def _say(message: str) -> None:
     print(f"[demo] {message}", file=sys.stderr, flush=True)
 
 
-def _progress(update: dict[str, Any]) -> None:
+def _progress(update: messages.Progress) -> None:
     print(f"[demo] {reporting.progress_line(update)}", file=sys.stderr, flush=True)
 
 
@@ -103,7 +104,7 @@ def run(workload: Workload, mem_mib: int, json_file: Path | None, plot: Path) ->
         _say("tearing down")
         asyncio.run(qemu.stop_all())
         testbed.down()
-    print(reporting.report_text(result["report"]))
+    print(reporting.report_text(messages.MigrationReport.from_json(result["report"])))
     for line in client_lines(result):
         print(line)
     if result["integrity"] is not None:

@@ -50,8 +50,10 @@ from livemig.experiments import baselines, scenario
 from livemig.image import builder
 from livemig.net import shaping, testbed
 from livemig.probes.timeseries import bucketize, service_impact, throughput_per_s
+from livemig.units import PAGE_SIZE
 from livemig.vm import qemu
 from livemig.vm.spec import Workload
+from livemig.wire.messages import DEFAULT_OPTIONS
 
 SCHEMA = "livemig-paper/1"
 HOSTS = ("hostA", "hostB")
@@ -155,8 +157,8 @@ class Settings:
     baseline_s: float = 5.0
     after_s: float = 3.0
     mem_mib: int = 256
-    max_rate_mbps: float = 500.0
-    min_rate_mbps: float = 100.0
+    max_rate_mbps: float = DEFAULT_OPTIONS.max_rate_mbps
+    min_rate_mbps: float = DEFAULT_OPTIONS.min_rate_mbps
     qemu_timeout_s: float = 60.0
     link: str = "1gbit"  # the test bed's LAN: ``testbed up --link``
     workloads: tuple[str, ...] = tuple(w.key for w in WORKLOADS)
@@ -440,9 +442,6 @@ def figure_series(result: dict[str, Any], by_requests: bool = False) -> dict[str
     return series
 
 
-PAGE_BYTES = 4096
-
-
 def rounds_series(report: dict[str, Any]) -> dict[str, Any]:
     """Our rounds as the paper's Figures 8-10 draw them: per round its start, length,
     achieved transfer rate, paced limit and dirty rate; then the stop-and-copy."""
@@ -451,7 +450,7 @@ def rounds_series(report: dict[str, Any]) -> dict[str, Any]:
     t = start
     for r in report["rounds"]:
         duration = max(r["duration_s"], 1e-6)
-        sent_bytes = r["pages_sent"] * PAGE_BYTES
+        sent_bytes = r["pages_sent"] * PAGE_SIZE
         rounds.append({
             "number": r["number"], "start_s": t, "duration_s": r["duration_s"],
             "transfer_mbps": sent_bytes * 8 / duration / 1e6,
@@ -460,7 +459,7 @@ def rounds_series(report: dict[str, Any]) -> dict[str, Any]:
         })
         t += r["duration_s"]
     stop_at = next((t for name, t in report["stages"] if name == "stop-and-copy"), t)
-    final_bytes = report["final_pages"] * PAGE_BYTES
+    final_bytes = report["final_pages"] * PAGE_SIZE
     final_s = report.get("stop_window_ms", {}).get("final_pages", 0.0) / 1e3
     return {
         "rounds": rounds,

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -32,8 +32,10 @@ from livemig.net import testbed
 from livemig.probes.timeseries import service_impact
 from livemig.vm import qemu
 from livemig.vm.spec import VMSpec, Workload
+from livemig.wire import messages
+from livemig.wire.messages import DEFAULT_OPTIONS
 
-ProgressPrinter = Callable[[dict[str, Any]], None] | None
+ProgressPrinter = Callable[[messages.Progress], None] | None
 BEFORE_WINDOW_S = 1.0  # "throughput before": this long, just before the migration
 
 
@@ -43,11 +45,11 @@ class Scenario:
     source: str = "hostA"
     target: str = "hostB"
     mem_mib: int = 256
-    mode: str = "precopy"
-    min_rate_mbps: float = 100.0
-    max_rate_mbps: float = 500.0
-    tracker: str = "auto"
-    verify: bool = True
+    mode: str = str(DEFAULT_OPTIONS.mode)  # or a baseline's (baselines.MODES), or FLOOR
+    min_rate_mbps: float = DEFAULT_OPTIONS.min_rate_mbps
+    max_rate_mbps: float = DEFAULT_OPTIONS.max_rate_mbps
+    tracker: messages.Tracker = DEFAULT_OPTIONS.tracker
+    verify: bool = DEFAULT_OPTIONS.verify
     baseline_s: float = 3.0  # at least BEFORE_WINDOW_S plus the probes' start-up
     after_s: float = 2.0
     options: tuple[tuple[str, str], ...] = ()
@@ -57,7 +59,6 @@ class Scenario:
     game_players: int = 6
     vm_name: str = "demo"
     qemu_timeout_s: float = 120.0  # for the qemu-* modes (baselines.MODES)
-    extra_request: dict[str, Any] = field(default_factory=dict)
     # For mode FLOOR: how long the VM is paused in place.
     floor_pause_ms: float = 0.0
 
@@ -125,9 +126,6 @@ async def measure(s: Scenario, on_progress: ProgressPrinter = None) -> dict[str,
             # The baseline counts from when the probes measure, not from their launch.
             await wait_measuring([p for p in (echo, tcp, workload_probe) if p is not None])
             await asyncio.sleep(s.baseline_s)
-            request = {"op": "migrate", "vm": s.vm_name, "to": s.target, "mode": s.mode,
-                       "min_rate_mbps": s.min_rate_mbps, "max_rate_mbps": s.max_rate_mbps,
-                       "tracker": s.tracker, "verify": s.verify, **s.extra_request}
             started_ns = time.monotonic_ns()
             if s.mode.startswith("qemu-"):
                 # QEMU's modes carry their own limits; the link decides their rate.
@@ -136,7 +134,12 @@ async def measure(s: Scenario, on_progress: ProgressPrinter = None) -> dict[str,
             elif s.mode == FLOOR:
                 report = await pause_in_place(s.vm_name, s.floor_pause_ms)
             else:
-                report = await control.migrate(s.source, request, on_progress)
+                request = messages.Migrate(
+                    vm=s.vm_name, to=s.target, options=messages.MigrateOptions(
+                        mode=messages.Mode(s.mode), min_rate_mbps=s.min_rate_mbps,
+                        max_rate_mbps=s.max_rate_mbps, tracker=s.tracker, verify=s.verify))
+                # A plain record, like the baselines' and the floor's reports below.
+                report = (await control.migrate(s.source, request, on_progress)).to_json()
             ended_ns = time.monotonic_ns()
             await asyncio.sleep(s.after_s)
         finally:

@@ -23,8 +23,9 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
+import msgspec
 import numpy as np
 import numpy.typing as npt
 
@@ -36,7 +37,7 @@ from livemig.vm import qemu
 from livemig.vm.handle import MigratableVM
 from livemig.vm.memory import page_checksums, sum_checksums
 from livemig.vm.spec import VMRecord, VMSpec
-from livemig.wire import frames
+from livemig.wire import frames, messages
 from livemig.wire.channel import Channel
 
 log = logging.getLogger(__name__)
@@ -131,12 +132,12 @@ class Incoming:
                     log.error("could not remove %s: %s", record.spec.name, exc)
         self.recovered.set()
 
-    async def locate(self, vm: str) -> dict[str, Any]:
+    async def locate(self, vm: str) -> messages.Location:
         await asyncio.wait_for(self.recovered.wait(), timeout=60.0)
         if (entry := self._sessions.get(vm)) is not None:
             session, task = entry
             if not session.machine.stage.source_is_primary:
-                return {"state": "activating"}  # committed; cont is under way
+                return messages.Location("activating")  # committed; cont is under way
             # Uncommitted, and its source asks: it lost us. This copy must never run.
             task.cancel()
             await asyncio.wait({task}, timeout=15.0)
@@ -147,8 +148,8 @@ class Incoming:
                 # An incoming copy nobody serves: its daemon died before commitment.
                 await self.vms.remove(record)
                 continue
-            return {"state": "running", "cont_returned_at": self._activated_at.get(vm)}
-        return {"state": "absent"}
+            return messages.Location("running", self._activated_at.get(vm))
+        return messages.Location("absent")
 
 
 class QEMUGone(LivemigError):
@@ -179,6 +180,8 @@ def message_kind(message: frames.Message) -> str:
 
 
 Handler = Callable[["DestinationSession", frames.Message], Awaitable[None]]
+PeerRequestT = TypeVar("PeerRequestT", messages.Reserve, messages.Image, messages.Commit,
+                       messages.Locate)
 
 
 class DestinationSession:
@@ -251,6 +254,13 @@ class DestinationSession:
             # would block the next try of this VM with VMExists.
             await self._tear_down()
 
+    def _request(self, message: frames.Message, kind: type[PeerRequestT]) -> PeerRequestT:
+        """The typed request in ``message``, which STEPS routed here by its kind."""
+        assert isinstance(message, frames.Request)
+        request = messages.read_request(message, self.channel.peer)
+        assert isinstance(request, kind)
+        return request
+
     async def _abandon(self, exc: BaseException) -> None:
         """A failure: before commitment, tear down and tell the source why."""
         if not self.machine.stage.source_is_primary:
@@ -289,19 +299,17 @@ class DestinationSession:
     # -- stage 1: reservation -------------------------------------------------------------
 
     async def _reserve(self, message: frames.Message) -> None:
-        assert isinstance(message, frames.Request)
-        body = message.body
+        request = self._request(message, messages.Reserve)
         try:
-            spec = VMSpec.from_json(body["spec"])
-        except (KeyError, TypeError, ValueError) as exc:
+            spec = VMSpec.from_json(msgspec.structs.asdict(request.spec))
+        except (TypeError, ValueError) as exc:
             raise frames.RemoteProtocolError(
                 self.channel.peer, f"malformed VM spec: {exc}"
             ) from exc
         log.info("%s asks to move %s here (%s)", self.channel.peer, spec.name,
                  "its certificate names it" if self.channel.certified_host
                  else "plaintext: only the shared key vouches for it")
-        if body.get("hold_at"):
-            self._hold_at = HoldPoint(body["hold_at"])
+        self._hold_at = request.hold_at
         problem = self.incoming.vms.room_problem(spec.ram_bytes)
         if problem is None and not (spec.kernel.is_file() and spec.initrd.is_file()):
             problem = f"image {spec.image!r} is not here"
@@ -312,7 +320,7 @@ class DestinationSession:
                 problem = str(exc)
         if problem is not None:
             self._event(Event.FAILED)
-            await self.channel.send(frames.Reply(ok=False, body={"error": problem}))
+            await self.channel.send(messages.reply_frame(messages.Refusal(error=problem)))
             return
         assert self.vm is not None
         self._qemu_exit = self._tasks.create_task(self._watch_qemu(self.vm))
@@ -331,14 +339,14 @@ class DestinationSession:
         self._page_sums = np.zeros(memory.npages, dtype=np.uint64)
         self.channel.connection.npages = memory.npages  # the codec bounds page indexes
         self._event(Event.RESERVED)
-        await self.channel.send(frames.Reply(ok=True, body={"tunnel": True}))
+        await self.channel.send(messages.reply_frame(messages.Reserved()))
 
     async def _locate(self, message: frames.Message) -> None:
         """A source that lost track of a commit asks, on a connection of its own, where
         the VM stands. This connection reserved nothing: it ends here."""
-        assert isinstance(message, frames.Request)
-        answer = await self.incoming.locate(str(message.body.get("vm")))
-        await self.channel.send(frames.Reply(ok=True, body=answer))
+        request = self._request(message, messages.Locate)
+        answer = await self.incoming.locate(request.vm)
+        await self.channel.send(messages.reply_frame(answer))
         self._event(Event.FAILED)
 
     # -- stages 2 and 3: pre-copy and stop-and-copy --------------------------------------
@@ -380,7 +388,8 @@ class DestinationSession:
         await self._state_sink.write(message)
 
     async def _image(self, message: frames.Message) -> None:
-        assert isinstance(message, frames.Request) and self.vm is not None
+        request = self._request(message, messages.Image)
+        assert self.vm is not None
         try:
             # Bounded as a whole: a hung QEMU answers nothing, not even "failed", and
             # its QMP time-out is longer than the source waits for this reply.
@@ -389,20 +398,22 @@ class DestinationSession:
             status = f"not completed after {INCOMING_TIMEOUT_S:g} s"
         if status != "completed":
             self._event(Event.FAILED)  # serve() tears down once the source has the reply
-            await self.channel.send(
-                frames.Reply(ok=False, body={"error": f"device state {status}"}))
+            await self.channel.send(messages.reply_frame(
+                messages.Refusal(error=f"device state {status}")))
             return
-        body: dict[str, Any] = {"consistent": True}
-        if message.body.get("verify"):
+        checksum, verify_ms = None, 0.0
+        if request.verify:
             started = time.monotonic()
-            body["checksum"] = sum_checksums(self._page_sums)
-            body["verify_ms"] = (time.monotonic() - started) * 1000
+            checksum = sum_checksums(self._page_sums)
+            verify_ms = (time.monotonic() - started) * 1000
         self._event(Event.IMAGE_CONSISTENT)
-        await self.channel.send(frames.Reply(ok=True, body=body))
+        await self.channel.send(messages.reply_frame(messages.ImageConsistent(
+            consistent=True, checksum=checksum, verify_ms=verify_ms)))
 
     # -- stages 4 and 5: commitment and activation -----------------------------------------
 
     async def _commit(self, message: frames.Message) -> None:
+        self._request(message, messages.Commit)
         assert self.vm is not None
         self._event(Event.COMMITTED)  # primary from here on: never tear down after this
         await hold(self.vm.name, HoldPoint.COMMITMENT, self._hold_at)
@@ -413,8 +424,8 @@ class DestinationSession:
             # It never ran here, and it never will: the source may take it back.
             self._event(Event.NOT_ACTIVATED)
             await self._tear_down()
-            await self.channel.send(frames.Reply(ok=False, body={
-                "running": False, "error": f"cont failed on {self.host}: {exc}"}))
+            await self.channel.send(messages.reply_frame(messages.Refusal(
+                error=f"cont failed on {self.host}: {exc}", running=False)))
             return
         cont_returned_at = self._activated_at = time.monotonic()
         # First of all, before any I/O that may fail: the record says this copy runs
@@ -426,10 +437,9 @@ class DestinationSession:
         # The source's clock is this one (one machine); across machines it would need
         # the offset measured at connection time.
         try:
-            await self.channel.send(
-                frames.Reply(ok=True, body={
-                    "cont_returned_at": cont_returned_at, "resumed_at": resumed_at,
-                    "cont_ms": (cont_returned_at - cont_asked) * 1e3}), timeout=5.0)
+            await self.channel.send(messages.reply_frame(messages.Activated(
+                cont_returned_at=cont_returned_at, resumed_at=resumed_at,
+                cont_ms=(cont_returned_at - cont_asked) * 1e3)), timeout=5.0)
         except frames.WireError as exc:
             # The VM runs here regardless; the source asks where it runs ('locate').
             log.warning("%s runs here, but %s did not hear it: %s", self.vm.name,

@@ -14,23 +14,14 @@ time-out, say) fires as it would if the engine were merely slow.
 from __future__ import annotations
 
 import asyncio
-import enum
 import time
 from pathlib import Path
 
 from livemig import paths
+from livemig.wire.messages import HoldPoint as HoldPoint
 
 HOLD_TIMEOUT_S = 120.0
 POLL_S = 0.01
-
-
-class HoldPoint(enum.StrEnum):
-    RESERVATION = "reservation"  # the destination has reserved: its QEMU -incoming runs
-    ROUND_1 = "round-1"  # round 1 is under way: some pages have gone
-    LATER_ROUND = "later-round"  # a round after the first is under way
-    STOP_AND_COPY = "stop-and-copy"  # the source VM is paused; the last pages have not gone
-    DEVICE_STATE = "device-state"  # all pages are there; QEMU's device state is next
-    COMMITMENT = "commitment"  # the destination has the commit, has not run cont yet
 
 
 def hold_file(vm: str, point: HoldPoint) -> Path:

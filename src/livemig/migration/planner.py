@@ -41,18 +41,15 @@ import numpy as np
 import numpy.typing as npt
 
 from livemig.errors import LivemigError
-
-PAGE_SIZE = 4096
-MBIT = 1_000_000
+from livemig.units import MBIT as MBIT
+from livemig.units import PAGE_SIZE as PAGE_SIZE
+from livemig.wire.messages import DEFAULT_OPTIONS, MigrateOptions
+from livemig.wire.messages import Mode as Mode
+from livemig.wire.messages import RoundStats as RoundStats
 
 Pages = npt.NDArray[np.int64]
 
 _PAGE_BITS = PAGE_SIZE * 8
-
-
-class Mode(enum.StrEnum):
-    PRECOPY = "precopy"
-    STOP_AND_COPY = "stop-and-copy"
 
 
 class StopReason(enum.StrEnum):
@@ -106,11 +103,18 @@ class PlannerStateError(LivemigError):
 
 @dataclass(frozen=True)
 class RateLimits:
-    """§5.3's rate policy; the defaults are Xen's (100 and 500 Mbit/s, +50 Mbit/s)."""
+    """§5.3's rate policy in bit/s. The defaults are the migrate options' (Xen's), whose
+    one home is ``wire.messages.MigrateOptions``, where they are in Mbit/s."""
 
-    min_bps: float = 100 * MBIT
-    max_bps: float = 500 * MBIT
-    increment_bps: float = 50 * MBIT
+    min_bps: float = DEFAULT_OPTIONS.min_rate_mbps * MBIT
+    max_bps: float = DEFAULT_OPTIONS.max_rate_mbps * MBIT
+    increment_bps: float = DEFAULT_OPTIONS.increment_mbps * MBIT
+
+    @classmethod
+    def of(cls, options: MigrateOptions) -> RateLimits:
+        """The engine's limits for a migrate request: its one conversion of units."""
+        return cls(options.min_rate_mbps * MBIT, options.max_rate_mbps * MBIT,
+                   options.increment_mbps * MBIT)
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.min_bps) and self.min_bps > 0):
@@ -178,22 +182,6 @@ class StopAndCopy:
     pages: Pages
     rate_bps: float
     reason: StopReason
-
-
-@dataclass(frozen=True)
-class RoundStats:
-    """What one pre-copy round did. ``pages_sent + pages_skipped + pages_zero`` is
-    ``pages_planned``: every page of the plan is accounted for exactly once."""
-
-    number: int
-    pages_planned: int
-    pages_sent: int  # sent with their 4096 bytes of data
-    pages_skipped: int  # dirtied again before their turn (§5.4): the next round sends them
-    pages_dirtied: int  # written during the round: the next round's work
-    rate_bps: float  # the rate the round was paced at
-    duration_s: float
-    dirty_rate_bps: float  # pages_dirtied x page size x 8 / duration
-    pages_zero: int = 0  # all-zero pages, sent as indexes only
 
 
 @dataclass(frozen=True)

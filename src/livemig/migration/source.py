@@ -28,21 +28,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+import msgspec
 import numpy as np
 import numpy.typing as npt
 
 from livemig.errors import LivemigError, MigrationCancelled, MigrationError, ReservationRefused
 from livemig.migration.holds import HoldPoint, hold
 from livemig.migration.planner import (
-    PAGE_SIZE,
+    DEFAULT_LIMITS,
     Mode,
     Planner,
     PlannerConfig,
@@ -52,12 +51,14 @@ from livemig.migration.planner import (
 )
 from livemig.migration.stages import Event, Stage, StageMachine
 from livemig.migration.tunnel import StateSource
+from livemig.units import MBIT, PAGE_SIZE
 from livemig.vm import dirtylog
 from livemig.vm.handle import MigratableVM
 from livemig.vm.qemu import ENGINE_MIGRATION_CAPABILITIES
 from livemig.vm.spec import VMRecord
-from livemig.wire import frames
+from livemig.wire import frames, messages
 from livemig.wire.channel import Channel
+from livemig.wire.messages import DEFAULT_OPTIONS, MigrationReport, Progress
 
 log = logging.getLogger(__name__)
 
@@ -76,70 +77,23 @@ PROGRESS_INTERVAL_S = 0.1
 
 @dataclass(frozen=True)
 class MigrationOptions:
-    limits: RateLimits = field(default_factory=RateLimits)
-    mode: Mode = Mode.PRECOPY
-    tracker: str = dirtylog.TrackerKind.AUTO
-    verify: bool = True  # checksum both images; costs destination time before cont
-    seed: int = 0
-    stall_timeout_s: float = 10.0  # pre-copy: the target took no data for this long
-    timeout_s: float | None = None  # the whole migration's budget, up to commitment
-    hold_at: HoldPoint | None = None  # fault drills: wait at this point (migration.holds)
+    """``messages.MigrateOptions`` in the engine's units; the defaults are its."""
 
+    limits: RateLimits = DEFAULT_LIMITS
+    mode: Mode = DEFAULT_OPTIONS.mode
+    tracker: str = DEFAULT_OPTIONS.tracker
+    verify: bool = DEFAULT_OPTIONS.verify  # checksum both images; costs time before cont
+    seed: int = DEFAULT_OPTIONS.seed
+    stall_timeout_s: float = DEFAULT_OPTIONS.stall_timeout_s  # the target took no data
+    timeout_s: float | None = DEFAULT_OPTIONS.timeout_s  # the budget, up to commitment
+    hold_at: HoldPoint | None = DEFAULT_OPTIONS.hold_at  # fault drills (migration.holds)
 
-@dataclass(frozen=True)
-class Progress:
-    """What the operator sees while a migration runs."""
-
-    stage: str
-    round: int
-    pages_left: int
-    rate_mbps: float
-    dirty_rate_mbps: float
-    # Not a downtime prediction (none exists yet): pages_left sent at the maximum rate.
-    pages_left_at_max_rate_ms: float
-    bytes_sent: int
-    elapsed_s: float
-
-
-@dataclass
-class MigrationReport:
-    vm: str
-    source: str
-    target: str
-    mode: str
-    tracker: str
-    ram_bytes: int
-    downtime_ms: float  # engine: source's stop returned -> destination's cont returned
-    total_time_s: float  # reservation began -> source released after commitment
-    bytes_sent: int  # page bytes on the wire
-    rounds: list[dict[str, Any]]
-    stop_reason: str
-    final_pages: int  # sent while the VM was stopped
-    device_state_ms: float
-    verify_ms: float
-    verified: bool | None
-    source_checksum: str | None
-    destination_checksum: str | None
-    stages: list[tuple[str, float]]  # stage entered, seconds since the start
-    # CLOCK_MONOTONIC of this machine (s): to line the switchover up with the probes'.
-    stopped_at: float
-    cont_returned_at: float
-    stop_window_ms: dict[str, float]
-    # QEMU's own view of the same window: its STOP event on the source to its RESUME
-    # event on the destination, both QEMU's CLOCK_REALTIME (one machine here; real hosts
-    # need synchronized clocks). None when an event was missing (a lost commit reply).
-    vcpus_stopped_ms: float | None
-    device_state_bytes: int  # QEMU's CPU and device state, as it crossed the tunnel
-    cont_ms: float | None  # the destination's cont alone, as it timed it
-
-    @property
-    def data_sent_ratio(self) -> float:
-        return self.bytes_sent / self.ram_bytes
-
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["data_sent_ratio"] = round(self.data_sent_ratio, 4)
-        return data
+    @classmethod
+    def of(cls, options: messages.MigrateOptions) -> MigrationOptions:
+        return cls(limits=RateLimits.of(options), mode=options.mode, tracker=options.tracker,
+                   verify=options.verify, seed=options.seed,
+                   stall_timeout_s=options.stall_timeout_s, timeout_s=options.timeout_s,
+                   hold_at=options.hold_at)
 
 
 ProgressCallback = Callable[[Progress], None]
@@ -175,16 +129,24 @@ def journal_file(record: VMRecord) -> Path:
     return record.directory / "switchover.json"
 
 
-def read_journal(record: VMRecord) -> dict[str, Any] | None:
-    """The switchover ``record``'s VM was stopped in ({"target", "commit_sent"}), if any."""
+class Journal(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What a daemon restarting mid-switchover must know: the target, and whether the
+    commit may have reached it."""
+
+    target: str
+    commit_sent: bool
+
+
+def read_journal(record: VMRecord) -> Journal | None:
+    """The switchover ``record``'s VM was stopped in, if any. A journal that does not
+    parse raises ``msgspec.DecodeError`` (a ValueError)."""
     try:
-        entry: dict[str, Any] = json.loads(journal_file(record).read_text())
+        return msgspec.json.decode(journal_file(record).read_bytes(), type=Journal)
     except FileNotFoundError:
         return None
-    return entry
 
 
-async def locate(vm: str, connect: Connect, patience_s: float) -> dict[str, Any] | None:
+async def locate(vm: str, connect: Connect, patience_s: float) -> messages.Location | None:
     """Ask the target's daemon, on fresh connections, where ``vm`` stands: "running"
     there, or "absent" (it holds no copy, and tore down any uncommitted one before
     answering). Asks again on "activating" or no answer, for up to ``patience_s``;
@@ -194,9 +156,9 @@ async def locate(vm: str, connect: Connect, patience_s: float) -> dict[str, Any]
         try:
             async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
                 async with await connect() as peer:
-                    reply = await peer.request("locate", {"vm": vm}, timeout=5.0)
-            if reply.ok and reply.body.get("state") in ("running", "absent"):
-                return reply.body
+                    answer = await peer.ask(messages.Locate(vm=vm), messages.Location, 5.0)
+            if isinstance(answer, messages.Location) and answer.final:
+                return answer
         except (LivemigError, OSError, TimeoutError) as exc:
             log.info("locating %s: %s", vm, exc)
         await asyncio.sleep(0.5)
@@ -210,12 +172,12 @@ async def recover_switchover(vm: MigratableVM, connect: Connect) -> tuple[bool, 
     entry = read_journal(vm.record)
     if entry is None:
         return True, f"{vm.name} was in no switchover"
-    target = entry["target"]
+    target = entry.target
     answer = await locate(vm.name, connect, RESOLVE_TIMEOUT_S)
-    if answer is not None and answer["state"] == "running":
+    if answer is not None and answer.state == "running":
         await vm.stop()  # the target runs it: this copy is the stale one
         return True, f"{vm.name} runs on {target}; released the copy here"
-    if answer is None and entry["commit_sent"]:
+    if answer is None and entry.commit_sent:
         return False, (f"{vm.name}: the commit to {target} is in doubt and {target} does "
                        f"not answer; {vm.name} stays paused here")
     # Not committed, or the target proved it holds no copy: the VM is ours.
@@ -368,14 +330,16 @@ class SourceMigration:
         """Stage 1: the target holds memory and an incoming QEMU for the VM. Undone by
         the target itself when the channel brings it an Abort or breaks."""
         spec = self.vm.record.spec
-        reserve: dict[str, Any] = {"spec": spec.to_json(), "source": self.source_host}
-        if self.options.hold_at is HoldPoint.COMMITMENT:
-            reserve["hold_at"] = str(HoldPoint.COMMITMENT)  # the target holds that one
-        reply = await self._request("reserve", reserve, RESERVE_TIMEOUT_S)
-        if not reply.ok:
+        reserve = messages.Reserve(
+            spec=msgspec.convert(spec.to_json(), messages.VMSpecFields), source=self.source_host,
+            # The target holds that one point; the others are ours.
+            hold_at=(HoldPoint.COMMITMENT if self.options.hold_at is HoldPoint.COMMITMENT
+                     else None))
+        reserved = await self._request(reserve, messages.Reserved, RESERVE_TIMEOUT_S)
+        if isinstance(reserved, messages.Refusal):
             raise ReservationRefused(
                 spec.name, Stage.RESERVATION.value,
-                f"{self.target_host} cannot take {spec.name}: {reply.body.get('error')}",
+                f"{self.target_host} cannot take {spec.name}: {reserved.error}",
                 self.source_host,
             )
         # Set now, not in the stop window: every millisecond there is downtime. QEMU
@@ -447,25 +411,25 @@ class SourceMigration:
                 await self.vm.qmp_command("migrate", uri=self._state_tunnel.uri)
                 await self._wait_device_state()
                 image_asked = time.monotonic()
-                reply = await self._request("image", {"verify": self.options.verify},
+                image = await self._request(messages.Image(verify=self.options.verify),
+                                            messages.ImageConsistent,
                                             STOP_WINDOW_STALL_S + DEVICE_STATE_TIMEOUT_S)
         except TimeoutError as exc:
             if not window.expired():
                 raise
             raise LivemigError(f"the stop-and-copy did not finish within {window_s:.1f} s "
                                f"({self.target_host} too slow or unreachable)") from exc
-        if not reply.ok or not reply.body.get("consistent"):
+        if isinstance(image, messages.Refusal) or not image.consistent:
+            why = image.error if isinstance(image, messages.Refusal) else "it says it is not"
             raise MigrationError(spec.name, self.stage.value,
                                  f"{self.target_host} does not hold a consistent image: "
-                                 f"{reply.body.get('error')}", self.source_host)
+                                 f"{why}", self.source_host)
         self._event(Event.IMAGE_CONSISTENT)
-        checksum = reply.body.get("checksum")
         return _StopWindow(
             stopped_event_at=stopped_event_at, stopped_at=stopped_at,
             final_pages=len(last), final_bytes=final_bytes, device_started=device_started,
-            image_asked=image_asked,
-            destination_checksum=None if checksum is None else str(checksum),
-            verify_ms=float(reply.body.get("verify_ms", 0.0)))
+            image_asked=image_asked, destination_checksum=image.checksum,
+            verify_ms=image.verify_ms)
 
     async def _undo_stop_and_copy(self) -> None:
         """The VM runs here again. QEMU's device-state migration, if it began, is
@@ -499,6 +463,7 @@ class SourceMigration:
         spec = self.vm.record.spec
         device_state_ms = (window.image_asked - window.device_started) * 1000
         resumed, stopped = self._resumed_event_at, window.stopped_event_at
+        bytes_sent = self.planner.bytes_sent + window.final_bytes
         return MigrationReport(
             vm=spec.name,
             source=self.source_host,
@@ -508,8 +473,9 @@ class SourceMigration:
             ram_bytes=spec.ram_bytes,
             downtime_ms=(commit.cont_returned_at - window.stopped_at) * 1000,
             total_time_s=total_time_s,
-            bytes_sent=self.planner.bytes_sent + window.final_bytes,
-            rounds=[asdict(r) for r in self.planner.rounds],
+            bytes_sent=bytes_sent,
+            rounds=list(self.planner.rounds),
+            data_sent_ratio=round(bytes_sent / spec.ram_bytes, 4),
             stop_reason=str(stop.reason),
             final_pages=window.final_pages,
             device_state_ms=device_state_ms,
@@ -603,9 +569,10 @@ class SourceMigration:
 
     # -- helpers ------------------------------------------------------------------------
 
-    async def _request(self, kind: str, body: dict[str, Any], timeout: float) -> frames.Reply:
+    async def _request(self, request: messages.PeerRequest, expected: type[messages.R],
+                       timeout: float) -> messages.R | messages.Refusal:
         assert self._channel is not None
-        return await self._channel.request(kind, body, timeout=timeout)
+        return await self._channel.ask(request, expected, timeout)
 
     async def _commit(self) -> float:
         """Send "commit"; return when the target's ``cont`` returned (on its monotonic
@@ -613,18 +580,17 @@ class SourceMigration:
         did not run the VM, LivemigError if nobody can tell."""
         assert self._channel is not None
         try:
-            reply = await self._channel.request("commit", {}, timeout=COMMIT_TIMEOUT_S)
+            reply = await self._request(messages.Commit(), messages.Activated,
+                                        COMMIT_TIMEOUT_S)
         except frames.WireError as exc:
             return await self._resolve(f"no answer to commit ({exc})")
-        if reply.ok:
-            resumed, cont_ms = reply.body.get("resumed_at"), reply.body.get("cont_ms")
-            self._resumed_event_at = None if resumed is None else float(resumed)
-            self._cont_ms = None if cont_ms is None else float(cont_ms)
-            return float(reply.body["cont_returned_at"])
-        if reply.body.get("running") is False:
-            raise _NotActivated(str(reply.body.get("error")))
+        if isinstance(reply, messages.Activated):
+            self._resumed_event_at, self._cont_ms = reply.resumed_at, reply.cont_ms
+            return reply.cont_returned_at
+        if reply.running is False:
+            raise _NotActivated(reply.error)
         return await self._resolve(f"{self.target_host} failed to activate the VM: "
-                                   f"{reply.body.get('error')}")
+                                   f"{reply.error}")
 
     async def _resolve(self, why: str) -> float:
         log.warning("%s: %s; asking %s where %s runs", self.vm.name, why, self.target_host,
@@ -632,9 +598,9 @@ class SourceMigration:
         answer = await locate(self.vm.name, self._connect, RESOLVE_TIMEOUT_S)
         if answer is None:
             raise LivemigError(f"{why}, and {self.target_host} has not answered since")
-        if answer["state"] == "absent":
+        if answer.state == "absent":
             raise _NotActivated(f"{why}; {self.target_host} holds no copy of it now")
-        return float(answer.get("cont_returned_at") or time.monotonic())
+        return answer.cont_returned_at or time.monotonic()
 
     async def _put_back(self, reason: str, event: Event) -> None:
         """``_abort``, in a task of its own that no cancel of ours can reach: a cancel
@@ -661,7 +627,7 @@ class SourceMigration:
             path.unlink(missing_ok=True)
             return
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"target": self.target_host, "commit_sent": commit_sent}))
+        tmp.write_bytes(msgspec.json.encode(Journal(self.target_host, commit_sent)))
         tmp.replace(path)  # atomic: a restart sees the old or the new, never half
 
     def _progress(self, *, pages_left: int | None = None, force: bool = False) -> None:
@@ -677,8 +643,8 @@ class SourceMigration:
             stage=self.stage.value,
             round=len(rounds) + (1 if self.stage is Stage.PRECOPY else 0),
             pages_left=left,
-            rate_mbps=self._rate_bps / 1e6,
-            dirty_rate_mbps=(last.dirty_rate_bps if last else 0.0) / 1e6,
+            rate_mbps=self._rate_bps / MBIT,
+            dirty_rate_mbps=(last.dirty_rate_bps if last else 0.0) / MBIT,
             pages_left_at_max_rate_ms=(planner.time_at_max_rate_s(left) * 1000
                                        if planner else 0.0),
             bytes_sent=planner.bytes_sent if planner is not None else 0,

@@ -45,8 +45,8 @@ import numpy.typing as npt
 
 from livemig import paths
 from livemig.errors import LivemigError
+from livemig.units import PAGE_SIZE
 from livemig.vm.memory import GuestMemory
-from livemig.vm.spec import PAGE_SIZE
 
 log = logging.getLogger(__name__)
 

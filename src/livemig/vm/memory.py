@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from livemig.vm.spec import PAGE_SIZE
+from livemig.units import PAGE_SIZE
 
 CHECKSUM_CHUNK_PAGES = 1024  # 4 MiB at a time: bounded temporaries
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)

@@ -18,8 +18,8 @@ from typing import Any
 
 from livemig import paths
 from livemig.net.testbed import vm_interface
+from livemig.units import PAGE_SIZE as PAGE_SIZE
 
-PAGE_SIZE = 4096
 DEFAULT_MEM_MIB = 256
 # Measured with the default image: 80 MiB panics at boot ("System is deadlocked on
 # memory"), 88 MiB boots; the initramfs is unpacked into RAM and stays there.

@@ -35,8 +35,8 @@ import socket
 import ssl as ssl_module
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
 
+from livemig.wire import messages
 from livemig.wire.frames import (
     Abort,
     Connection,
@@ -455,7 +455,7 @@ class Channel:
             self._transport.write(part)
         await self._drain(timeout)
 
-    async def request(self, kind: str, body: dict[str, Any] | None = None,
+    async def request(self, kind: str, body: dict[str, object] | None = None,
                       timeout: float | None = DEFAULT_TIMEOUT) -> Reply:
         """Send Request(kind, body) and return the peer's Reply within ``timeout``.
         Raises PeerAborted if the peer aborts instead, RemoteProtocolError if any other
@@ -477,6 +477,19 @@ class Channel:
                                                  f"Reply to {kind!r}", type(msg).__name__)
         self._fail(err)
         raise err
+
+    async def ask(self, message: messages.PeerRequest, expected: type[messages.R],
+                  timeout: float | None = DEFAULT_TIMEOUT) -> messages.R | messages.Refusal:
+        """``request`` with typed messages: send ``message``, return the peer's reply as
+        ``expected``, or its ``Refusal``. A reply that does not fit raises
+        RemoteProtocolError, like any other breach of the protocol, and ends the channel."""
+        frame = messages.request_frame(message)
+        reply = await self.request(frame.kind, frame.body, timeout)
+        try:
+            return messages.read_reply(reply, expected, self.peer)
+        except RemoteProtocolError as err:
+            self._fail(err)
+            raise
 
     async def abort(self, reason: str, timeout: float | None = 5.0) -> None:
         """Tell the peer we give up (best effort), then close. ``reason`` is made one

@@ -83,15 +83,15 @@ import re
 import secrets
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Final, NoReturn
+from typing import Final, NoReturn
 
 import numpy as np
 import numpy.typing as npt
 
 from livemig.errors import LivemigError
+from livemig.units import PAGE_SIZE as PAGE_SIZE
 
 PROTOCOL_VERSION = 2  # 2: DeviceState, the tunnelled device-state stream
-PAGE_SIZE = 4096
 MAX_PAGES_PER_FRAME = 1024  # data pages; zero pages (indexes only) up to 16x as many
 MAX_ZERO_PAGES_PER_FRAME = 16 * MAX_PAGES_PER_FRAME
 MAX_JSON_BYTES = 64 * 1024
@@ -192,10 +192,13 @@ class Welcome:
 
 @dataclass(frozen=True)
 class Request:
-    """A control request, ``kind`` plus a JSON object (e.g. reserve, commit, activate)."""
+    """A control request, ``kind`` plus a JSON object (e.g. reserve, commit, locate).
+
+    The body's values are ``object``, not ``Any``: a peer's JSON is read only through the
+    typed messages of ``wire.messages``, which validate it first."""
 
     kind: str
-    body: dict[str, Any] = field(default_factory=dict)
+    body: dict[str, object] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -203,7 +206,7 @@ class Reply:
     """The answer to the oldest unanswered Request: ``ok`` or not, with a JSON object."""
 
     ok: bool
-    body: dict[str, Any] = field(default_factory=dict)
+    body: dict[str, object] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -603,7 +606,7 @@ def _decode_host(raw: memoryview) -> str:
     return host
 
 
-def _decode_json(raw: memoryview) -> dict[str, Any]:
+def _decode_json(raw: memoryview) -> dict[str, object]:
     if len(raw) > MAX_JSON_BYTES:
         raise _Malformed(f"JSON body of {len(raw)} bytes, more than {MAX_JSON_BYTES}")
     try:

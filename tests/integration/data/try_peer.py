@@ -14,9 +14,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from livemig.errors import LivemigError
 from livemig.keys import HostFiles
-from livemig.wire import channel, tls
+from livemig.wire import channel, messages, tls
 from livemig.wire.frames import PeerAborted, PeerNotTrusted
 
 
@@ -37,9 +39,11 @@ async def main(args: dict[str, Any]) -> dict[str, Any]:
     except LivemigError as exc:
         return describe(exc, "connect")
     try:
-        reply = await peer.request("reserve", {"spec": args["spec"], "source": args["me"]},
-                                   timeout=30)
-        return {"stage": "reserve", "error": None, "ok": reply.ok, "body": reply.body}
+        request = messages.Reserve(spec=msgspec.convert(args["spec"], messages.VMSpecFields),
+                                   source=args["me"])
+        reply = await peer.ask(request, messages.Reserved, timeout=30)
+        return {"stage": "reserve", "error": None,
+                "ok": not isinstance(reply, messages.Refusal), "body": msgspec.to_builtins(reply)}
     except LivemigError as exc:
         return describe(exc, "reserve")
     finally:

@@ -1,0 +1,133 @@
+"""The control protocol end to end on a real Unix socket: the CLI's side
+(``daemon.control``) against the daemon's own handler (``Daemon._on_cli``), or against a
+scripted daemon where a reply must be one a real daemon would not send."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+from test_messages import a_report
+
+from livemig.daemon import control
+from livemig.daemon.server import Daemon
+from livemig.errors import LivemigError
+from livemig.wire import messages as m
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@pytest.fixture(autouse=True)
+def own_run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LIVEMIG_RUN", str(tmp_path))
+
+
+@asynccontextmanager
+async def daemon_socket(host: str, handler: Handler) -> AsyncIterator[None]:
+    path = control.socket_path(host)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    server = await asyncio.start_unix_server(handler, str(path), limit=control.MAX_LINE_BYTES)
+    try:
+        yield
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def scripted(*lines: bytes) -> Handler:
+    """A daemon that reads one request and answers with ``lines``, whatever it was."""
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readline()
+        for line in lines:
+            writer.write(line)
+        await writer.drain()
+        writer.close()
+    return answer
+
+
+async def raw_exchange(host: str, line: bytes) -> m.ControlReply:
+    reader, writer = await asyncio.open_unix_connection(str(control.socket_path(host)))
+    writer.write(line)
+    await writer.drain()
+    reply = m.decode_control_reply(await reader.readline())
+    writer.close()
+    return reply
+
+
+def test_the_daemon_answers_a_ping_with_its_name() -> None:
+    async def main() -> None:
+        async with daemon_socket("hostA", Daemon("hostA", b"k" * 32, None)._on_cli):
+            assert await control.request("hostA", m.Ping(), m.Pong) == m.Pong(host="hostA")
+            figures = await control.request("hostA", m.MemoryQuery(), m.MemoryFigures)
+            assert figures.python_blocks > 0
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("line", [
+    b"hello\n",
+    b'{"op": "ping"}\n',  # the last release's CLI
+    b'{"v": 1, "op": "migrate", "vm": "v1"}\n',
+    b'{"v": 1, "op": "cancel", "vm": "v1", "force": true}\n',
+])
+def test_the_daemon_refuses_a_line_that_does_not_fit_in_a_reply(line: bytes) -> None:
+    async def main() -> None:
+        async with daemon_socket("hostA", Daemon("hostA", b"k" * 32, None)._on_cli):
+            reply = await raw_exchange("hostA", line)
+            assert isinstance(reply, m.Failed), reply
+            assert reply.stage is None and "\n" not in reply.message
+    asyncio.run(main())
+
+
+def test_cancelling_what_does_not_run_is_refused() -> None:
+    async def main() -> None:
+        async with daemon_socket("hostA", Daemon("hostA", b"k" * 32, None)._on_cli):
+            with pytest.raises(LivemigError):
+                await control.request("hostA", m.Cancel(vm="v1"), m.Cancelled)
+    asyncio.run(main())
+
+
+def test_a_migration_reports_progress_then_its_typed_report() -> None:
+    progress = m.Progress(stage="iterative pre-copy", round=1, pages_left=5, rate_mbps=100.0,
+                          dirty_rate_mbps=0.0, pages_left_at_max_rate_ms=0.1,
+                          bytes_sent=4096, elapsed_s=0.2)
+    seen: list[m.Progress] = []
+
+    async def main() -> m.MigrationReport:
+        lines = (m.encode_control(progress), m.encode_control(progress),
+                 m.encode_control(m.Migrated(report=a_report())))
+        async with daemon_socket("hostA", scripted(*lines)):
+            return await control.migrate("hostA", m.Migrate(vm="v1", to="hostB"), seen.append)
+    assert asyncio.run(main()) == a_report()
+    assert seen == [progress, progress]
+
+
+def test_a_failed_migration_says_where_the_vm_runs() -> None:
+    async def main() -> None:
+        failed = m.Failed(message="no", stage="reservation", vm_runs_on="hostA")
+        async with daemon_socket("hostA", scripted(m.encode_control(failed))):
+            with pytest.raises(control.MigrationFailed) as caught:
+                await control.migrate("hostA", m.Migrate(vm="v1", to="hostB"))
+        assert (caught.value.stage, caught.value.vm_runs_on) == ("reservation", "hostA")
+    asyncio.run(main())
+
+
+def test_a_daemon_of_the_last_release_is_named_as_such() -> None:
+    async def main() -> None:
+        async with daemon_socket("hostA", scripted(b'{"type": "result", "host": "hostA"}\n')):
+            with pytest.raises(m.ControlVersionMismatch) as caught:
+                await control.request("hostA", m.Ping(), m.Pong)
+        assert caught.value.theirs is None
+    asyncio.run(main())
+
+
+def test_a_reply_to_another_request_is_refused() -> None:
+    async def main() -> None:
+        async with daemon_socket("hostA", scripted(m.encode_control(m.Cancelled(vm="v1")))):
+            with pytest.raises(control.UnexpectedReply):
+                await control.request("hostA", m.Ping(), m.Pong)
+            with pytest.raises(control.UnexpectedReply):
+                await control.migrate("hostA", m.Migrate(vm="v1", to="hostB"))
+    asyncio.run(main())
