@@ -10,8 +10,8 @@ lost or corrupted write.
 from __future__ import annotations
 
 import asyncio
-import time
 import itertools
+import time
 from collections.abc import Callable
 from typing import Any
 
