@@ -131,3 +131,23 @@ def test_a_reply_to_another_request_is_refused() -> None:
             with pytest.raises(control.UnexpectedReply):
                 await control.migrate("hostA", m.Migrate(vm="v1", to="hostB"))
     asyncio.run(main())
+
+
+def test_a_request_leaves_nothing_running_on_its_loop() -> None:
+    # A caller's loop may stop right after the answer (loop.run_until_complete): the
+    # connection must be closed by then, not by a task left to a stopped loop.
+    loop = asyncio.new_event_loop()
+    try:
+        async def serve() -> asyncio.Server:
+            path = control.socket_path("hostA")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return await asyncio.start_unix_server(
+                scripted(m.encode_control(m.Pong(host="hostA"))), str(path))
+        server = loop.run_until_complete(serve())
+        assert loop.run_until_complete(control.request("hostA", m.Ping(), m.Pong)) == m.Pong(
+            host="hostA")
+        assert not asyncio.all_tasks(loop)
+        server.close()
+        loop.run_until_complete(server.wait_closed())
+    finally:
+        loop.close()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 
 from livemig import paths
@@ -43,7 +43,7 @@ class DaemonUnavailable(LivemigError):
         self.host = host
 
 
-async def call(host: str, request: ControlRequest) -> AsyncIterator[ControlReply]:
+async def call(host: str, request: ControlRequest) -> AsyncGenerator[ControlReply, None]:
     """Send one request to ``host``'s daemon and yield its replies until the last."""
     try:
         reader, writer = await asyncio.open_unix_connection(
@@ -87,12 +87,15 @@ class UnexpectedReply(LivemigError):
 async def request(host: str, message: ControlRequest,
                   expected: type[messages.FinalReply]) -> messages.FinalReply:
     """Send a request that has one reply, ``expected``; a ``Failed`` raises LivemigError."""
-    async for reply in call(host, message):
-        if isinstance(reply, expected):
-            return reply
-        if isinstance(reply, Failed):
-            raise LivemigError(reply.message)
-        raise UnexpectedReply(host, message, reply)
+    # aclosing: leaving the loop early must close the connection now, not when the
+    # generator is collected, perhaps after its event loop has stopped.
+    async with contextlib.aclosing(call(host, message)) as replies:
+        async for reply in replies:
+            if isinstance(reply, expected):
+                return reply
+            if isinstance(reply, Failed):
+                raise LivemigError(reply.message)
+            raise UnexpectedReply(host, message, reply)
     raise DaemonUnavailable(host, "it sent no reply")
 
 
@@ -104,17 +107,18 @@ async def migrate(
     """Ask ``host``'s daemon to run a migration; returns its report or raises."""
     began = False
     try:
-        async for reply in call(host, request):
-            began = True
-            if isinstance(reply, Progress):
-                if on_progress is not None:
-                    on_progress(reply)
-            elif isinstance(reply, messages.Migrated):
-                return reply.report
-            elif isinstance(reply, Failed):
-                raise MigrationFailed(reply)
-            else:
-                raise UnexpectedReply(host, request, reply)
+        async with contextlib.aclosing(call(host, request)) as replies:  # as in ``request``
+            async for reply in replies:
+                began = True
+                if isinstance(reply, Progress):
+                    if on_progress is not None:
+                        on_progress(reply)
+                elif isinstance(reply, messages.Migrated):
+                    return reply.report
+                elif isinstance(reply, Failed):
+                    raise MigrationFailed(reply)
+                else:
+                    raise UnexpectedReply(host, request, reply)
     except DaemonUnavailable:
         if not began:
             raise
