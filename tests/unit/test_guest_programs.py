@@ -182,18 +182,21 @@ def test_echo_round_trips(spawn: Spawner, run_dir: Path) -> None:
     assert list(run_dir.iterdir()) == []
 
 
-def test_echo_serves_tcp_connections_too(spawn: Spawner) -> None:
-    port = free_udp_port()
-    spawn("lm-echo", "-p", str(port))
+def connect_once_listening(port: int, server: subprocess.Popen[bytes]) -> socket.socket:
+    """A TCP connection to lm-echo on ``port``, which may still be binding."""
     deadline = time.monotonic() + 5
     while True:
         try:
-            first = socket.create_connection(("127.0.0.1", port), timeout=1)
-            break
+            return socket.create_connection(("127.0.0.1", port), timeout=1)
         except ConnectionRefusedError:
-            if time.monotonic() > deadline:
-                pytest.fail("lm-echo never listened on TCP")
+            if time.monotonic() > deadline or server.poll() is not None:
+                pytest.fail(f"lm-echo does not listen on TCP (exit {server.poll()})")
             time.sleep(0.02)
+
+
+def test_echo_serves_tcp_connections_too(spawn: Spawner) -> None:
+    port = free_udp_port()
+    first = connect_once_listening(port, spawn("lm-echo", "-p", str(port)))
     with first, socket.create_connection(("127.0.0.1", port), timeout=1) as second:
         big = os.urandom(200_000)  # more than one read: echoed in pieces, in order
         second.sendall(b"second")
@@ -217,16 +220,7 @@ def test_echo_outlives_sigpipe(spawn: Spawner) -> None:
     echo = spawn("lm-echo", "-p", str(port))
     time.sleep(0.2)  # past its start: the disposition is set before it serves
     os.kill(echo.pid, signal.SIGPIPE)
-    deadline = time.monotonic() + 5
-    while True:
-        try:
-            client = socket.create_connection(("127.0.0.1", port), timeout=1)
-            break
-        except ConnectionRefusedError:
-            if time.monotonic() > deadline or echo.poll() is not None:
-                pytest.fail(f"lm-echo is gone (exit {echo.poll()})")
-            time.sleep(0.02)
-    with client:
+    with connect_once_listening(port, echo) as client:
         client.sendall(b"still here")
         assert client.recv(100) == b"still here"
     assert echo.poll() is None

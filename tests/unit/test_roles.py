@@ -238,9 +238,7 @@ def test_a_destination_qemu_that_dies_in_precopy_is_torn_down_and_heard_of(bed: 
     bed.vm.write(range(0, 2048), 1)
 
     async def main() -> None:
-        migration = bed.migration(hold_at=HoldPoint.ROUND_1)
-        running = asyncio.ensure_future(migration.run())
-        await wait_until_held(bed.spec.name, HoldPoint.ROUND_1, timeout=5)
+        migration, running = await held_at(bed, HoldPoint.ROUND_1)
         bed.incoming_vm().crash()
         release(bed.spec.name, HoldPoint.ROUND_1)
         with pytest.raises(MigrationError) as caught:
@@ -271,9 +269,7 @@ def test_a_hung_destination_qemu_is_torn_down_within_the_stop_window(
     monkeypatch.setattr(dest_module, "INCOMING_TIMEOUT_S", 0.5)
 
     async def main() -> None:
-        migration = bed.migration(hold_at=HoldPoint.DEVICE_STATE)
-        running = asyncio.ensure_future(migration.run())
-        await wait_until_held(bed.spec.name, HoldPoint.DEVICE_STATE, timeout=5)
+        migration, running = await held_at(bed, HoldPoint.DEVICE_STATE)
         bed.incoming_vm().faults.hung = True
         release(bed.spec.name, HoldPoint.DEVICE_STATE)
         error = await migrate_failing_task(running)
@@ -299,8 +295,7 @@ def test_a_vanished_peer_in_precopy_aborts_both_sides(bed: Bed) -> None:
     bed.vm.write(range(0, 2048), 1)
 
     async def main() -> None:
-        running = asyncio.ensure_future(bed.migration(hold_at=HoldPoint.ROUND_1).run())
-        await wait_until_held(bed.spec.name, HoldPoint.ROUND_1, timeout=5)
+        _, running = await held_at(bed, HoldPoint.ROUND_1)
         transport_of(bed.channels[0]).sever()
         release(bed.spec.name, HoldPoint.ROUND_1)
         error = await migrate_failing_task(running)
@@ -314,9 +309,7 @@ def test_a_destination_that_stops_reading_is_given_up_after_the_stall_timeout(be
     bed.vm.write(range(0, 2048), 1)
 
     async def main() -> None:
-        running = asyncio.ensure_future(
-            bed.migration(hold_at=HoldPoint.ROUND_1, stall_timeout_s=0.5).run())
-        await wait_until_held(bed.spec.name, HoldPoint.ROUND_1, timeout=5)
+        _, running = await held_at(bed, HoldPoint.ROUND_1, stall_timeout_s=0.5)
         transport_of(bed.destination.channel).stall()
         release(bed.spec.name, HoldPoint.ROUND_1)
         error = await migrate_failing_task(running)
@@ -342,6 +335,15 @@ def test_a_time_budget_that_runs_out_aborts_before_commitment(bed: Bed) -> None:
     run(main)
 
 
+async def held_at(bed: Bed, point: HoldPoint,
+                  **options: Any) -> tuple[SourceMigration, asyncio.Future[MigrationReport]]:
+    """A migration under way and waiting at ``point`` (``migration.holds``)."""
+    migration = bed.migration(hold_at=point, **options)
+    running = asyncio.ensure_future(migration.run())
+    await wait_until_held(bed.spec.name, point, timeout=5)
+    return migration, running
+
+
 async def migrate_failing_task(task: asyncio.Future[MigrationReport]) -> MigrationError:
     with pytest.raises(MigrationError) as caught:
         await task
@@ -357,9 +359,7 @@ def test_a_cancel_before_commitment_puts_the_vm_back_running(bed: Bed, point: Ho
     bed.vm.write(range(0, 2048), 1)
 
     async def main() -> None:
-        migration = bed.migration(hold_at=point)
-        running = asyncio.ensure_future(migration.run())
-        await wait_until_held(bed.spec.name, point, timeout=5)
+        migration, running = await held_at(bed, point)
         assert migration.refuse_cancel() is None
         running.cancel()
         with pytest.raises(MigrationCancelled):
@@ -372,9 +372,7 @@ def test_a_cancel_before_commitment_puts_the_vm_back_running(bed: Bed, point: Ho
 
 def test_a_second_cancel_during_the_abort_is_answered_and_not_acted_on(bed: Bed) -> None:
     async def main() -> None:
-        migration = bed.migration(hold_at=HoldPoint.STOP_AND_COPY)
-        running = asyncio.ensure_future(migration.run())
-        await wait_until_held(bed.spec.name, HoldPoint.STOP_AND_COPY, timeout=5)
+        migration, running = await held_at(bed, HoldPoint.STOP_AND_COPY)
         assert migration.refuse_cancel() is None
         running.cancel()
         while migration._aborting is None:  # the abort has begun: the VM is resuming
@@ -393,9 +391,7 @@ def test_a_second_cancel_during_the_abort_is_answered_and_not_acted_on(bed: Bed)
 
 def test_a_cancel_after_commitment_is_refused_with_a_reason(bed: Bed) -> None:
     async def main() -> None:
-        migration = bed.migration(hold_at=HoldPoint.COMMITMENT)
-        running = asyncio.ensure_future(migration.run())
-        await wait_until_held(bed.spec.name, HoldPoint.COMMITMENT, timeout=5)
+        migration, running = await held_at(bed, HoldPoint.COMMITMENT)
         refusal = migration.refuse_cancel()
         assert refusal is not None and "committed to hostB" in refusal
         release(bed.spec.name, HoldPoint.COMMITMENT)
@@ -425,9 +421,7 @@ def test_a_lost_commit_reply_is_settled_by_asking_where_the_vm_runs(
     monkeypatch.setattr("livemig.migration.source.COMMIT_TIMEOUT_S", 0.5)
 
     async def main() -> None:
-        migration = bed.migration(hold_at=HoldPoint.COMMITMENT)
-        running = asyncio.ensure_future(migration.run())
-        await wait_until_held(bed.spec.name, HoldPoint.COMMITMENT, timeout=5)
+        migration, running = await held_at(bed, HoldPoint.COMMITMENT)
         # The destination has the commit; the source will never hear its reply.
         transport_of(bed.channels[0]).stall()
         release(bed.spec.name, HoldPoint.COMMITMENT)
@@ -444,9 +438,7 @@ def test_a_lost_commit_reply_is_settled_by_asking_where_the_vm_runs(
 
 def test_a_commit_lost_before_the_target_got_it_resumes_the_vm_here(bed: Bed) -> None:
     async def main() -> None:
-        migration = bed.migration(hold_at=HoldPoint.DEVICE_STATE)
-        running = asyncio.ensure_future(migration.run())
-        await wait_until_held(bed.spec.name, HoldPoint.DEVICE_STATE, timeout=5)
+        migration, running = await held_at(bed, HoldPoint.DEVICE_STATE)
         original_commit = migration._commit
 
         async def commit_into_the_void() -> float:
@@ -469,9 +461,7 @@ def test_a_target_that_cannot_be_asked_leaves_the_vm_paused_here(
     monkeypatch.setattr("livemig.migration.source.RESOLVE_TIMEOUT_S", 1.0)
 
     async def main() -> None:
-        migration = bed.migration(hold_at=HoldPoint.COMMITMENT)
-        running = asyncio.ensure_future(migration.run())
-        await wait_until_held(bed.spec.name, HoldPoint.COMMITMENT, timeout=5)
+        migration, running = await held_at(bed, HoldPoint.COMMITMENT)
         transport_of(bed.channels[0]).stall()  # the commit's reply never comes
         bed.fail_connects = True  # and hostB answers no 'locate' either
         release(bed.spec.name, HoldPoint.COMMITMENT)
