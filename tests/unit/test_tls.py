@@ -15,6 +15,7 @@ import logging
 import os
 import ssl
 import stat
+import time
 import weakref
 from collections.abc import Coroutine
 from pathlib import Path
@@ -560,3 +561,38 @@ def test_without_a_crl_a_daemon_warns_once_and_runs_on(
     assert len(caplog.records) == 1
     keys.sign_crl(own.ours)  # the CRL arrives later: checked from the next connection on
     assert tls.checks_revocation(contexts.client())
+
+
+def test_a_sender_learns_at_once_that_a_tls_peer_gave_up(pki: PKI) -> None:
+    # A source in pre-copy only sends. When the target gives up (an Abort, then its TLS
+    # close), asyncio drops whatever is written after (logging "SSL connection is
+    # closed"): the next send must fail with the peer's reason, not wait for a time-out.
+    pages = np.zeros((64, PAGE_SIZE), dtype=np.uint8) + 7
+    idx = np.arange(64, dtype=np.uint32)
+
+    async def give_up(channel: Channel) -> None:
+        channel.connection.npages = 64
+        await channel.recv(timeout=5)  # the first pages, then it gives up
+        await channel.abort("the destination QEMU exited")
+
+    async def main() -> None:
+        server = await serve(LOOPBACK, 0, key=KEY, me="hostB", handler=give_up,
+                             ssl=pki.server("hostB"), handshake_timeout=3)
+        try:
+            port = int(server.sockets[0].getsockname()[1])
+            channel = await connect(LOOPBACK, port, key=KEY, me="hostA",
+                                    ssl=pki.client("hostA"), peer_name="hostB",
+                                    npages=64, timeout=5)
+            async with channel:
+                assert (channel.bytes_acked() or 0) > 0  # the handshake went across
+                started = time.monotonic()
+                with pytest.raises(PeerLost):
+                    for _ in range(10_000):
+                        await channel.send_pages(Pages(0, idx, NONE, pages.tobytes()),
+                                                 timeout=30)
+                assert time.monotonic() - started < 5
+                assert channel.last_words() == "the destination QEMU exited"
+        finally:
+            server.close()
+            await server.wait_closed()
+    run(main())

@@ -33,6 +33,7 @@ import contextlib
 import logging
 import socket
 import ssl as ssl_module
+import sys
 import time
 from collections.abc import Awaitable, Callable
 
@@ -79,6 +80,12 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+ABORT_GRACE_S = 1.0  # a transport's abort is done at the next turn of the loop
+
+# struct tcp_info (linux/tcp.h): its __u64 tcpi_bytes_acked sits at bytes 120..128.
+_TCP_INFO_LEN = 232
+_BYTES_ACKED = slice(120, 128)
 
 DEFAULT_TIMEOUT = 30.0  # seconds; every wait takes its own, this is only the default
 BURST_SECONDS = 0.01  # a pacer lets this much traffic through at once: smooth at 10 ms
@@ -418,6 +425,21 @@ class Channel:
                     return msg.reason
         return None
 
+    def bytes_acked(self) -> int | None:
+        """How much of what we sent the peer's TCP has acknowledged (TCP_INFO's
+        ``tcpi_bytes_acked``): what got across the link, not what waits in our socket's
+        buffer. None on a socket that is not TCP (a test's socketpair)."""
+        sock = self._transport.get_extra_info("socket")
+        if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return None
+        try:
+            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
+        except OSError:
+            return None
+        if len(info) < _BYTES_ACKED.stop:
+            return None  # a kernel older than 4.1
+        return int.from_bytes(info[_BYTES_ACKED], sys.byteorder)
+
     # -- sending ------------------------------------------------------------------------
 
     async def send(self, msg: Message, timeout: float | None = DEFAULT_TIMEOUT) -> None:
@@ -522,7 +544,10 @@ class Channel:
                 await self._proto.writable()
         except TimeoutError as exc:
             raise PeerTimeout(self.peer, "take our data", timeout) from exc
-        if self._proto.lost:
+        if self._proto.eof:
+            # The peer ended the connection (an Abort before it, perhaps: see last_words).
+            # Whatever we write now goes nowhere: under TLS, asyncio drops it with a
+            # warning, and a sender that never reads would learn of it only by time-out.
             err = PeerLost(self.peer, "the connection broke while sending")
             self._fail(err)
             raise err from self._proto.lost_exc
@@ -551,7 +576,14 @@ class Channel:
                 await self._proto.gone.wait()
         except TimeoutError:
             self._transport.abort()
-            await self._proto.gone.wait()  # abort() closes the socket at the next turn
+            try:
+                # abort() closes the socket at the next turn; but a TLS transport already
+                # shutting down may never report it, and a close must not hang for that.
+                async with asyncio.timeout(ABORT_GRACE_S):
+                    await self._proto.gone.wait()
+            except TimeoutError:
+                log.warning("the connection to %s did not report its end after abort",
+                            self.peer)
 
     async def __aenter__(self) -> Channel:
         return self
