@@ -32,6 +32,33 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (see '{self.prog} --help')\n")
 
 
+MAX_DOWNTIME_MS = 60_000.0  # a minute of pause is a stop-and-copy, not a target
+
+
+def milliseconds(text: str) -> float:
+    """A downtime in ms: '100' or '100ms'."""
+    try:
+        value = float(text.lower().removesuffix("ms"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of milliseconds") from None
+    if not (math.isfinite(value) and 0 < value <= MAX_DOWNTIME_MS):
+        raise argparse.ArgumentTypeError(
+            f"give milliseconds between 0 and {MAX_DOWNTIME_MS:g}, not {text!r}")
+    return value
+
+
+def percent(text: str) -> float:
+    """A share of the link in percent, 0 to 90: '20' or '20%'. The migration keeps at
+    least a tenth, or it would never end."""
+    try:
+        value = float(text.removesuffix("%"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a percentage") from None
+    if not (math.isfinite(value) and 0 <= value <= 90):
+        raise argparse.ArgumentTypeError(f"give a percentage from 0 to 90, not {text!r}")
+    return value
+
+
 def rate(text: str) -> float:
     """A rate in Mbit/s: '500', '500M', '500k', '1G' or '1g'."""
     scale = {"k": 1e-3, "m": 1.0, "g": 1e3}.get(text[-1:].lower(), None)

@@ -13,15 +13,19 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import sys
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from livemig import argtypes, keys, reporting
+import msgspec
+
+from livemig import argtypes, keys, paths, reporting
 from livemig.analysis import cli_commands as analysis_commands
 from livemig.daemon import control, launch, server
+from livemig.daemon.history import SwitchoverHistory
 from livemig.errors import LivemigError, SetupError
 from livemig.experiments import demo, paper
 from livemig.image import builder
@@ -203,10 +207,29 @@ def cmd_testbed_status(args: argparse.Namespace) -> int:
 # -- migrate ----------------------------------------------------------------------------
 
 
-def _show_progress(update: messages.Progress) -> None:
-    tty = sys.stderr.isatty()
-    line = reporting.progress_line(update)
-    print(("\r" + line) if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
+class _ProgressDisplay:
+    """Progress as a line rewritten in place (a terminal) or one per update, on stderr;
+    a stall is said once, on a line of its own."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self._stalled = False
+
+    def __call__(self, update: messages.Progress) -> None:
+        if update.stalled and not self._stalled:
+            print(("\n" if self.tty else "") + f"livemig: warning: round {update.round} "
+                  "brought the predicted downtime no closer to the target; the migration "
+                  "goes on until its time-out", file=sys.stderr)
+        self._stalled = update.stalled
+        line = reporting.progress_line(update)
+        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n",
+              file=sys.stderr, flush=True)
+
+
+def _print_json_line(update: messages.Progress) -> None:
+    """--progress json: the control protocol's own line, for programs."""
+    sys.stdout.buffer.write(messages.encode_control(update))
+    sys.stdout.flush()
 
 
 def _seconds(text: str) -> float:
@@ -219,23 +242,40 @@ def _seconds(text: str) -> float:
     return value
 
 
-def cmd_migrate(args: argparse.Namespace) -> int:
-    if args.min_rate > args.max_rate:
-        raise LivemigError(f"--min-rate {args.min_rate:g} is above --max-rate {args.max_rate:g}; "
+def _migrate_options(args: argparse.Namespace) -> messages.MigrateOptions:
+    defaults = messages.DEFAULT_OPTIONS
+    rates = messages.Rates(args.rates)
+    if rates is messages.Rates.AUTO:
+        knobs = [flag for flag, value in (("--min-rate", args.min_rate),
+                                          ("--max-rate", args.max_rate)) if value is not None]
+        if knobs:
+            raise LivemigError(f"{' and '.join(knobs)} apply to --rates paper only: by "
+                               f"default the engine measures the link and needs no rate")
+    min_rate = defaults.min_rate_mbps if args.min_rate is None else args.min_rate
+    max_rate = defaults.max_rate_mbps if args.max_rate is None else args.max_rate
+    if min_rate > max_rate:
+        raise LivemigError(f"--min-rate {min_rate:g} is above --max-rate {max_rate:g}; "
                            f"the minimum must not exceed the maximum")
+    return messages.MigrateOptions(
+        mode=messages.Mode(args.mode), rates=rates, downtime_ms=args.downtime,
+        max_impact_pct=args.max_impact, on_timeout=messages.OnTimeout(args.on_timeout),
+        min_rate_mbps=min_rate, max_rate_mbps=max_rate, tracker=args.tracker,
+        verify=not args.no_verify, stall_timeout_s=args.stall_timeout, timeout_s=args.timeout,
+        hold_at=messages.HoldPoint(args.hold_at) if args.hold_at else None)
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    options = _migrate_options(args)
     testbed.require_host(args.to)  # first: with the test bed down, no VM can be found either
     record = qemu.find(args.name)
     if record.host == args.to:
         raise LivemigError(f"{args.name} already runs on {args.to}; name another host")
-    request = messages.Migrate(vm=args.name, to=args.to, options=messages.MigrateOptions(
-        mode=messages.Mode(args.mode), min_rate_mbps=args.min_rate, max_rate_mbps=args.max_rate,
-        tracker=args.tracker, verify=not args.no_verify, stall_timeout_s=args.stall_timeout,
-        timeout_s=args.timeout,
-        hold_at=messages.HoldPoint(args.hold_at) if args.hold_at else None))
+    request = messages.Migrate(vm=args.name, to=args.to, options=options)
+    json_progress = args.progress == "json"
+    show: Callable[[messages.Progress], None] | None = (
+        _print_json_line if json_progress else None if args.quiet else _ProgressDisplay())
     try:
-        report = asyncio.run(
-            control.migrate(record.host, request, None if args.quiet else _show_progress)
-        )
+        report = asyncio.run(control.migrate(record.host, request, show))
     except KeyboardInterrupt:
         # Only this command stops: the daemon runs the migration on, by design.
         fresh_line = "\n" if sys.stderr.isatty() and not args.quiet else ""  # after a \r line
@@ -243,9 +283,12 @@ def cmd_migrate(args: argparse.Namespace) -> int:
               f"{record.host}'s daemon, and 'livemig cancel {args.name}' stops it",
               file=sys.stderr)
         return 130
-    if not args.quiet and sys.stderr.isatty():
-        print(file=sys.stderr)
-    print(reporting.report_text(report))
+    if json_progress:
+        sys.stdout.buffer.write(messages.encode_control(messages.Migrated(report=report)))
+    else:
+        if not args.quiet and sys.stderr.isatty():
+            print(file=sys.stderr)
+        print(reporting.report_text(report))
     if args.json:
         _write_report(args.json, report)
     return 0 if report.verified is not False else 1
@@ -258,6 +301,34 @@ def _write_report(path: Path, report: messages.MigrationReport) -> None:
         # The migration itself is done: say so, or the operator would retry it.
         raise LivemigError(f"the migration completed, but its report could not be written to "
                            f"{path}: {exc.strerror}") from exc
+
+
+def cmd_switchovers(args: argparse.Namespace) -> int:
+    """A source host's past switchovers: the downtime predicted against the one had."""
+    entries = SwitchoverHistory(paths.host_dir(args.host) / "switchovers.jsonl").entries()
+    if args.json:
+        print(json.dumps([msgspec.to_builtins(e) for e in entries], indent=2))
+        return 0
+    if not entries:
+        print(f"{args.host} has no switchover on record", file=sys.stderr)
+        return 0
+    print(f"{'vm':<12} {'target':<8} {'rates':<6} {'downtime ms':>11} {'predicted':>9} "
+          f"{'ratio':>6} {'target ms':>9} {'fixed ms':>8} {'pages':>6}")
+    ratios = []
+    for e in entries[-args.last:]:
+        ratio = (e.downtime_ms / e.predicted_downtime_ms if e.predicted_downtime_ms
+                 else None)
+        if ratio is not None:
+            ratios.append(ratio)
+        print(f"{e.vm:<12} {e.target:<8} {e.rates:<6} {e.downtime_ms:>11.1f} "
+              f"{e.predicted_downtime_ms or 0:>9.1f} "
+              f"{'-' if ratio is None else f'{ratio:.2f}':>6} "
+              f"{'-' if e.downtime_target_ms is None else f'{e.downtime_target_ms:g}':>9} "
+              f"{e.switchover_cost_ms:>8.1f} {e.final_pages:>6}")
+    if ratios:
+        print(f"actual/predicted over {len(ratios)}: median {statistics.median(ratios):.2f}, "
+              f"worst {max(ratios):.2f}")
+    return 0
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
@@ -410,12 +481,25 @@ def build_parser() -> argparse.ArgumentParser:
     mig.add_argument("name")
     mig.add_argument("--to", required=True, metavar="HOST")
     defaults = messages.DEFAULT_OPTIONS
-    mig.add_argument("--min-rate", type=argtypes.rate, default=defaults.min_rate_mbps,
-                     metavar="R", help=f"Mbit/s of round 1 and the floor "
+    mig.add_argument("--downtime", type=argtypes.milliseconds, default=defaults.downtime_ms,
+                     metavar="MS", help=f"the VM's paused time to keep within: the engine "
+                     f"switches over once its prediction fits (default {defaults.downtime_ms:g})")
+    mig.add_argument("--max-impact", type=argtypes.percent, default=defaults.max_impact_pct,
+                     metavar="PCT", help="the most of the link kept for the VM's own traffic, "
+                     f"as measured (default {defaults.max_impact_pct:g})")
+    mig.add_argument("--on-timeout", choices=[str(o) for o in messages.OnTimeout],
+                     default=str(defaults.on_timeout),
+                     help="when the target is out of reach at the time-out: abort (the VM "
+                          "stays here) or switch over with the downtime predicted")
+    mig.add_argument("--rates", choices=[str(r) for r in messages.Rates],
+                     default=str(defaults.rates),
+                     help="auto: measure the link (default); paper: §5.3's rate knobs")
+    mig.add_argument("--min-rate", type=argtypes.rate, default=None,
+                     metavar="R", help=f"--rates paper: Mbit/s of round 1 and the floor "
                                        f"(default {defaults.min_rate_mbps:g})")
-    mig.add_argument("--max-rate", type=argtypes.rate, default=defaults.max_rate_mbps,
-                     metavar="R", help=f"Mbit/s ceiling and the stop-and-copy's rate "
-                                       f"(default {defaults.max_rate_mbps:g})")
+    mig.add_argument("--max-rate", type=argtypes.rate, default=None,
+                     metavar="R", help=f"--rates paper: Mbit/s ceiling and the stop-and-copy's "
+                                       f"rate (default {defaults.max_rate_mbps:g})")
     mig.add_argument("--mode", choices=[str(m) for m in messages.Mode],
                      default=str(defaults.mode))
     mig.add_argument("--tracker", choices=typing.get_args(messages.Tracker),
@@ -425,14 +509,24 @@ def build_parser() -> argparse.ArgumentParser:
     mig.add_argument("--json", type=argtypes.writable_file, metavar="FILE",
                      help="write the report here")
     mig.add_argument("--quiet", action="store_true", help="no live progress")
+    mig.add_argument("--progress", choices=["line", "json"], default="line",
+                     help="json: progress and the result as JSON lines on stdout")
     mig.add_argument("--timeout", type=_seconds, default=None, metavar="S",
-                     help="abort cleanly unless committed within S seconds")
+                     help="the time allowed before --on-timeout applies (default: ten "
+                          "times RAM over the measured link, at least 30 s; with --rates "
+                          "paper, none)")
     mig.add_argument("--stall-timeout", type=_seconds, default=defaults.stall_timeout_s,
                      metavar="S", help=f"abort if the target takes no data for S seconds "
                                        f"(default {defaults.stall_timeout_s:g})")
     mig.add_argument("--hold-at", choices=[str(p) for p in messages.HoldPoint], default=None,
                      help="fault drills: wait at this point until holds/VM@POINT is removed")
     mig.set_defaults(func=cmd_migrate)
+    hist = commands.add_parser("switchovers",
+                               help="a host's past switchovers: downtime predicted and had")
+    hist.add_argument("--host", required=True, help="the source host whose record to read")
+    hist.add_argument("--last", type=int, default=50, metavar="N")
+    hist.add_argument("--json", action="store_true")
+    hist.set_defaults(func=cmd_switchovers)
     cancel = commands.add_parser("cancel", help="cancel a running migration")
     cancel.add_argument("name")
     cancel.set_defaults(func=cmd_cancel)

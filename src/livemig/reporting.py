@@ -7,14 +7,20 @@ from livemig.wire.messages import MigrationReport, Progress
 
 
 def progress_line(update: Progress) -> str:
-    return (
-        f"{update.stage:<18} round {update.round:>2}  "
-        f"{update.rate_mbps:7.1f} Mbit/s  dirty {update.dirty_rate_mbps:7.1f} Mbit/s  "
-        # What it is, not a downtime: the switchover's fixed costs and the pages dirtied
-        # meanwhile come on top (9 ms shown here, 77 ms measured, in one demo).
-        f"left: {update.pages_left:>7} pages, "
-        f"≥ {update.pages_left_at_max_rate_ms:6.1f} ms at the max rate"
-    )
+    """One line: where it is, how far, how long still, and the downtime it would have."""
+    parts = [f"{update.stage:<18}", f"round {update.round:>2}", f"{update.percent:5.1f} %"]
+    if update.eta_s is not None:
+        parts.append(f"ETA {update.eta_s:5.1f} s")
+    if update.link_mbps is not None:
+        parts.append(f"link {update.link_mbps:6.0f} Mbit/s")
+    parts.append(f"dirty {update.dirty_rate_mbps:6.1f} Mbit/s")
+    if update.predicted_downtime_ms is not None:
+        target = ("" if update.downtime_target_ms is None
+                  else f" (target {update.downtime_target_ms:g})")
+        parts.append(f"downtime now ≈ {update.predicted_downtime_ms:5.0f} ms{target}")
+    if update.stalled:
+        parts.append("STALLED: the last rounds came no closer")
+    return "  ".join(parts)
 
 
 def report_text(report: MigrationReport) -> str:
@@ -25,6 +31,7 @@ def report_text(report: MigrationReport) -> str:
         f"  downtime (engine)  {report.downtime_ms:.1f} ms   (device state "
         f"{report.device_state_ms:.1f} ms, verification {report.verify_ms:.1f} ms, "
         f"{report.final_pages} final pages)",
+        *_downtime_lines(report),
         f"  total time         {report.total_time_s:.2f} s",
         f"  data sent          {report.bytes_sent:,} bytes = "
         f"{report.data_sent_ratio:.3f} x RAM ({report.ram_bytes >> 20} MiB)",
@@ -41,3 +48,21 @@ def report_text(report: MigrationReport) -> str:
             f"{r.dirty_rate_bps / MBIT:>12.1f} {r.duration_s:>8.3f}"
         )
     return "\n".join(lines)
+
+
+def _downtime_lines(report: MigrationReport) -> list[str]:
+    """The prediction against what happened, and the target, when there was one."""
+    if report.predicted_downtime_ms is None:
+        return []
+    line = (f"  predicted          {report.predicted_downtime_ms:.1f} ms (switchover "
+            f"{report.switchover_cost_ms or 0:.0f} ms + last pages at "
+            f"{report.link_mbps or 0:.0f} Mbit/s measured); actual/predicted "
+            f"{report.downtime_over_predicted or 0:.2f}")
+    lines = [line]
+    if report.downtime_target_ms is not None:
+        kept = report.downtime_ms <= report.downtime_target_ms
+        lines.append(f"  target             {report.downtime_target_ms:g} ms: "
+                     + ("kept" if kept else "MISSED")
+                     + (" (out of reach: switched over as --on-timeout said)"
+                        if report.switchover_forced else ""))
+    return lines

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from livemig.daemon import control, launch
+from livemig.migration.holds import HoldPoint, release, wait_until_held
 from livemig.net import testbed
 from livemig.vm import qemu
 from livemig.vm.spec import Workload
@@ -114,13 +115,16 @@ def test_a_second_daemon_for_a_host_leaves_the_running_one_alone(
 def test_ctrl_c_stops_the_command_but_not_the_migration(idle_vm: qemu.VM) -> None:
     # Ctrl-C as at a terminal: a suite started in the background by a shell without job
     # control inherits SIGINT ignored, and so would the command.
-    migrate = subprocess.Popen([LIVEMIG, "migrate", "cli", "--to", "hostB", "--quiet"],
+    migrate = subprocess.Popen([LIVEMIG, "migrate", "cli", "--to", "hostB", "--quiet",
+                                "--hold-at", "round-1"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env=dict(os.environ),
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    time.sleep(3.0)  # inside round 1: 128 MiB at 100 Mbit/s take ~10 s
+    # Held inside round 1 (the whole migration takes about two seconds otherwise).
+    asyncio.run(wait_until_held("cli", HoldPoint.ROUND_1, timeout=60.0))
     migrate.send_signal(signal.SIGINT)
     _, err = migrate.communicate(timeout=30)
+    release("cli", HoldPoint.ROUND_1)
     assert migrate.returncode == 130
     assert "Traceback" not in err
     assert len(err.splitlines()) == 1 and "livemig cancel cli" in err, err

@@ -44,6 +44,7 @@ from livemig.wire.messages import (
     Migrate,
     MigrateOptions,
     MigrationReport,
+    Rates,
 )
 
 StartVM = Callable[..., qemu.VM]
@@ -168,7 +169,7 @@ def test_a_fault_never_loses_the_vm(
     vm = start_vm(name, Workload.MMUNCHER, options=(("mm_mib", "16"), ("mm_rate", "8")))
     loop.run_until_complete(vm.close())
     request = Migrate(vm=name, to="hostB", options=MigrateOptions(
-        hold_at=point, stall_timeout_s=3.0, min_rate_mbps=300))
+        hold_at=point, stall_timeout_s=3.0, rates=Rates.PAPER, min_rate_mbps=300))
 
     committed = point is HoldPoint.COMMITMENT and fault in (
         "cut-link", "blackhole", "restart-source-daemon")
@@ -238,7 +239,7 @@ def test_a_hung_target_qemu_is_torn_down_and_a_retry_succeeds(
     loop.run_until_complete(vm.close())
     point = HoldPoint.DEVICE_STATE
     request = Migrate(vm=vm.name, to="hostB", options=MigrateOptions(
-        hold_at=point, stall_timeout_s=3.0, min_rate_mbps=300))
+        hold_at=point, stall_timeout_s=3.0, rates=Rates.PAPER, min_rate_mbps=300))
     stopped: list[VMRecord] = []
 
     async def torn_down(copy: VMRecord) -> None:
@@ -278,7 +279,7 @@ def test_a_hung_target_qemu_is_torn_down_and_a_retry_succeeds(
     assert isinstance(outcome, control.MigrationFailed), outcome
     assert outcome.vm_runs_on == "hostA", str(outcome)
     assert copies(vm.name) == [("hostA", False)]
-    retry = Migrate(vm=vm.name, to="hostB", options=MigrateOptions(min_rate_mbps=300))
+    retry = Migrate(vm=vm.name, to="hostB")  # the engine's defaults
     report = loop.run_until_complete(control.migrate("hostA", retry))
     assert report.verified is True, report
     assert copies(vm.name) == [("hostB", False)]
@@ -293,7 +294,7 @@ def test_cancel_works_at_every_stage_before_commitment_and_a_retry_succeeds(
 
     async def cancel_at(point: HoldPoint) -> tuple[ControlReply, Any]:
         request = Migrate(vm=vm.name, to="hostB", options=MigrateOptions(
-            hold_at=point, min_rate_mbps=300))
+            hold_at=point, rates=Rates.PAPER, min_rate_mbps=300))
         migration = asyncio.ensure_future(control.migrate("hostA", request))
         await wait_until_held(vm.name, point, timeout=60.0)
         replies = [r async for r in control.call("hostA", Cancel(vm=vm.name))]
@@ -325,7 +326,8 @@ def test_a_time_budget_aborts_cleanly_and_says_so(
     vm = start_vm("budget", Workload.MMUNCHER, options=(("mm_mib", "16"), ("mm_rate", "8")))
     loop.run_until_complete(vm.close())
     request = Migrate(vm=vm.name, to="hostB", options=MigrateOptions(
-        timeout_s=1.5, min_rate_mbps=20, max_rate_mbps=40))  # round 1 alone takes > 10 s
+        # Round 1 alone takes > 10 s at these rates.
+        timeout_s=1.5, rates=Rates.PAPER, min_rate_mbps=20, max_rate_mbps=40))
     started = time.monotonic()
     with pytest.raises(control.MigrationFailed) as caught:
         loop.run_until_complete(control.migrate("hostA", request))

@@ -54,4 +54,4 @@ def test_one_workload_two_engines_on_one_vm(
     assert game["ratios_ours_over"]["qemu-precopy"]["client_downtime_ms"] > 0
     assert set(results["figures_files"]) == {"rounds-game.png", "throughput-game.png",
                                              "game-interarrival.png", "downtime.png"}
-    assert (tmp_path / "results.md").read_text().count("| ours (pre-copy)") == 1
+    assert (tmp_path / "results.md").read_text().count("| ours (pre-copy, target 100 ms)") == 1

@@ -68,6 +68,7 @@ class FakeVM:
         self.device_state_in = bytearray()
         self.resumes = 0
         self.stopped = False
+        self.nic_bytes: int | None = None  # the guest's outbound traffic, if a test sets it
         self._fds: dict[str, socket.socket] = {}
         self._changed = asyncio.Event()
         self._exit = asyncio.Event()
@@ -204,6 +205,10 @@ class FakeVM:
 
     async def wait_exited(self) -> None:
         await self._exit.wait()
+
+    def nic_sent_bytes(self) -> int | None:
+        return self.nic_bytes
+
 
     # -- faults ---------------------------------------------------------------------------
 

@@ -91,7 +91,7 @@ def test_cancelling_what_does_not_run_is_refused() -> None:
 
 def test_a_migration_reports_progress_then_its_typed_report() -> None:
     progress = m.Progress(stage="iterative pre-copy", round=1, pages_left=5, rate_mbps=100.0,
-                          dirty_rate_mbps=0.0, pages_left_at_max_rate_ms=0.1,
+                          dirty_rate_mbps=0.0,
                           bytes_sent=4096, elapsed_s=0.2)
     seen: list[m.Progress] = []
 

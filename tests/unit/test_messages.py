@@ -13,6 +13,7 @@ import pytest
 from served import KEY, LOOPBACK, Served, run
 
 from livemig import cli
+from livemig.errors import LivemigError
 from livemig.migration.planner import RateLimits
 from livemig.migration.source import MigrationOptions
 from livemig.units import MBIT
@@ -59,7 +60,7 @@ CONTROL_MESSAGES: list[m.ControlRequest | m.ControlReply] = [
     m.Ping(),
     m.MemoryQuery(),
     m.Progress(stage="iterative pre-copy", round=2, pages_left=10, rate_mbps=150.0,
-               dirty_rate_mbps=12.5, pages_left_at_max_rate_ms=0.7, bytes_sent=1 << 20,
+               dirty_rate_mbps=12.5, bytes_sent=1 << 20,
                elapsed_s=1.5),
     m.Migrated(report=a_report()),
     m.Migrated(report=a_report(verified=None, source_checksum=None,
@@ -198,11 +199,23 @@ def test_options_convert_to_the_engine_once_and_keep_every_field() -> None:
 
 def test_the_command_line_defaults_are_the_options_defaults() -> None:
     args = cli.build_parser().parse_args(["migrate", "v1", "--to", "hostB"])
-    assert (args.min_rate, args.max_rate, args.mode, args.tracker, args.stall_timeout,
-            args.timeout, args.hold_at, not args.no_verify) == (
-        m.DEFAULT_OPTIONS.min_rate_mbps, m.DEFAULT_OPTIONS.max_rate_mbps,
-        m.DEFAULT_OPTIONS.mode, m.DEFAULT_OPTIONS.tracker, m.DEFAULT_OPTIONS.stall_timeout_s,
-        m.DEFAULT_OPTIONS.timeout_s, m.DEFAULT_OPTIONS.hold_at, m.DEFAULT_OPTIONS.verify)
+    assert cli._migrate_options(args) == m.DEFAULT_OPTIONS
+
+
+def test_the_command_line_builds_a_downtime_target_or_the_papers_rates() -> None:
+    parse = cli.build_parser().parse_args
+    auto = cli._migrate_options(parse(["migrate", "v1", "--to", "hostB", "--downtime", "50",
+                                       "--max-impact", "30%", "--on-timeout", "switchover"]))
+    assert (auto.rates, auto.downtime_ms, auto.max_impact_pct, auto.on_timeout) == (
+        m.Rates.AUTO, 50.0, 30.0, m.OnTimeout.SWITCHOVER)
+    paper = cli._migrate_options(parse(["migrate", "v1", "--to", "hostB", "--rates", "paper",
+                                        "--min-rate", "300", "--max-rate", "1G"]))
+    assert (paper.rates, paper.min_rate_mbps, paper.max_rate_mbps) == (
+        m.Rates.PAPER, 300.0, 1000.0)
+    engine = MigrationOptions.of(paper)
+    assert engine.target is None and engine.limits.min_bps == 300e6
+    with pytest.raises(LivemigError, match="--min-rate apply to --rates paper only"):
+        cli._migrate_options(parse(["migrate", "v1", "--to", "hostB", "--min-rate", "300"]))
 
 
 @pytest.mark.parametrize("bad", [

@@ -23,7 +23,9 @@ from livemig.errors import LivemigError
 from livemig.migration.planner import (
     DEFAULT_CONFIG,
     MBIT,
+    MIN_TIMEOUT_S,
     PAGE_SIZE,
+    DowntimeTarget,
     Mode,
     Pages,
     Phase,
@@ -34,6 +36,8 @@ from livemig.migration.planner import (
     RoundPlan,
     StopAndCopy,
     StopReason,
+    default_timeout_s,
+    service_share_bps,
 )
 
 PAGE_BITS = PAGE_SIZE * 8
@@ -101,11 +105,13 @@ def simulate(
     batch: int = 1024,
     overhead_s: float = 1e-3,
     holes: Pages | None = None,
+    link_bps: float = 1000 * MBIT,
 ) -> Run:
     """One migration on virtual time. Each batch goes out at the round's rate (its
     duration is its data bytes x 8 / rate; zero pages cost nothing), then the guest
     writes for that long. Each round also pays ``overhead_s`` (collecting the dirty log,
-    a round trip) during which the guest keeps writing."""
+    a round trip) during which the guest keeps writing. A round without a pace (the
+    downtime target's) goes at ``link_bps``, which the planner is told it measured."""
     rng = np.random.default_rng(seed)
     planner = Planner(npages, config)
     src = np.zeros(npages, dtype=np.int64)  # version of each page at the source
@@ -125,8 +131,10 @@ def simulate(
 
     step = planner.first(holes)
     run = Run(planner, StopAndCopy(pages(), 0.0, StopReason.STOP_AND_COPY_MODE), [step])
+    clock = 0.0
     while isinstance(step, RoundPlan):
         elapsed = 0.0
+        rate = link_bps if step.rate_bps is None else step.rate_bps
         skipped_here = []
         for start in range(0, step.pages.size, batch):
             chunk = step.pages[start : start + batch]
@@ -136,7 +144,7 @@ def simulate(
             planner.record_batch(todo.size - zero, int(np.count_nonzero(skip)), zero)
             dst[todo] = src[todo]
             skipped_here.append(chunk[skip])
-            seconds = (todo.size - zero) * PAGE_BITS / step.rate_bps
+            seconds = (todo.size - zero) * PAGE_BITS / rate
             guest_runs(seconds)
             elapsed += seconds
         guest_runs(overhead_s)
@@ -144,7 +152,9 @@ def simulate(
         written[:] = False
         run.dirtied.append(dirtied)
         run.skipped.append(np.concatenate(skipped_here))
-        step = planner.end_round(dirtied, elapsed + overhead_s)
+        clock += elapsed + overhead_s
+        step = planner.end_round(dirtied, elapsed + overhead_s, link_bps=link_bps,
+                                 elapsed_s=clock, collect_s=overhead_s)
         run.steps.append(step)
     # Stop-and-copy: the guest is paused, so what is sent now is final.
     dst[step.pages] = src[step.pages]
@@ -372,18 +382,7 @@ def test_stop_and_copy_mode_sends_everything_at_the_maximum_at_once() -> None:
     assert stop.rate_bps == 500 * MBIT
     assert planner.rounds == []
     assert planner.bytes_sent == 0
-    assert planner.time_at_max_rate_s(stop.pages.size) == pytest.approx(
-        2048 * PAGE_BITS / (500 * MBIT)
-    )
-
-
-def test_time_at_max_rate_is_the_pages_at_the_maximum_rate() -> None:
-    planner = Planner(10, PlannerConfig(limits=RateLimits(max_bps=1000 * MBIT)))
-    assert planner.time_at_max_rate_s(0) == 0.0
-    # 64 MiB at 1 Gbit/s: 0.537 s.
-    assert planner.time_at_max_rate_s(64 * MIB_PAGES) == pytest.approx(0.536870912)
-    with pytest.raises(ValueError):
-        planner.time_at_max_rate_s(-1)
+    assert stop.predicted_downtime_s is None  # nothing measured the link
 
 
 # -- batches, skipped and zero pages -------------------------------------------------
@@ -461,7 +460,7 @@ def test_a_quiet_guest_converges_with_few_pages_left() -> None:
     assert run.final.reason is StopReason.FEW_PAGES_LEFT
     assert run.final.pages.size * PAGE_SIZE < 256 * 1024
     assert len(run.planner.rounds) >= 2
-    assert run.planner.time_at_max_rate_s(run.final.pages.size) < 0.005
+    assert run.final.pages.size * PAGE_BITS / (500 * MBIT) < 0.005
 
 
 def test_mmuncher_outruns_the_maximum_rate() -> None:
@@ -473,7 +472,7 @@ def test_mmuncher_outruns_the_maximum_rate() -> None:
     check_rules(run)
     assert run.final.reason is StopReason.RATE_ABOVE_MAX
     assert run.final.pages.size > region.size // 2
-    assert run.planner.time_at_max_rate_s(run.final.pages.size) > 2.0
+    assert run.final.pages.size * PAGE_BITS / (500 * MBIT) > 2.0
     assert run.planner.rounds[-1].dirty_rate_bps > 450 * MBIT
 
 
@@ -713,3 +712,102 @@ def test_the_destination_always_ends_up_with_every_write(
         npages, model, PlannerConfig(seed=seed), seed=seed, batch=batch, overhead_s=overhead_s
     )
     check_rules(run)
+
+
+# -- the downtime target (rates=auto) -------------------------------------------------
+
+
+def targeted(downtime_ms: float, cost_ms: float = 30.0,
+             timeout_s: float | None = None) -> PlannerConfig:
+    return PlannerConfig(target=DowntimeTarget(downtime_ms / 1000, cost_ms / 1000, timeout_s))
+
+
+def test_the_prediction_is_the_fixed_cost_the_collect_and_the_pages_at_the_link_rate() -> None:
+    planner = Planner(100_000, targeted(100, cost_ms=30))
+    plan = as_plan(planner.first())
+    assert plan.rate_bps is None  # as fast as the link delivers
+    planner.record_batch(sent=plan.pages.size, skipped=0)
+    # 1000 dirty pages at 800 Mbit/s: 40.96 ms; + 30 ms fixed + 5 ms collect = 75.96 ms.
+    stop = as_stop(planner.end_round(np.arange(1000, dtype=np.int64), 2.0,
+                                     link_bps=800 * MBIT, elapsed_s=2.5, collect_s=0.005))
+    assert stop.reason is StopReason.WITHIN_TARGET and stop.reason.within_target
+    assert stop.predicted_downtime_s == pytest.approx(0.07596)
+    assert stop.rate_bps is None  # the stop-and-copy too: the VM's traffic is paused
+    assert planner.predict_downtime_s(0) == pytest.approx(0.035)
+
+
+def test_pre_copy_goes_on_while_the_prediction_misses_the_target() -> None:
+    planner = Planner(100_000, targeted(50, cost_ms=30))
+    plan = as_plan(planner.first())
+    planner.record_batch(sent=plan.pages.size, skipped=0)
+    # 1000 pages at 800 Mbit/s: 71 ms predicted, over 50: another round, unpaced.
+    nxt = as_plan(planner.end_round(np.arange(1000, dtype=np.int64), 2.0,
+                                    link_bps=800 * MBIT, elapsed_s=2.5))
+    assert nxt.rate_bps is None and nxt.pages.size == 1000
+    assert planner.predicted_downtime_s == pytest.approx(0.07096)
+    planner.record_batch(sent=1000, skipped=0)
+    stop = as_stop(planner.end_round(np.arange(100, dtype=np.int64), 0.05,
+                                     link_bps=800 * MBIT, elapsed_s=2.6))
+    assert stop.reason is StopReason.WITHIN_TARGET
+    assert planner.predictions_s == pytest.approx([0.07096, 0.034096])
+    assert planner.best_predicted_downtime_s == pytest.approx(0.034096)
+    # The round's rate is what it achieved: 1000 pages in 50 ms.
+    assert planner.rounds[1].rate_bps == pytest.approx(1000 * PAGE_BITS / 0.05)
+
+
+def test_a_fixed_cost_beyond_the_target_stops_at_once_as_unreachable() -> None:
+    planner = Planner(1000, targeted(20, cost_ms=30))
+    plan = as_plan(planner.first())
+    planner.record_batch(sent=plan.pages.size, skipped=0)
+    stop = as_stop(planner.end_round(pages(1, 2), 0.1, link_bps=1e9, elapsed_s=0.2))
+    assert stop.reason is StopReason.TARGET_UNREACHABLE and not stop.reason.within_target
+
+
+def test_a_hot_set_the_link_cannot_chase_runs_out_of_time_with_its_best_prediction() -> None:
+    # 4 MiB written 50,000 times a second (1.6 Gbit/s of dirtying) over a 100 Mbit/s
+    # link: every round re-dirties the whole set. Rounds go on until the time allowed.
+    run = simulate(16384, hot_set(16384, 1024, 50_000), targeted(100, timeout_s=5.0),
+                   link_bps=100 * MBIT, overhead_s=0.01)
+    assert run.final.reason is StopReason.TIMEOUT and not run.final.reason.within_target
+    clock = sum(r.duration_s for r in run.planner.rounds)
+    assert clock >= 5.0 and clock - run.planner.rounds[-1].duration_s < 5.0
+    best = run.planner.best_predicted_downtime_s
+    assert best is not None and best > 0.1
+    assert best == min(run.planner.predictions_s)
+    assert run.planner.timeout_s == 5.0
+
+
+def test_a_quiet_guest_switches_over_as_soon_as_the_prediction_fits() -> None:
+    run = simulate(16384, Model(200, np.arange(1000, 2000, dtype=np.int64)), targeted(100))
+    assert run.final.reason is StopReason.WITHIN_TARGET
+    assert run.final.predicted_downtime_s is not None
+    assert run.final.predicted_downtime_s <= 0.1
+    assert all(r.rate_bps > 0 for r in run.planner.rounds)
+
+
+def test_the_default_time_allowed_scales_with_ram_over_the_link() -> None:
+    assert default_timeout_s(256 << 20, 1000 * MBIT) == MIN_TIMEOUT_S
+    assert default_timeout_s(16 << 30, 1000 * MBIT) == pytest.approx(10 * 16 * 8 * 1.073741824)
+    planner = Planner(1000, targeted(100))
+    plan = as_plan(planner.first())
+    planner.record_batch(sent=plan.pages.size, skipped=0)
+    planner.end_round(np.arange(900, dtype=np.int64), 0.1, link_bps=1e6, elapsed_s=0.1)
+    # Fixed at round 1's link rate: 4 MB x 8 x 10 / 1 Mbit/s.
+    assert planner.timeout_s == pytest.approx(10 * 1000 * PAGE_BITS / 1e6)
+
+
+def test_the_service_keeps_what_it_sends_with_headroom_up_to_its_share_of_the_link() -> None:
+    assert service_share_bps(1000 * MBIT, 0.0, 0.2) == 0.0
+    assert service_share_bps(1000 * MBIT, 40 * MBIT, 0.2) == pytest.approx(50 * MBIT)
+    assert service_share_bps(1000 * MBIT, 400 * MBIT, 0.2) == pytest.approx(200 * MBIT)
+
+
+def test_a_downtime_target_needs_what_was_measured() -> None:
+    planner = Planner(100, targeted(100))
+    plan = as_plan(planner.first())
+    planner.record_batch(sent=plan.pages.size, skipped=0)
+    with pytest.raises(ValueError, match="link_bps and elapsed_s"):
+        planner.end_round(pages(1), 0.1)
+    with pytest.raises(ValueError, match="link_bps"):
+        planner.end_round(pages(1), 0.1, link_bps=0.0, elapsed_s=1.0)
+

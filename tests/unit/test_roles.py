@@ -21,12 +21,13 @@ from livemig.errors import MigrationCancelled, MigrationError, ReservationRefuse
 from livemig.migration import destination as dest_module
 from livemig.migration.destination import STEPS, DestinationSession, Incoming
 from livemig.migration.holds import HoldPoint, release, wait_until_held
-from livemig.migration.planner import MBIT, RateLimits
+from livemig.migration.planner import MBIT, DowntimeTarget, RateLimits
 from livemig.migration.source import MigrationOptions, MigrationReport, SourceMigration
 from livemig.migration.stages import Stage
 from livemig.wire import frames
 from livemig.wire.channel import Channel
 from livemig.wire.memory import channel_pair, transport_of
+from livemig.wire.messages import OnTimeout
 
 KEY = b"role-tests-shared-key-0123456789"
 # Fast enough that a test takes milliseconds; the shadow tracker needs no QEMU process.
@@ -174,6 +175,54 @@ def test_the_report_times_the_stop_window_by_qemus_events(bed: Bed) -> None:
         assert report.downtime_ms > 0
         assert set(report.stop_window_ms) == {"final_pages", "device_state",
                                               "image_consistent", "commit_to_cont"}
+    run(main)
+
+
+def test_the_report_puts_the_downtime_predicted_beside_the_actual_and_the_target(
+        bed: Bed) -> None:
+    bed.vm.write(range(0, 512), 4)
+
+    async def main() -> None:
+        report = await bed.migration(target=DowntimeTarget(0.5, 0.02)).run()
+        assert report.rates == "auto" and report.downtime_target_ms == 500.0
+        assert report.stop_reason == "within-target"
+        assert report.switchover_cost_ms == 20.0
+        assert report.predicted_downtime_ms is not None
+        assert 20.0 <= report.predicted_downtime_ms <= 500.0
+        assert report.downtime_over_predicted == pytest.approx(
+            report.downtime_ms / report.predicted_downtime_ms, rel=1e-3)
+        assert not report.switchover_forced
+    run(main)
+
+
+def test_a_target_below_the_fixed_cost_aborts_and_says_what_is_within_reach(bed: Bed) -> None:
+    async def main() -> None:
+        error = await migrate_failing(bed, target=DowntimeTarget(0.01, 0.04))
+        assert "downtime target of 10 ms was not within reach at all" in str(error)
+        assert "fixed cost alone is 40 ms" in str(error)
+        assert "the best within reach was 4" in str(error)  # 40 ms and a little more
+        assert "--on-timeout switchover" in str(error)
+        await bed.settled()
+        assert_runs_on_source_only(bed)
+    run(main)
+
+
+def test_on_timeout_switchover_accepts_the_downtime_out_of_reach_and_reports_it(
+        bed: Bed) -> None:
+    async def main() -> None:
+        report = await bed.migration(target=DowntimeTarget(0.01, 0.04),
+                                     on_timeout=OnTimeout.SWITCHOVER).run()
+        assert report.switchover_forced and report.stop_reason == "target-unreachable"
+        assert report.verified is True
+    run(main)
+
+
+def test_the_papers_rates_still_drive_a_migration_when_asked_for(bed: Bed) -> None:
+    async def main() -> None:
+        report = await bed.migration(target=None).run()
+        assert report.rates == "paper" and report.downtime_target_ms is None
+        assert report.stop_reason == "few-pages-left"
+        assert report.rounds[0].rate_bps == 2000 * MBIT  # the minimum, as §5.3 says
     run(main)
 
 

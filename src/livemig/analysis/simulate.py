@@ -278,7 +278,7 @@ def simulate(
         last = np.flatnonzero(in_last)
     is_zero[late] = late_zeroed
     data_pages = int(np.count_nonzero(~is_zero[last]))
-    final_s = max(0.0, data_pages * PAGE_BITS / step.rate_bps - PACER_BURST_S)
+    final_s = max(0.0, data_pages * PAGE_BITS / _paced(step.rate_bps) - PACER_BURST_S)
     downtime = final_s + costs.stop_s
     total = t + costs.pause_s + downtime + costs.release_s - start_s
     return Result(
@@ -296,10 +296,18 @@ def simulate(
     )
 
 
+def _paced(rate_bps: float | None) -> float:
+    """The simulator models the paper's policy, whose every round has a pace."""
+    if rate_bps is None:
+        raise ValueError("the simulator runs the paper's rates only (PlannerConfig.target "
+                         "None): a round without a pace follows a link it does not model")
+    return rate_bps
+
+
 def _longest_round(plan: RoundPlan, is_zero: npt.NDArray[np.bool_], costs: Costs) -> float:
     """How long ``plan`` takes if no page is skipped: an upper bound on the round."""
     n_data = plan.pages.size - int(np.count_nonzero(is_zero[plan.pages]))
-    return n_data * PAGE_BITS / plan.rate_bps + costs.round_s
+    return n_data * PAGE_BITS / _paced(plan.rate_bps) + costs.round_s
 
 
 def _round(
@@ -319,10 +327,10 @@ def _round(
     batches with a page written before their latest possible peek can skip anything,
     and only their pages are looked at."""
     pages = plan.pages
-    c = PAGE_BITS / plan.rate_bps  # seconds per data page
+    c = PAGE_BITS / _paced(plan.rate_bps)  # seconds per data page
     data = ~is_zero[pages]
     n_data = int(np.count_nonzero(data))
-    size = batch_pages(plan.rate_bps)
+    size = batch_pages(_paced(plan.rate_bps))
     n_batches = -(-pages.size // size)
     starts = np.arange(0, pages.size, size)
     f = first_write[pages]

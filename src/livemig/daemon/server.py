@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 from livemig import keys, paths
 from livemig.daemon import control, memstats
+from livemig.daemon.history import SwitchoverHistory
 from livemig.errors import LivemigError, MigrationError
 from livemig.migration import source
 from livemig.migration.destination import DestinationSession, Incoming
@@ -57,6 +58,7 @@ class Daemon:
         self.tls = tls.Contexts(tls_files) if tls_files is not None else None
         self.ip = str(testbed.host_node(host).ip)
         self.migrations: dict[str, tuple[asyncio.Task[Outcome], SourceMigration]] = {}
+        self.history = SwitchoverHistory(paths.host_dir(host) / "switchovers.jsonl")
         self.incoming = Incoming(host)
         # Everything the daemon runs beside its listeners: recovery, migrations both
         # ways, settling. Entered by run(); a shutdown cancels them all.
@@ -224,7 +226,8 @@ class Daemon:
             raise LivemigError(f"{name} already runs on {target}")
         testbed.require_host(target)
         # Validated when the line was decoded: the units are converted here, once.
-        options = MigrationOptions.of(request.options)
+        options = MigrationOptions.of(request.options,
+                                      self.history.switchover_cost_s(target))
 
         def progress(update: messages.Progress) -> None:
             with contextlib.suppress(OSError, RuntimeError):
@@ -247,6 +250,7 @@ class Daemon:
             outcome = await asyncio.shield(task)
             if isinstance(outcome, Exception):
                 raise outcome
+            self.history.record(outcome)
             writer.write(messages.encode_control(messages.Migrated(report=outcome)))
         except MigrationError as exc:
             if exc.vm_runs_on is None:  # the commit is in doubt: keep asking the target

@@ -93,6 +93,7 @@ class QemuMigration:
 MODES: dict[str, QemuMigration] = {m.name: m for m in (
     QemuMigration("qemu-precopy"),
     QemuMigration("qemu-precopy-30", downtime_limit_ms=30),
+    QemuMigration("qemu-precopy-100", downtime_limit_ms=100),
     QemuMigration("qemu-multifd", multifd_channels=2),
     QemuMigration("qemu-autoconverge", auto_converge=True),
     QemuMigration("qemu-postcopy", postcopy=True),

@@ -25,22 +25,26 @@ import numpy as np
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-ENGINE_COLOURS = {
+ENGINE_COLOURS = {  # every engine has its own colour: the legend must tell them apart
     "ours": "#1f5fa0",
+    "ours-paper": "#17becf",
     "stop-and-copy": "#8c564b",
     "qemu-precopy": "#d62728",
     "qemu-precopy-30": "#ff7f0e",
     "qemu-multifd": "#9467bd",
     "qemu-autoconverge": "#e377c2",
     "qemu-postcopy": "#2ca02c",
-    "floor": "#7f7f7f",  # every engine has its own colour: the legend must tell them apart
+    "floor": "#7f7f7f",
+    "ours-30": "#6baed6",
+    "ours-300": "#08306b",
+    "qemu-precopy-100": "#fd8d3c",
 }
 MARKERS = (  # stage name in our report -> label and style of its line
     ("iterative pre-copy", "pre-copy starts", "#1f77b4", "--"),
     ("stop-and-copy", "stop-and-copy", "#d62728", "-"),
     ("activation", "activation", "#2ca02c", "-"),
 )
-OUR_ENGINES = ("ours", "stop-and-copy")
+OUR_ENGINES = ("ours", "ours-paper", "stop-and-copy", "ours-30", "ours-300")
 DPI = 110
 
 

@@ -46,7 +46,9 @@ class Scenario:
     target: str = "hostB"
     mem_mib: int = 256
     mode: str = str(DEFAULT_OPTIONS.mode)  # or a baseline's (baselines.MODES), or FLOOR
-    min_rate_mbps: float = DEFAULT_OPTIONS.min_rate_mbps
+    rates: str = str(DEFAULT_OPTIONS.rates)  # ours: the downtime target, or the paper's
+    downtime_ms: float = DEFAULT_OPTIONS.downtime_ms
+    min_rate_mbps: float = DEFAULT_OPTIONS.min_rate_mbps  # rates=paper only
     max_rate_mbps: float = DEFAULT_OPTIONS.max_rate_mbps
     tracker: messages.Tracker = DEFAULT_OPTIONS.tracker
     verify: bool = DEFAULT_OPTIONS.verify
@@ -136,7 +138,8 @@ async def measure(s: Scenario, on_progress: ProgressPrinter = None) -> dict[str,
             else:
                 request = messages.Migrate(
                     vm=s.vm_name, to=s.target, options=messages.MigrateOptions(
-                        mode=messages.Mode(s.mode), min_rate_mbps=s.min_rate_mbps,
+                        mode=messages.Mode(s.mode), rates=messages.Rates(s.rates),
+                        downtime_ms=s.downtime_ms, min_rate_mbps=s.min_rate_mbps,
                         max_rate_mbps=s.max_rate_mbps, tracker=s.tracker, verify=s.verify))
                 # A plain record, like the baselines' and the floor's reports below.
                 report = (await control.migrate(s.source, request, on_progress)).to_json()

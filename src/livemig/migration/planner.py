@@ -14,6 +14,16 @@ with the numbers of their Xen implementation (DESIGN.md, "The paper's algorithm"
   would exceed the maximum, or when less than 256 KiB remains dirty; the stop-and-copy
   runs at the maximum. Xen also ends after 29 rounds or once 3 x RAM has been sent.
 
+Beyond the paper, the default policy (``DowntimeTarget``, ``rates=auto``) has no rate to
+choose. Each round runs as fast as the link delivers, less a share kept for the VM's own
+traffic (``service_share_bps``); the source measures both and paces by them. After each
+round it predicts the downtime of a switchover now (``predict_downtime_s``): the
+switchover's fixed cost learnt from past migrations, the dirty pages at the measured
+link rate, and the final collect. Pre-copy ends when that prediction fits the target,
+or when the time allowed runs out (``TIMEOUT``: the source then aborts or switches over
+as the operator said), or at once if the fixed cost alone does not fit
+(``TARGET_UNREACHABLE``). Xen's round and data limits do not apply: the time does.
+
 It owns no socket and no clock: the source role (and the simulator) feed it observations
 (pages sent, skipped and zero, pages dirtied, how long a round took) and it returns
 decisions. Rates are in bits per second throughout. Every step is a handful of numpy
@@ -66,6 +76,16 @@ class StopReason(enum.StrEnum):
     ROUND_LIMIT = "round-limit"  # max_rounds done
     SENT_LIMIT = "sent-limit"  # max_sent_factor x RAM sent
     STOP_AND_COPY_MODE = "stop-and-copy-mode"
+    # The downtime target (rates=auto):
+    WITHIN_TARGET = "within-target"  # the predicted downtime fits the target
+    TIMEOUT = "timeout"  # out of time with the target still out of reach
+    TARGET_UNREACHABLE = "target-unreachable"  # the fixed cost alone exceeds the target
+
+    @property
+    def within_target(self) -> bool:
+        """False when switching over now would break the downtime target: the source
+        aborts, unless the operator accepted that (``on_timeout=switchover``)."""
+        return self not in (StopReason.TIMEOUT, StopReason.TARGET_UNREACHABLE)
 
 
 class Phase(enum.StrEnum):
@@ -131,10 +151,56 @@ class RateLimits:
 # value rather than a call evaluated at import (ruff RUF009 / B008).
 DEFAULT_LIMITS = RateLimits()
 
+# The switchover's fixed cost before any migration to a target has measured it: device
+# state, the image check, the commit's round trip and cont. Measured on the gigabit test
+# bed at 25-35 ms for a 256 MiB guest; a first migration assumes a little more.
+DEFAULT_SWITCHOVER_COST_S = 0.040
+# The time allowed, by default: ten passes over RAM at the measured link rate, and never
+# less than MIN_TIMEOUT_S (a small VM still gets rounds enough to converge).
+TIMEOUT_RAM_PASSES = 10
+MIN_TIMEOUT_S = 30.0
+# The VM's own traffic keeps this much headroom above what it was measured sending.
+SERVICE_HEADROOM = 1.25
+
+
+def default_timeout_s(ram_bytes: int, link_bps: float) -> float:
+    """How long a migration may take by default: it scales with RAM over the link."""
+    return max(MIN_TIMEOUT_S, TIMEOUT_RAM_PASSES * ram_bytes * 8 / link_bps)
+
+
+def service_share_bps(link_bps: float, service_bps: float, max_impact: float) -> float:
+    """The part of the link kept for the VM's own outbound traffic: what it was measured
+    sending, with headroom, but at most ``max_impact`` of the link. A quiet VM leaves the
+    migration the whole link; a busy one never has more than that share taken back."""
+    return min(max_impact * link_bps, SERVICE_HEADROOM * max(0.0, service_bps))
+
+
+@dataclass(frozen=True)
+class DowntimeTarget:
+    """The default policy (``rates=auto``): switch over once the predicted downtime
+    fits ``downtime_s``. ``timeout_s`` None: ``default_timeout_s`` at the link rate
+    measured in round 1."""
+
+    downtime_s: float = 0.1
+    switchover_cost_s: float = DEFAULT_SWITCHOVER_COST_S
+    timeout_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.downtime_s) and self.downtime_s > 0):
+            raise ValueError(f"downtime_s must be positive, not {self.downtime_s!r}")
+        if not (math.isfinite(self.switchover_cost_s) and self.switchover_cost_s >= 0):
+            raise ValueError(f"switchover_cost_s must be >= 0, not {self.switchover_cost_s!r}")
+        if self.timeout_s is not None and not self.timeout_s > 0:
+            raise ValueError(f"timeout_s must be positive, not {self.timeout_s!r}")
+
 
 @dataclass(frozen=True)
 class PlannerConfig:
+    """``target`` None is the paper's policy (``limits``, its stop rules); a
+    ``DowntimeTarget`` is the default policy of the engine (see the module's text)."""
+
     limits: RateLimits = DEFAULT_LIMITS
+    target: DowntimeTarget | None = None
     mode: Mode = Mode.PRECOPY
     max_rounds: int = 29  # pre-copy rounds, as Xen
     max_sent_factor: float = 3.0  # stop once this many x RAM has been sent
@@ -155,7 +221,8 @@ DEFAULT_CONFIG = PlannerConfig()
 
 @dataclass(frozen=True)
 class RoundPlan:
-    """A pre-copy round: send ``pages`` in this (pseudo-random) order at ``rate_bps``.
+    """A pre-copy round: send ``pages`` in this (pseudo-random) order at ``rate_bps``;
+    None: as fast as the link delivers, less ``service_share_bps`` (rates=auto).
 
     In round 1 the holes given to ``first()`` come first, sorted: ``pages[:zero_pages]``.
     They go as indexes only and take no time at the paced rate, so the §5.4 reason for a
@@ -167,7 +234,7 @@ class RoundPlan:
 
     number: int  # 1-based
     pages: Pages
-    rate_bps: float
+    rate_bps: float | None
     zero_pages: int = 0  # leading entries of ``pages`` that are known holes (round 1 only)
 
 
@@ -177,11 +244,15 @@ class StopAndCopy:
 
     ``pages`` is sorted and read-only: with the VM paused nothing is dirtied any more, so
     the random order of §5.4 would buy nothing, and ascending order reads RAM linearly.
+    ``rate_bps`` None: as fast as the link delivers (the VM is paused, its traffic too).
+    ``predicted_downtime_s`` is the prediction the decision was made on (None when no
+    link rate was known, as in stop-and-copy mode).
     """
 
     pages: Pages
-    rate_bps: float
+    rate_bps: float | None
     reason: StopReason
+    predicted_downtime_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -224,10 +295,16 @@ class Planner:
         # The round in progress.
         self._number = 0
         self._planned = 0
-        self._rate_bps = 0.0
+        self._rate_bps: float | None = 0.0
         self._sent = 0
         self._skipped = 0
         self._zero = 0
+        # What the source measured, for the prediction.
+        self._link_bps: float | None = None
+        self._collect_s = 0.0
+        self._predicted_s: float | None = None
+        self._predictions: list[float] = []
+        self._timeout_s: float | None = None
 
     # -- decisions -------------------------------------------------------------------
 
@@ -260,7 +337,7 @@ class Planner:
             order = np.concatenate((holes, data))
         else:
             order = self._rng.permutation(self._npages).astype(np.int64, copy=False)
-        return self._plan(order, self._config.limits.min_bps, zero_pages=int(holes.size))
+        return self._plan(order, self._round_rate(None), zero_pages=int(holes.size))
 
     def record_batch(self, sent: int, skipped: int, zero: int = 0) -> None:
         """Progress inside the current round (the source calls it per batch).
@@ -284,15 +361,22 @@ class Planner:
         self._zero += zero
         self._bytes_sent += sent * PAGE_SIZE
 
-    def end_round(self, dirtied: Pages, duration_s: float) -> RoundPlan | StopAndCopy:
+    def end_round(self, dirtied: Pages, duration_s: float, *, link_bps: float | None = None,
+                  elapsed_s: float | None = None, collect_s: float = 0.0,
+                  ) -> RoundPlan | StopAndCopy:
         """The round is over: ``dirtied`` is the tracker's collect() at its end.
 
         ``dirtied`` is taken as a set (order and duplicates do not matter); it must
         include the pages skipped in this round, as a dirty log's collect() does. Every
         page of the plan must have been reported through ``record_batch()`` first.
-        The next round sends exactly ``dirtied``, in a fresh pseudo-random order, at the
-        dirty rate of this round plus the increment (§5.3), or pre-copy stops; see
-        :class:`StopReason` for the conditions and the order they are looked at in.
+        ``link_bps`` is what the link delivered, as measured; ``elapsed_s`` the time
+        since the migration began; ``collect_s`` what that collect took. The downtime
+        target needs the first two; the paper's policy uses ``link_bps`` only for the
+        prediction it reports.
+
+        The next round sends exactly ``dirtied``, in a fresh pseudo-random order, or
+        pre-copy stops; see :class:`StopReason` for the conditions and the order they
+        are looked at in.
         """
         self._require("end_round")
         if not (math.isfinite(duration_s) and duration_s > 0):
@@ -300,6 +384,11 @@ class Planner:
                 f"end_round: the duration of round {self._number} must be a positive "
                 f"number of seconds, not {duration_s!r}"
             )
+        target = self._config.target
+        if target is not None and (link_bps is None or elapsed_s is None):
+            raise ValueError("end_round: a downtime target needs link_bps and elapsed_s")
+        if link_bps is not None and not (math.isfinite(link_bps) and link_bps > 0):
+            raise ValueError(f"end_round: link_bps must be a positive rate, not {link_bps!r}")
         accounted = self._sent + self._skipped + self._zero
         if accounted != self._planned:
             raise ValueError(
@@ -309,7 +398,6 @@ class Planner:
             )
         dirty = _as_set(self._checked_pages(dirtied, "dirtied"))
 
-        limits = self._config.limits
         dirty_rate = dirty.size * _PAGE_BITS / duration_s
         self._rounds.append(
             RoundStats(
@@ -318,29 +406,71 @@ class Planner:
                 pages_sent=self._sent,
                 pages_skipped=self._skipped,
                 pages_dirtied=int(dirty.size),
-                rate_bps=self._rate_bps,
+                # Paced rounds report their pace; the auto policy what the round achieved.
+                rate_bps=(self._rate_bps if self._rate_bps is not None
+                          else self._sent * _PAGE_BITS / duration_s),
                 duration_s=float(duration_s),
                 dirty_rate_bps=dirty_rate,
                 pages_zero=self._zero,
             )
         )
-
-        # §5.3: the next round must outpace this round's dirtying by the increment, but a
-        # quiet VM still gets the minimum: it costs the service little and ends sooner.
-        next_rate = max(limits.min_bps, dirty_rate + limits.increment_bps)
-        reason: StopReason | None = None
-        if dirty.size == 0 or dirty.size * PAGE_SIZE < self._config.final_bytes:
-            # Checked as "empty" too, so that final_bytes=0 cannot plan a round of nothing.
-            reason = StopReason.FEW_PAGES_LEFT
-        elif next_rate > limits.max_bps:
-            reason = StopReason.RATE_ABOVE_MAX
-        elif self._bytes_sent >= self._config.max_sent_factor * self.ram_bytes:
-            reason = StopReason.SENT_LIMIT
-        elif self._number >= self._config.max_rounds:
-            reason = StopReason.ROUND_LIMIT
+        self._collect_s = collect_s
+        if link_bps is not None:
+            self._link_bps = link_bps
+            self._predicted_s = self.predict_downtime_s(int(dirty.size))
+            self._predictions.append(self._predicted_s)
+        if target is not None:
+            assert link_bps is not None and elapsed_s is not None
+            reason = self._target_reason(target, dirty, link_bps, elapsed_s)
+            if reason is not None:
+                return self._stop(dirty, reason)
+            return self._plan(self._rng.permutation(dirty), self._round_rate(dirty_rate))
+        reason = self._paper_reason(dirty, dirty_rate)
         if reason is not None:
             return self._stop(dirty, reason)
-        return self._plan(self._rng.permutation(dirty), next_rate)
+        return self._plan(self._rng.permutation(dirty), self._round_rate(dirty_rate))
+
+    def _target_reason(self, target: DowntimeTarget, dirty: Pages, link_bps: float,
+                       elapsed_s: float) -> StopReason | None:
+        if self._timeout_s is None:
+            # Fixed once, at the rate round 1 measured: a deadline that moved with every
+            # estimate would be no deadline.
+            self._timeout_s = (target.timeout_s if target.timeout_s is not None
+                               else default_timeout_s(self.ram_bytes, link_bps))
+        if self.predict_downtime_s(int(dirty.size)) <= target.downtime_s:
+            return StopReason.WITHIN_TARGET
+        if self.predict_downtime_s(0) > target.downtime_s:
+            return StopReason.TARGET_UNREACHABLE  # no round can help
+        if elapsed_s >= self._timeout_s:
+            return StopReason.TIMEOUT
+        return None
+
+    def _paper_reason(self, dirty: Pages, dirty_rate: float) -> StopReason | None:
+        """§5.3's stop rules, then Xen's limits."""
+        # The next round must outpace this round's dirtying by the increment, but a
+        # quiet VM still gets the minimum: it costs the service little and ends sooner.
+        limits = self._config.limits
+        next_rate = max(limits.min_bps, dirty_rate + limits.increment_bps)
+        if dirty.size == 0 or dirty.size * PAGE_SIZE < self._config.final_bytes:
+            # Checked as "empty" too, so that final_bytes=0 cannot plan a round of nothing.
+            return StopReason.FEW_PAGES_LEFT
+        if next_rate > limits.max_bps:
+            return StopReason.RATE_ABOVE_MAX
+        if self._bytes_sent >= self._config.max_sent_factor * self.ram_bytes:
+            return StopReason.SENT_LIMIT
+        if self._number >= self._config.max_rounds:
+            return StopReason.ROUND_LIMIT
+        return None
+
+    def _round_rate(self, dirty_rate: float | None) -> float | None:
+        """A round's pace: None under the downtime target (the link's, measured), else
+        §5.3's: the minimum for round 1, then the dirty rate plus the increment."""
+        if self._config.target is not None:
+            return None
+        limits = self._config.limits
+        if dirty_rate is None:
+            return limits.min_bps
+        return max(limits.min_bps, dirty_rate + limits.increment_bps)
 
     # -- questions -------------------------------------------------------------------
 
@@ -361,13 +491,45 @@ class Planner:
         """
         return self._bytes_sent
 
-    def time_at_max_rate_s(self, remaining_pages: int) -> float:
-        """Time to send ``remaining_pages`` at the maximum rate. A floor, not a prediction
-        of downtime: that also pays the stop window's fixed costs (device state, ``cont``)
-        and the pages dirtied meanwhile (a demo showed 9 ms here, then measured 77 ms)."""
-        if remaining_pages < 0:
-            raise ValueError(f"remaining_pages must be >= 0, not {remaining_pages!r}")
-        return remaining_pages * _PAGE_BITS / self._config.limits.max_bps
+    def predict_downtime_s(self, pages: int) -> float:
+        """The VM's paused time if it stopped with ``pages`` dirty: the switchover's
+        fixed cost, the last collect again, and the pages at the last measured link rate
+        (capped at the maximum under the paper's policy, which sends them at that). A
+        link rate must have been measured (an ``end_round`` with ``link_bps``)."""
+        if pages < 0:
+            raise ValueError(f"pages must be >= 0, not {pages!r}")
+        if self._link_bps is None:
+            raise ValueError("predict_downtime_s: no link rate measured yet")
+        rate = self._link_bps
+        if self._config.target is None:
+            rate = min(rate, self._config.limits.max_bps)
+        return self.switchover_cost_s + self._collect_s + pages * _PAGE_BITS / rate
+
+    @property
+    def switchover_cost_s(self) -> float:
+        target = self._config.target
+        return (target or DowntimeTarget()).switchover_cost_s
+
+    @property
+    def predicted_downtime_s(self) -> float | None:
+        """The prediction at the end of the last round, None before one with a link
+        rate."""
+        return self._predicted_s
+
+    @property
+    def best_predicted_downtime_s(self) -> float | None:
+        """The lowest prediction of any round: the downtime that was within reach."""
+        return min(self._predictions, default=None)
+
+    @property
+    def predictions_s(self) -> list[float]:
+        """The predicted downtime at the end of each round with a link rate (a copy)."""
+        return list(self._predictions)
+
+    @property
+    def timeout_s(self) -> float | None:
+        """The time allowed under the downtime target, once round 1 has fixed it."""
+        return self._timeout_s
 
     @property
     def npages(self) -> int:
@@ -409,19 +571,21 @@ class Planner:
         if operation not in _ALLOWED[self._phase]:
             raise PlannerStateError(operation, self._phase)
 
-    def _plan(self, pages: Pages, rate_bps: float, zero_pages: int = 0) -> RoundPlan:
+    def _plan(self, pages: Pages, rate_bps: float | None, zero_pages: int = 0) -> RoundPlan:
         pages.setflags(write=False)
         self._phase = Phase.IN_ROUND
         self._number += 1
         self._planned = int(pages.size)
-        self._rate_bps = float(rate_bps)
+        self._rate_bps = rate_bps
         self._sent = self._skipped = self._zero = 0
-        return RoundPlan(self._number, pages, self._rate_bps, zero_pages)
+        return RoundPlan(self._number, pages, rate_bps, zero_pages)
 
     def _stop(self, pages: Pages, reason: StopReason) -> StopAndCopy:
         pages.setflags(write=False)
         self._phase = Phase.DONE
-        self._final = StopAndCopy(pages, float(self._config.limits.max_bps), reason)
+        rate = None if self._config.target is not None else self._config.limits.max_bps
+        self._final = StopAndCopy(pages, rate, reason, predicted_downtime_s=(
+            None if self._link_bps is None else self.predict_downtime_s(int(pages.size))))
         return self._final
 
     def _checked_pages(self, pages: object, name: str) -> Pages:

@@ -40,14 +40,18 @@ import numpy.typing as npt
 
 from livemig.errors import LivemigError, MigrationCancelled, MigrationError, ReservationRefused
 from livemig.migration.holds import HoldPoint, hold
+from livemig.migration.meters import WINDOW_S, LinkMeter, WindowedRate, pace_bps
 from livemig.migration.planner import (
     DEFAULT_LIMITS,
+    DEFAULT_SWITCHOVER_COST_S,
+    DowntimeTarget,
     Mode,
     Planner,
     PlannerConfig,
     RateLimits,
     RoundPlan,
     StopAndCopy,
+    service_share_bps,
 )
 from livemig.migration.stages import Event, Stage, StageMachine
 from livemig.migration.tunnel import StateSource
@@ -58,7 +62,7 @@ from livemig.vm.qemu import ENGINE_MIGRATION_CAPABILITIES
 from livemig.vm.spec import VMRecord
 from livemig.wire import frames, messages
 from livemig.wire.channel import Channel
-from livemig.wire.messages import DEFAULT_OPTIONS, MigrationReport, Progress
+from livemig.wire.messages import DEFAULT_OPTIONS, MigrationReport, OnTimeout, Progress
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +77,15 @@ COMMIT_TIMEOUT_S = 5.0
 RESOLVE_TIMEOUT_S = 30.0  # how long to keep asking a silent target where the VM runs
 ABORT_TIMEOUT_S = 1.0  # telling the target to tear down is best effort
 PROGRESS_INTERVAL_S = 0.1
+# Under the downtime target the time allowed is a soft deadline, looked at between
+# rounds; a round that runs far past it (round 1 on a link far slower than measured,
+# say) is cut off at this multiple, and the migration aborts.
+HARD_DEADLINE_FACTOR = 1.5
+STALL_ROUNDS = 3  # rounds without a better prediction: the migration is stalled
+FALLBACK_LINK_BPS = 100 * MBIT  # the stop window's deadline before any measurement
+
+
+DEFAULT_TARGET = DowntimeTarget(DEFAULT_OPTIONS.downtime_ms / 1000)
 
 
 @dataclass(frozen=True)
@@ -80,6 +93,10 @@ class MigrationOptions:
     """``messages.MigrateOptions`` in the engine's units; the defaults are its."""
 
     limits: RateLimits = DEFAULT_LIMITS
+    # None: the paper's rates (``limits``); else the default policy, a downtime target.
+    target: DowntimeTarget | None = DEFAULT_TARGET
+    max_impact: float = DEFAULT_OPTIONS.max_impact_pct / 100  # of the link, for the VM
+    on_timeout: OnTimeout = DEFAULT_OPTIONS.on_timeout
     mode: Mode = DEFAULT_OPTIONS.mode
     tracker: str = DEFAULT_OPTIONS.tracker
     verify: bool = DEFAULT_OPTIONS.verify  # checksum both images; costs time before cont
@@ -89,8 +106,17 @@ class MigrationOptions:
     hold_at: HoldPoint | None = DEFAULT_OPTIONS.hold_at  # fault drills (migration.holds)
 
     @classmethod
-    def of(cls, options: messages.MigrateOptions) -> MigrationOptions:
-        return cls(limits=RateLimits.of(options), mode=options.mode, tracker=options.tracker,
+    def of(cls, options: messages.MigrateOptions,
+           switchover_cost_s: float = DEFAULT_SWITCHOVER_COST_S) -> MigrationOptions:
+        """The engine's options for a request; ``switchover_cost_s`` is the fixed cost
+        of a switchover to this target, as its past migrations measured it."""
+        target = None
+        if options.rates is messages.Rates.AUTO:
+            target = DowntimeTarget(options.downtime_ms / 1000, switchover_cost_s,
+                                    options.timeout_s)
+        return cls(limits=RateLimits.of(options), target=target,
+                   max_impact=options.max_impact_pct / 100, on_timeout=options.on_timeout,
+                   mode=options.mode, tracker=options.tracker,
                    verify=options.verify, seed=options.seed,
                    stall_timeout_s=options.stall_timeout_s, timeout_s=options.timeout_s,
                    hold_at=options.hold_at)
@@ -109,6 +135,7 @@ class _StopWindow:
     stopped_at: float
     final_pages: int
     final_bytes: int
+    final_collect_s: float
     device_started: float
     image_asked: float
     destination_checksum: str | None
@@ -214,13 +241,22 @@ class SourceMigration:
         self._last_progress = 0.0
         self.planner: Planner | None = None
         self._holes: npt.NDArray[np.bool_] | None = None
-        self._rate_bps = 0.0  # of the round under way
+        self._rate_bps: float | None = 0.0  # of the round under way (None: unpaced)
         self._budget: asyncio.Timeout | None = None
+        self._budget_s: float | None = None  # the hard cut-off
+        self._allowed_s: float | None = None  # the time allowed, as the operator sees it
+        self._loop_started = 0.0
         self._cancel_accepted = False
         self._aborting: asyncio.Task[None] | None = None  # see _put_back
         self._resumed_event_at: float | None = None  # the target's RESUME event
         self._cont_ms: float | None = None  # how long the target's cont took
         self._device_state_bytes = 0
+        self._link = LinkMeter()
+        self._service = WindowedRate()
+        self._service_sampled = -WINDOW_S
+        self._collect_s = 0.0
+        self._percent = 0.0
+        self._switchover_forced = False
 
     @property
     def stage(self) -> Stage:
@@ -245,7 +281,8 @@ class SourceMigration:
     # -- the whole migration ----------------------------------------------------------
 
     async def run(self) -> MigrationReport:
-        budget = self._budget = asyncio.timeout(self.options.timeout_s)
+        self._loop_started = asyncio.get_running_loop().time()
+        budget = self._budget = asyncio.timeout_at(self._deadline(self.options.timeout_s))
         try:
             async with budget:
                 return await self._migrate()
@@ -268,7 +305,9 @@ class SourceMigration:
         except Exception as exc:
             if isinstance(exc, TimeoutError) and budget.expired():
                 exc = LivemigError(f"it did not finish within its time budget of "
-                                   f"{self.options.timeout_s:g} s")
+                                   f"{self._allowed_s:g} s" + (
+                                       "" if self._budget_s == self._allowed_s else
+                                       f" (cut off mid-round at {self._budget_s:g} s)"))
             elif (isinstance(exc, frames.WireError) and self._channel is not None
                   and (why := self._channel.last_words())):
                 exc = LivemigError(f"{self.target_host} gave up: {why}")
@@ -300,6 +339,15 @@ class SourceMigration:
                 await self._state_tunnel.close()
             if self._channel is not None:
                 await self._channel.close()
+
+    def _deadline(self, timeout_s: float | None) -> float | None:
+        """When (loop time) the budget cuts the migration off wherever it is. Under the
+        downtime target the time allowed is looked at between rounds (the planner's),
+        and this is only its backstop."""
+        self._allowed_s = self._budget_s = timeout_s
+        if timeout_s is not None and self.options.target is not None:
+            self._budget_s = timeout_s * HARD_DEADLINE_FACTOR
+        return None if self._budget_s is None else self._loop_started + self._budget_s
 
     async def _migrate(self) -> MigrationReport:
         await self._pre_migration()
@@ -362,20 +410,74 @@ class SourceMigration:
             self._holes[start:end] = False
         self.planner = Planner(
             memory.npages,
-            PlannerConfig(limits=self.options.limits, mode=self.options.mode,
-                          seed=self.options.seed),
+            PlannerConfig(limits=self.options.limits, target=self.options.target,
+                          mode=self.options.mode, seed=self.options.seed),
         )
         step = self.planner.first(zero_pages=np.flatnonzero(self._holes).astype(np.int64))
-        pacer = self._channel.pacer  # the channel paces every Pages frame it sends
         while isinstance(step, RoundPlan):
-            pacer.rate_bps = self._rate_bps = step.rate_bps
+            self._rate_bps = step.rate_bps
+            self._channel.pacer.rate_bps = self._pace()  # the channel paces every frame
+            self._link.restart()  # the gap since the last round measured nothing
             round_started = time.monotonic()
-            await self._send(step.number, step.pages, skip_dirtied=True)
+            sent = await self._send(step.number, step.pages, skip_dirtied=True)
+            collect_started = time.monotonic()
             dirtied = self._tracker.collect()
+            self._collect_s = time.monotonic() - collect_started
             self._holes[dirtied] = False
-            step = self.planner.end_round(dirtied, time.monotonic() - round_started)
+            duration_s = collect_started - round_started
+            # A round too short to close a measuring window, or a socket that is not
+            # TCP, measures the round as a whole; one that sent nothing, nothing at all.
+            link_bps = (self._link.link_bps or sent * 8 / duration_s or FALLBACK_LINK_BPS)
+            step = self.planner.end_round(
+                dirtied, duration_s, link_bps=link_bps,
+                elapsed_s=time.monotonic() - self._started, collect_s=self._collect_s)
+            self._after_round()
         assert isinstance(step, StopAndCopy)
+        if not step.reason.within_target:
+            self._out_of_reach(step)
         return step
+
+    def _pace(self) -> float | None:
+        """This round's pace: the planner's (the paper's policy), or the measured link
+        less the share the VM's own traffic keeps."""
+        if self.options.target is None:
+            return self._rate_bps
+        link = self._link.link_bps
+        share = 0.0 if link is None else service_share_bps(
+            link, self._service.last_bps or 0.0, self.options.max_impact)
+        return pace_bps(link, share)
+
+    def _after_round(self) -> None:
+        """Once round 1 has measured the link, the time allowed is fixed: the budget
+        becomes its backstop."""
+        assert self.planner is not None
+        if (self._budget is not None and self._budget.when() is None
+                and self.options.target is not None and self.planner.timeout_s is not None):
+            self._budget.reschedule(self._deadline(self.planner.timeout_s))
+        self._progress(force=True)
+
+    def _out_of_reach(self, stop: StopAndCopy) -> None:
+        """The downtime target cannot be met: abort, unless the operator said to switch
+        over anyway (then it is reported, never silent)."""
+        assert self.planner is not None and self.options.target is not None
+        target_ms = self.options.target.downtime_s * 1000
+        best = self.planner.best_predicted_downtime_s
+        within_reach = "" if best is None else f"; the best within reach was {best * 1000:.0f} ms"
+        why = {
+            "timeout": f"after {self.planner.timeout_s:.0f} s",
+            "target-unreachable": "at all: the switchover's fixed cost alone is "
+                                  f"{self.planner.switchover_cost_s * 1000:.0f} ms",
+        }.get(str(stop.reason), str(stop.reason))
+        message = f"the downtime target of {target_ms:g} ms was not within reach {why}"
+        if self.options.on_timeout is OnTimeout.SWITCHOVER:
+            predicted = stop.predicted_downtime_s
+            log.warning("%s: %s; switching over anyway (--on-timeout switchover), "
+                        "predicted downtime %s", self.vm.name, message,
+                        "unknown" if predicted is None else f"{predicted * 1000:.0f} ms")
+            self._switchover_forced = True
+            return
+        raise LivemigError(f"{message}{within_reach}. Give a larger --downtime, or "
+                           f"--on-timeout switchover to accept it")
 
     async def _stop_and_copy(self, stop: StopAndCopy) -> _StopWindow:
         """Stage 3: the VM stops here; the last pages and QEMU's device state go, and the
@@ -388,14 +490,19 @@ class SourceMigration:
         stopped_event_at = await self.vm.pause()
         stopped_at = time.monotonic()
         await hold(spec.name, HoldPoint.STOP_AND_COPY, self.options.hold_at)
+        collect_started = time.monotonic()
         last = np.union1d(stop.pages, self._tracker.collect())
+        final_collect_s = time.monotonic() - collect_started
         self._holes[last] = False
-        # A new transfer at the maximum rate: the last round's debt must not delay it.
+        # A new transfer at the maximum rate (unpaced under the downtime target: the VM is
+        # paused, its own traffic too): the last round's debt must not delay it.
         self._channel.pacer.reset(stop.rate_bps)
         self._rate_bps = stop.rate_bps
+        self._link.restart()
         # The VM is paused: the whole window, not just each step, has a deadline, so that
         # after any fault it runs here again within seconds.
-        window_s = STOP_WINDOW_S + len(last) * PAGE_SIZE * 8 / stop.rate_bps
+        rate = stop.rate_bps or self._link.link_bps or FALLBACK_LINK_BPS
+        window_s = STOP_WINDOW_S + len(last) * PAGE_SIZE * 8 / rate
         window = asyncio.timeout(window_s)
         try:
             async with window:
@@ -427,7 +534,8 @@ class SourceMigration:
         self._event(Event.IMAGE_CONSISTENT)
         return _StopWindow(
             stopped_event_at=stopped_event_at, stopped_at=stopped_at,
-            final_pages=len(last), final_bytes=final_bytes, device_started=device_started,
+            final_pages=len(last), final_bytes=final_bytes, final_collect_s=final_collect_s,
+            device_started=device_started,
             image_asked=image_asked, destination_checksum=image.checksum,
             verify_ms=image.verify_ms)
 
@@ -464,6 +572,11 @@ class SourceMigration:
         device_state_ms = (window.image_asked - window.device_started) * 1000
         resumed, stopped = self._resumed_event_at, window.stopped_event_at
         bytes_sent = self.planner.bytes_sent + window.final_bytes
+        downtime_ms = (commit.cont_returned_at - window.stopped_at) * 1000
+        predicted_ms = (None if stop.predicted_downtime_s is None
+                        else stop.predicted_downtime_s * 1000)
+        target = self.options.target
+        link_bps, service_bps = self._link.link_bps, self._service.last_bps
         return MigrationReport(
             vm=spec.name,
             source=self.source_host,
@@ -471,7 +584,7 @@ class SourceMigration:
             mode=str(self.options.mode),
             tracker=self._tracker.name,
             ram_bytes=spec.ram_bytes,
-            downtime_ms=(commit.cont_returned_at - window.stopped_at) * 1000,
+            downtime_ms=downtime_ms,
             total_time_s=total_time_s,
             bytes_sent=bytes_sent,
             rounds=list(self.planner.rounds),
@@ -491,6 +604,17 @@ class SourceMigration:
                               else (resumed - stopped) * 1000),
             device_state_bytes=self._device_state_bytes,
             cont_ms=self._cont_ms,
+            rates=("paper" if target is None else "auto"),
+            downtime_target_ms=None if target is None else target.downtime_s * 1000,
+            predicted_downtime_ms=predicted_ms,
+            downtime_over_predicted=(None if not predicted_ms
+                                     else round(downtime_ms / predicted_ms, 3)),
+            switchover_cost_ms=self.planner.switchover_cost_s * 1000,
+            link_mbps=None if link_bps is None else link_bps / MBIT,
+            service_mbps=None if service_bps is None else service_bps / MBIT,
+            switchover_forced=self._switchover_forced,
+            final_bytes=window.final_bytes,
+            final_collect_ms=window.final_collect_s * 1000,
             # Where the engine's downtime goes, step by step (ms).
             stop_window_ms={
                 "final_pages": (window.device_started - window.stopped_at) * 1000,
@@ -515,8 +639,9 @@ class SourceMigration:
         sent_bytes = 0
         # Small frames at low rates keep the link smooth for the guest's own traffic and
         # keep each peek (§5.4) fresh; large ones at high rates keep per-frame costs low.
-        batch_pages = int(min(MAX_BATCH_PAGES, max(
-            MIN_BATCH_PAGES, self._rate_bps / 8 * BATCH_SECONDS / PAGE_SIZE)))
+        rate = self._rate_bps or self._link.link_bps
+        batch_pages = MAX_BATCH_PAGES if rate is None else int(min(MAX_BATCH_PAGES, max(
+            MIN_BATCH_PAGES, rate / 8 * BATCH_SECONDS / PAGE_SIZE)))
         for start in range(0, len(pages), batch_pages):
             batch = pages[start:start + batch_pages]
             skipped = 0
@@ -542,6 +667,7 @@ class SourceMigration:
                 data=payload.reshape(-1).data,
             ), timeout=self.options.stall_timeout_s if skip_dirtied else STOP_WINDOW_STALL_S)
             sent_bytes += payload.nbytes
+            self._measure()
             if skip_dirtied:
                 self.planner.record_batch(sent=len(send), skipped=skipped, zero=len(zero))
             self._progress(pages_left=len(pages) - start - len(batch) - skipped)
@@ -549,6 +675,25 @@ class SourceMigration:
                 point = HoldPoint.ROUND_1 if round_number == 1 else HoldPoint.LATER_ROUND
                 await hold(self.vm.name, point, self.options.hold_at)
         return sent_bytes
+
+    def _measure(self) -> None:
+        """After a frame: what the link delivered, what the VM itself sends, and the
+        pace that leaves it its share (the downtime target's policy)."""
+        assert self._channel is not None
+        now = time.monotonic()
+        pacer = self._channel.pacer
+        if (acked := self._channel.bytes_acked()) is not None:
+            self._link.sample(now, acked, pacer.rate_bps)
+        if now - self._service_sampled >= WINDOW_S:
+            self._service_sampled = now
+            if (nic := self.vm.nic_sent_bytes()) is not None:
+                self._service.sample(now, nic)
+        if self.options.target is not None and self.stage is Stage.PRECOPY:
+            pace = self._pace()
+            if (pace is None) != (pacer.rate_bps is None) or (
+                    pace is not None and pacer.rate_bps is not None
+                    and abs(pace - pacer.rate_bps) > 0.05 * pacer.rate_bps):
+                pacer.rate_bps = pace
 
     async def _wait_device_state(self) -> None:
         """Until QEMU has written its device state and the tunnel has put all of it, and
@@ -639,17 +784,43 @@ class SourceMigration:
         rounds = planner.rounds if planner is not None else []
         last = rounds[-1] if rounds else None
         left = pages_left if pages_left is not None else 0
+        sent = planner.bytes_sent if planner is not None else 0
+        # Still to send, as now predicted: the rest of this round, then at least what
+        # the last round dirtied. The share of the whole only ever grows.
+        to_send = left * PAGE_SIZE + (last.pages_dirtied * PAGE_SIZE if last else 0)
+        if self.stage is Stage.DONE:
+            self._percent = 100.0
+        elif sent + to_send:
+            self._percent = max(self._percent, min(99.0, 100 * sent / (sent + to_send)))
+        link = self._link.link_bps
+        predicted = None if planner is None else planner.predicted_downtime_s
+        target = self.options.target
         self.on_progress(Progress(
             stage=self.stage.value,
             round=len(rounds) + (1 if self.stage is Stage.PRECOPY else 0),
             pages_left=left,
-            rate_mbps=self._rate_bps / MBIT,
+            rate_mbps=(self._rate_bps or link or 0.0) / MBIT,
             dirty_rate_mbps=(last.dirty_rate_bps if last else 0.0) / MBIT,
-            pages_left_at_max_rate_ms=(planner.time_at_max_rate_s(left) * 1000
-                                       if planner else 0.0),
-            bytes_sent=planner.bytes_sent if planner is not None else 0,
+            bytes_sent=sent,
             elapsed_s=now - self._started,
+            percent=round(self._percent, 1),
+            eta_s=None if link is None else to_send * 8 / link + (predicted or 0.0),
+            link_mbps=None if link is None else link / MBIT,
+            service_mbps=(None if self._service.last_bps is None
+                          else self._service.last_bps / MBIT),
+            predicted_downtime_ms=None if predicted is None else predicted * 1000,
+            downtime_target_ms=None if target is None else target.downtime_s * 1000,
+            stalled=self._stalled(),
         ))
+
+    def _stalled(self) -> bool:
+        """The last STALL_ROUNDS rounds brought the prediction no closer to the target."""
+        if self.planner is None or self.options.target is None:
+            return False
+        history = self.planner.predictions_s
+        if len(history) <= STALL_ROUNDS:
+            return False
+        return min(history[-STALL_ROUNDS:]) >= 0.95 * min(history[:-STALL_ROUNDS])
 
 
 # What undoes each stage on the source, if the migration fails or is cancelled there.

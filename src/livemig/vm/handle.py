@@ -62,3 +62,7 @@ class MigratableVM(Protocol):
     def exited(self) -> bool: ...
 
     async def wait_exited(self) -> None: ...
+
+    def nic_sent_bytes(self) -> int | None:
+        """Bytes the guest has sent out of its NIC, as this host counts them; None if
+        it cannot tell. The VM's own traffic, which shares the uplink with a migration."""

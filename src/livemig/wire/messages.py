@@ -60,6 +60,24 @@ class Mode(enum.StrEnum):
     STOP_AND_COPY = "stop-and-copy"
 
 
+class Rates(enum.StrEnum):
+    """How pre-copy chooses its rate and when it switches over."""
+
+    # What the link delivers, measured, less a share kept for the VM's own traffic;
+    # switch over once the predicted downtime fits the target (``migration.planner``).
+    AUTO = "auto"
+    # §5.3 of the paper with Xen's numbers: the min/max/increment knobs, its stop rules.
+    PAPER = "paper"
+
+
+class OnTimeout(enum.StrEnum):
+    """What a migration does when the downtime target is still out of reach at its
+    time-out."""
+
+    ABORT = "abort"  # the VM stays where it runs; the error says what was within reach
+    SWITCHOVER = "switchover"  # accept the predicted downtime, and report it
+
+
 class HoldPoint(enum.StrEnum):
     """Where a fault drill stops a migration (``migration.holds``)."""
 
@@ -77,6 +95,8 @@ Tracker = Literal["auto", "uffd", "shadow"]
 PositiveRate = Annotated[float, msgspec.Meta(gt=0)]
 NonNegativeRate = Annotated[float, msgspec.Meta(ge=0)]
 PositiveSeconds = Annotated[float, msgspec.Meta(gt=0)]
+PositiveMs = Annotated[float, msgspec.Meta(gt=0)]
+Share = Annotated[float, msgspec.Meta(ge=0, le=90)]  # percent of the link
 Count = Annotated[int, msgspec.Meta(ge=0)]
 
 
@@ -88,11 +108,18 @@ class _Struct(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class MigrateOptions(_Struct, frozen=True, kw_only=True):
     """How to migrate; every field has its default here and only here.
 
-    The rate defaults are Xen's (§5.3 of the paper): round 1 at the minimum, each later
-    round at the last one's dirty rate plus the increment, stop-and-copy once that would
-    exceed the maximum."""
+    By default (``rates=auto``) there is no rate to choose: pre-copy runs as fast as the
+    link delivers, less a share for the VM's own traffic (up to ``max_impact_pct`` of
+    the link), and switches over once the predicted downtime fits ``downtime_ms``.
+    ``rates=paper`` is §5.3 with Xen's numbers: round 1 at the minimum, each later round
+    at the last one's dirty rate plus the increment, stop-and-copy once that would
+    exceed the maximum; the three rate fields apply to it alone."""
 
     mode: Mode = Mode.PRECOPY
+    rates: Rates = Rates.AUTO
+    downtime_ms: PositiveMs = 100.0  # the target: source's stop to target's cont
+    max_impact_pct: Share = 20.0  # the most of the link kept for the VM's own traffic
+    on_timeout: OnTimeout = OnTimeout.ABORT
     min_rate_mbps: PositiveRate = 100.0
     max_rate_mbps: PositiveRate = 500.0
     increment_mbps: NonNegativeRate = 50.0
@@ -100,14 +127,18 @@ class MigrateOptions(_Struct, frozen=True, kw_only=True):
     verify: bool = True  # checksum both images; costs destination time before cont
     seed: int = 0  # of the planner's pseudo-random page order
     stall_timeout_s: PositiveSeconds = 10.0  # pre-copy: the target took no data this long
-    timeout_s: PositiveSeconds | None = None  # the whole budget, up to commitment
+    # Up to commitment. None: with rates=auto, scaled to RAM over the measured link
+    # (``planner.default_timeout_s``); with rates=paper, no limit (Xen's round and data
+    # limits end it).
+    timeout_s: PositiveSeconds | None = None
     hold_at: HoldPoint | None = None  # fault drills: wait at this point
 
     def __post_init__(self) -> None:
         # JSON has no NaN or infinity, but a caller in Python can still pass one.
-        for name in ("min_rate_mbps", "max_rate_mbps", "increment_mbps"):
+        for name in ("min_rate_mbps", "max_rate_mbps", "increment_mbps", "downtime_ms",
+                     "max_impact_pct"):
             if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"{name} must be a finite number of Mbit/s")
+                raise ValueError(f"{name} must be a finite number")
         if self.min_rate_mbps > self.max_rate_mbps:
             raise ValueError(f"min_rate_mbps ({self.min_rate_mbps:g}) is above "
                              f"max_rate_mbps ({self.max_rate_mbps:g})")
@@ -157,17 +188,27 @@ class _ControlReply(_Control, frozen=True, tag_field="type"):
 
 
 class Progress(_ControlReply, frozen=True, tag="progress"):
-    """What the operator sees while a migration runs; any number before the last reply."""
+    """What the operator sees while a migration runs; any number before the last reply.
+
+    ``percent`` is of the bytes the migration is now predicted to send in all, and never
+    runs backwards; ``eta_s`` is the time those bytes still take at the measured link
+    rate. ``stalled`` says that the last rounds brought the predicted downtime no
+    closer to the target."""
 
     stage: str
     round: Count
     pages_left: Count
     rate_mbps: float
     dirty_rate_mbps: float
-    # Not a downtime prediction (none exists yet): pages_left sent at the maximum rate.
-    pages_left_at_max_rate_ms: float
     bytes_sent: Count
     elapsed_s: float
+    percent: float = 0.0
+    eta_s: float | None = None
+    link_mbps: float | None = None  # what the link delivered, measured
+    service_mbps: float | None = None  # the VM's own outbound traffic, measured
+    predicted_downtime_ms: float | None = None  # were the switchover now
+    downtime_target_ms: float | None = None
+    stalled: bool = False
 
 
 class RoundStats(_Struct, frozen=True):
@@ -179,7 +220,7 @@ class RoundStats(_Struct, frozen=True):
     pages_sent: Count  # sent with their 4096 bytes of data
     pages_skipped: Count  # dirtied again before their turn (§5.4): the next round sends them
     pages_dirtied: Count  # written during the round: the next round's work
-    rate_bps: float  # the rate the round was paced at
+    rate_bps: float  # the rate the round was paced at (auto: what it achieved)
     duration_s: float
     dirty_rate_bps: float  # pages_dirtied x page size x 8 / duration
     pages_zero: Count = 0  # all-zero pages, sent as indexes only
@@ -217,6 +258,19 @@ class MigrationReport(_Struct, frozen=True, kw_only=True):
     vcpus_stopped_ms: float | None = None
     device_state_bytes: Count = 0  # QEMU's CPU and device state, as it crossed the tunnel
     cont_ms: float | None = None  # the destination's cont alone, as it timed it
+    rates: str = Rates.AUTO.value
+    downtime_target_ms: float | None = None  # rates=auto only
+    # The engine's prediction of downtime_ms when it decided to switch over, and its
+    # parts: the switchover's fixed cost (learnt from past migrations to this target),
+    # the last dirty pages at the measured link rate, and the final collect.
+    predicted_downtime_ms: float | None = None
+    switchover_cost_ms: float | None = None
+    link_mbps: float | None = None  # what the link delivered, measured
+    service_mbps: float | None = None  # the VM's own outbound traffic, measured
+    downtime_over_predicted: float | None = None  # actual / predicted
+    final_bytes: Count = 0  # page data sent while the VM was stopped
+    final_collect_ms: float = 0.0  # the dirty log's last collect, the VM stopped
+    switchover_forced: bool = False  # the target was out of reach; on_timeout=switchover
 
     def to_json(self) -> dict[str, Any]:
         """As plain JSON, for the result files of experiments and benches."""
