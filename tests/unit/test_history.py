@@ -62,3 +62,11 @@ def test_the_switchovers_command_shows_predicted_against_actual(
     out = capsys.readouterr().out
     assert out.count("v1           hostB") == 3 and "1.25" in out
     assert "actual/predicted over 3: median 1.10, worst 1.25" in out
+
+
+def test_the_final_collect_is_learnt_beside_the_fixed_cost(tmp_path: Path) -> None:
+    history = SwitchoverHistory(tmp_path / "switchovers.jsonl")
+    assert history.final_collect_s("hostB") == 0.0
+    for collect in (1.0, 22.0, 0.8):
+        history.record(a_report(target="hostB", final_collect_ms=collect, final_bytes=0))
+    assert history.final_collect_s("hostB") == pytest.approx(0.022)

@@ -811,3 +811,13 @@ def test_a_downtime_target_needs_what_was_measured() -> None:
     with pytest.raises(ValueError, match="link_bps"):
         planner.end_round(pages(1), 0.1, link_bps=0.0, elapsed_s=1.0)
 
+
+
+def test_a_final_collect_slower_than_the_rounds_ones_is_predicted_as_it_was() -> None:
+    planner = Planner(1000, PlannerConfig(target=DowntimeTarget(0.1, 0.03, None, 0.022)))
+    plan = as_plan(planner.first())
+    planner.record_batch(sent=plan.pages.size, skipped=0)
+    planner.end_round(np.arange(10, dtype=np.int64), 0.1, link_bps=1e9, elapsed_s=0.1,
+                      collect_s=0.001)
+    # 30 ms fixed + 22 ms collect (the past final one, not this round's 1 ms) + 10 pages.
+    assert planner.predict_downtime_s(10) == pytest.approx(0.052 + 10 * PAGE_BITS / 1e9)

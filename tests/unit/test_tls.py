@@ -191,6 +191,9 @@ def test_mutual_tls_round_trip_records_the_certified_client(pki: PKI) -> None:
                 assert ssl_object.version() == "TLSv1.3"
                 idx = np.arange(0, 600, dtype=np.uint32)
                 await channel.send_pages(Pages(0, idx, NONE, pages.tobytes()))
+                # 2.4 MB queued a moment ago; the peer reads it all, and acknowledges it.
+                assert await channel.drained(5.0) and channel.queued_bytes() == 0
+                assert (channel.bytes_acked() or 0) > 600 * PAGE_SIZE
                 assert (await channel.request("reserve", timeout=5)).body == {"kind": "reserve"}
             await asyncio.sleep(0.05)
             assert served.seen == [("hostA", "hostA")]

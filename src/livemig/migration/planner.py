@@ -184,6 +184,7 @@ class DowntimeTarget:
     downtime_s: float = 0.1
     switchover_cost_s: float = DEFAULT_SWITCHOVER_COST_S
     timeout_s: float | None = None
+    final_collect_s: float = 0.0  # the last collect, VM stopped, as past ones measured it
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.downtime_s) and self.downtime_s > 0):
@@ -493,7 +494,8 @@ class Planner:
 
     def predict_downtime_s(self, pages: int) -> float:
         """The VM's paused time if it stopped with ``pages`` dirty: the switchover's
-        fixed cost, the last collect again, and the pages at the last measured link rate
+        fixed cost, the last collect again (or as long as past final collects took, if
+        longer), and the pages at the last measured link rate
         (capped at the maximum under the paper's policy, which sends them at that). A
         link rate must have been measured (an ``end_round`` with ``link_bps``)."""
         if pages < 0:
@@ -503,7 +505,8 @@ class Planner:
         rate = self._link_bps
         if self._config.target is None:
             rate = min(rate, self._config.limits.max_bps)
-        return self.switchover_cost_s + self._collect_s + pages * _PAGE_BITS / rate
+        collect_s = max(self._collect_s, (self._config.target or DowntimeTarget()).final_collect_s)
+        return self.switchover_cost_s + collect_s + pages * _PAGE_BITS / rate
 
     @property
     def switchover_cost_s(self) -> float:

@@ -73,6 +73,7 @@ RESERVE_TIMEOUT_S = 30.0  # the target boots a QEMU -incoming meanwhile
 STOP_WINDOW_STALL_S = 2.0  # the VM is paused: no step of the stop window may stall longer
 STOP_WINDOW_S = 2.5  # nor the whole window, beyond the final pages' time at the max rate
 DEVICE_STATE_TIMEOUT_S = 3.0  # ~5 ms when all is well
+DRAIN_TIMEOUT_S = 1.0  # the stop waits this long at most for pre-copy's queue to empty
 COMMIT_TIMEOUT_S = 5.0
 RESOLVE_TIMEOUT_S = 30.0  # how long to keep asking a silent target where the VM runs
 ABORT_TIMEOUT_S = 1.0  # telling the target to tear down is best effort
@@ -107,13 +108,14 @@ class MigrationOptions:
 
     @classmethod
     def of(cls, options: messages.MigrateOptions,
-           switchover_cost_s: float = DEFAULT_SWITCHOVER_COST_S) -> MigrationOptions:
-        """The engine's options for a request; ``switchover_cost_s`` is the fixed cost
-        of a switchover to this target, as its past migrations measured it."""
+           switchover_cost_s: float = DEFAULT_SWITCHOVER_COST_S,
+           final_collect_s: float = 0.0) -> MigrationOptions:
+        """The engine's options for a request; ``switchover_cost_s`` and
+        ``final_collect_s`` are what past switchovers to this target measured."""
         target = None
         if options.rates is messages.Rates.AUTO:
             target = DowntimeTarget(options.downtime_ms / 1000, switchover_cost_s,
-                                    options.timeout_s)
+                                    options.timeout_s, final_collect_s)
         return cls(limits=RateLimits.of(options), target=target,
                    max_impact=options.max_impact_pct / 100, on_timeout=options.on_timeout,
                    mode=options.mode, tracker=options.tracker,
@@ -465,8 +467,9 @@ class SourceMigration:
         within_reach = "" if best is None else f"; the best within reach was {best * 1000:.0f} ms"
         why = {
             "timeout": f"after {self.planner.timeout_s:.0f} s",
-            "target-unreachable": "at all: the switchover's fixed cost alone is "
-                                  f"{self.planner.switchover_cost_s * 1000:.0f} ms",
+            "target-unreachable": "at all: the switchover's fixed cost and final "
+                                  "collect alone come to "
+                                  f"{self.planner.predict_downtime_s(0) * 1000:.0f} ms",
         }.get(str(stop.reason), str(stop.reason))
         message = f"the downtime target of {target_ms:g} ms was not within reach {why}"
         if self.options.on_timeout is OnTimeout.SWITCHOVER:
@@ -485,6 +488,10 @@ class SourceMigration:
         assert self._channel is not None and self._tracker is not None
         assert self._holes is not None and self.planner is not None
         spec = self.vm.record.spec
+        # While the VM still runs: what pre-copy queued (megabytes, at the link's rate)
+        # would otherwise delay every step of the stop window. Pages written meanwhile
+        # are in the final collect.
+        await self._channel.drained(DRAIN_TIMEOUT_S)
         self._journal(commit_sent=False)  # first: a daemon restarting now must resume it
         self._event(Event.PRECOPY_DONE)  # before the stop: an undo resumes either way
         stopped_event_at = await self.vm.pause()

@@ -30,10 +30,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import socket
 import ssl as ssl_module
 import sys
+import termios
 import time
 from collections.abc import Awaitable, Callable
 
@@ -82,6 +84,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ABORT_GRACE_S = 1.0  # a transport's abort is done at the next turn of the loop
+DRAIN_POLL_S = 0.001
+# The kernel keeps at most this much of our data unsent (TCP_NOTSENT_LOWAT): enough to
+# keep a gigabit link busy for a millisecond, not megabytes that whatever comes next
+# (the stop-and-copy's pages, a reply we wait for) must queue behind.
+NOTSENT_LOWAT = 128 * 1024
 
 # struct tcp_info (linux/tcp.h): its __u64 tcpi_bytes_acked sits at bytes 120..128.
 _TCP_INFO_LEN = 232
@@ -352,6 +359,10 @@ class Channel:
         self._closing = False
         self._cause: WireError | None = None  # what closed the channel, if an error did
         self.pacer = Pacer()  # paces send_pages(); unthrottled until a rate is set
+        sock = self._transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
         # The host the peer's TLS certificate names (verified against our CA); None
         # on a plaintext channel, where only the shared key vouches for the peer.
         self.certified_host: str | None = None
@@ -424,6 +435,31 @@ class Channel:
                 if isinstance(msg, Abort):
                     return msg.reason
         return None
+
+    def queued_bytes(self) -> int:
+        """What we have written that the peer has not yet acknowledged: in asyncio's
+        buffers (and TLS's), and in the kernel's send queue (SIOCOUTQ: unsent and in
+        flight)."""
+        queued = self._transport.get_write_buffer_size()
+        sock = self._transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                out = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+                queued += int.from_bytes(out, sys.byteorder)
+        return queued
+
+    async def drained(self, timeout: float, below: int = 0) -> bool:
+        """Wait, up to ``timeout``, until at most ``below`` bytes are queued (see
+        ``queued_bytes``); whether they were. What a sender queued goes before whatever
+        it sends next: a source drains before it stops the VM, so that the stop window
+        does not wait behind megabytes of pre-copy."""
+        deadline = time.monotonic() + timeout
+        while self.queued_bytes() > below:
+            self._check_open()
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(DRAIN_POLL_S)
+        return True
 
     def bytes_acked(self) -> int | None:
         """How much of what we sent the peer's TCP has acknowledged (TCP_INFO's
