@@ -2,7 +2,8 @@
 
 The test bed is built once per session and torn down at the end, whatever happens. Each
 VM a test starts is stopped after the test; when a test fails, the consoles and QEMU's
-stderr of its VMs are attached to the report, as Firecracker's fixtures do.
+stderr of its VMs are attached to the report, as Firecracker's fixtures do, and so is
+what each host's daemon logged meanwhile.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ import contextlib
 import os
 import shutil
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from livemig import paths
 from livemig.daemon import launch
 from livemig.errors import VMNotFound
 from livemig.image import builder
@@ -43,21 +46,59 @@ def _session_bed() -> Iterator[None]:
     testbed.down()
 
 
+DAEMON_LOG_TAIL_CHARS = 8000
+_daemon_logs_from = pytest.StashKey[dict[str, int]]()
+
+
+def _daemon_log(host: str) -> Path:
+    return paths.host_dir(host) / "livemigd.log"
+
+
 @pytest.fixture
-def bed(_session_bed: None) -> list[testbed.Node]:
+def bed(request: pytest.FixtureRequest, _session_bed: None) -> list[testbed.Node]:
     """The test bed, up with a daemon per host. Idempotent, so a test that tore it down
     leaves no gap behind."""
     nodes = testbed.up(3)
     launch.ensure_daemons()
+    # Where each daemon's log stands: a failure's report gets what was logged since.
+    request.node.stash[_daemon_logs_from] = {
+        node.name: _daemon_log(node.name).stat().st_size
+        for node in nodes if _daemon_log(node.name).exists()}
     return nodes
+
+
+def _daemon_log_sections(item: pytest.Item) -> list[tuple[str, str]]:
+    sections = []
+    for host, start in item.stash.get(_daemon_logs_from, {}).items():
+        try:
+            with _daemon_log(host).open("rb") as f:
+                f.seek(start)
+                text = f.read().decode(errors="replace")
+        except OSError as exc:
+            text = f"(cannot read it: {exc})"
+        if len(text) > DAEMON_LOG_TAIL_CHARS:
+            text = "[...]\n" + text[-DAEMON_LOG_TAIL_CHARS:]
+        sections.append((f"livemigd.log of {host} during the test", text or "(nothing)"))
+    return sections
 
 
 @pytest.fixture
 def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    """One event loop per test: VM handles (QMP, agent) are bound to the loop that made them."""
+    """One event loop per test: VM handles (QMP, agent) are bound to the loop that made them.
+    Whatever a test left running on it (a time-out, say, struck mid-drill) is cancelled
+    and waited for before the loop closes, as ``asyncio.run`` does: it must not end in
+    the next test as a destroyed task or an unclosed transport."""
     event_loop = asyncio.new_event_loop()
     yield event_loop
-    event_loop.close()
+    try:
+        pending = asyncio.all_tasks(event_loop)
+        for task in pending:
+            task.cancel()
+        if pending:
+            event_loop.run_until_complete(asyncio.wait(pending, timeout=30))
+        event_loop.run_until_complete(event_loop.shutdown_asyncgens())
+    finally:
+        event_loop.close()
 
 
 @pytest.fixture
@@ -108,4 +149,7 @@ def start_vm(
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     report = yield
     setattr(item, f"rep_{report.when}", report)
+    if report.failed and report.when == "call":
+        # Read now, before teardown: stopping the VMs adds lines of its own.
+        report.sections.extend(_daemon_log_sections(item))
     return report

@@ -11,7 +11,9 @@ and the migration let go. Whatever happens, afterwards:
 - the operator got one clear sentence saying where the VM runs.
 
 Bounds: a VM stopped for its switchover runs again within 5 s of the fault, and the
-target is torn down within 15 s. Every fault type and every stage is covered; of the
+target is torn down within 15 s. A drill as a whole ends within DRILL_TIMEOUT_S, and
+leaves nothing running on the test's loop; a hang fails as such, with the daemons' logs
+attached to the report. Every fault type and every stage is covered; of the
 30 pairs, those that exercise the same path as another are left out (see CASES).
 """
 
@@ -23,7 +25,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -52,6 +54,7 @@ StartVM = Callable[..., qemu.VM]
 RESUMED_WITHIN_S = 5.0
 TORN_DOWN_WITHIN_S = 15.0
 HEAL_AFTER_S = 3.0  # a cut link or blackhole across the commit is mended after this long
+DRILL_TIMEOUT_S = 150.0  # a migration held, faulted and settled; far below pytest's 300 s
 
 # (fault, point): every fault type, every stage; pairs that take the same path as a
 # listed one are left out (a blackhole and a cut link differ only in how the sender
@@ -112,6 +115,30 @@ def healed(bed: list[testbed.Node]) -> Iterator[None]:
 
 def copies(vm: str) -> list[tuple[str, bool]]:
     return sorted((r.host, r.incoming) for r in qemu.records() if r.spec.name == vm)
+
+
+@contextlib.asynccontextmanager
+async def drill_tasks(what: str) -> AsyncIterator[asyncio.TaskGroup]:
+    """The drill's tasks: each one ended (done, or cancelled and waited for) when the
+    drill ends, however it ends, and the whole bounded by DRILL_TIMEOUT_S."""
+    deadline = asyncio.timeout(DRILL_TIMEOUT_S)
+    try:
+        async with deadline, asyncio.TaskGroup() as tasks:
+            yield tasks
+    except TimeoutError:
+        if not deadline.expired():
+            raise
+        raise AssertionError(f"{what} did not end within {DRILL_TIMEOUT_S:g} s; the "
+                             "daemons' logs are attached below") from None
+
+
+async def migrate_outcome(request: Migrate) -> MigrationReport | control.MigrationFailed:
+    """The migration's report, or its failure: returned, so that it does not cancel the
+    drill's other tasks."""
+    try:
+        return await control.migrate("hostA", request)
+    except control.MigrationFailed as exc:
+        return exc
 
 
 async def wait_progressing(vm: str, host: str, within_s: float) -> None:
@@ -175,25 +202,20 @@ def test_a_fault_never_loses_the_vm(
         "cut-link", "blackhole", "restart-source-daemon")
 
     async def drill() -> MigrationReport | control.MigrationFailed:
-        migration = asyncio.ensure_future(control.migrate("hostA", request))
-        await wait_until_held(name, point, timeout=60.0)
-        # pyroute2's sync API runs an event loop of its own: not inside this one.
-        await asyncio.to_thread(inject, fault, name)
-        release(name, point)
-        # The bounds run from the moment of the fault, alongside the migration's end.
-        bounds = [] if committed else [
-            asyncio.ensure_future(wait_progressing(name, "hostA", RESUMED_WITHIN_S)),
-            asyncio.ensure_future(wait_torn_down(name, TORN_DOWN_WITHIN_S)),
-        ]
-        if committed and fault != "restart-source-daemon":
-            await asyncio.sleep(HEAL_AFTER_S)
-            await asyncio.to_thread(heal)
-        try:
-            outcome: MigrationReport | control.MigrationFailed = await migration
-        except control.MigrationFailed as exc:
-            outcome = exc
-        await asyncio.gather(*bounds)
-        return outcome
+        async with drill_tasks(f"the drill {fault}@{point}") as tasks:
+            migration = tasks.create_task(migrate_outcome(request))
+            await wait_until_held(name, point, timeout=60.0)
+            # pyroute2's sync API runs an event loop of its own: not inside this one.
+            await asyncio.to_thread(inject, fault, name)
+            release(name, point)
+            # The bounds run from the moment of the fault, alongside the migration's end.
+            if not committed:
+                tasks.create_task(wait_progressing(name, "hostA", RESUMED_WITHIN_S))
+                tasks.create_task(wait_torn_down(name, TORN_DOWN_WITHIN_S))
+            elif fault != "restart-source-daemon":
+                await asyncio.sleep(HEAL_AFTER_S)
+                await asyncio.to_thread(heal)
+        return migration.result()
 
     outcome = loop.run_until_complete(drill())
     if isinstance(outcome, control.MigrationFailed):
@@ -251,20 +273,17 @@ def test_a_hung_target_qemu_is_torn_down_and_a_retry_succeeds(
             await asyncio.sleep(0.1)
 
     async def drill() -> MigrationReport | control.MigrationFailed:
-        migration = asyncio.ensure_future(control.migrate("hostA", request))
-        await wait_until_held(vm.name, point, timeout=60.0)
-        copy = next(r for r in qemu.records() if r.spec.name == vm.name and r.host == "hostB")
-        os.kill(copy.pid, signal.SIGSTOP)
-        stopped.append(copy)
-        release(vm.name, point)
-        bounds = [asyncio.ensure_future(wait_progressing(vm.name, "hostA", RESUMED_WITHIN_S)),
-                  asyncio.ensure_future(torn_down(copy))]
-        try:
-            outcome: MigrationReport | control.MigrationFailed = await migration
-        except control.MigrationFailed as exc:
-            outcome = exc
-        await asyncio.gather(*bounds)
-        return outcome
+        async with drill_tasks("the hung-QEMU drill") as tasks:
+            migration = tasks.create_task(migrate_outcome(request))
+            await wait_until_held(vm.name, point, timeout=60.0)
+            copy = next(r for r in qemu.records()
+                        if r.spec.name == vm.name and r.host == "hostB")
+            os.kill(copy.pid, signal.SIGSTOP)
+            stopped.append(copy)
+            release(vm.name, point)
+            tasks.create_task(wait_progressing(vm.name, "hostA", RESUMED_WITHIN_S))
+            tasks.create_task(torn_down(copy))
+        return migration.result()
 
     try:
         started = time.monotonic()
@@ -295,14 +314,12 @@ def test_cancel_works_at_every_stage_before_commitment_and_a_retry_succeeds(
     async def cancel_at(point: HoldPoint) -> tuple[ControlReply, Any]:
         request = Migrate(vm=vm.name, to="hostB", options=MigrateOptions(
             hold_at=point, rates=Rates.PAPER, min_rate_mbps=300))
-        migration = asyncio.ensure_future(control.migrate("hostA", request))
-        await wait_until_held(vm.name, point, timeout=60.0)
-        replies = [r async for r in control.call("hostA", Cancel(vm=vm.name))]
-        release(vm.name, point)  # if the cancel did not take, the migration goes on
-        try:
-            return replies[-1], await migration
-        except control.MigrationFailed as exc:
-            return replies[-1], exc
+        async with drill_tasks(f"the cancel at {point}") as tasks:
+            migration = tasks.create_task(migrate_outcome(request))
+            await wait_until_held(vm.name, point, timeout=60.0)
+            replies = [r async for r in control.call("hostA", Cancel(vm=vm.name))]
+            release(vm.name, point)  # if the cancel did not take, the migration goes on
+        return replies[-1], migration.result()
 
     for point in [p for p in HoldPoint if p is not HoldPoint.COMMITMENT]:
         reply, outcome = loop.run_until_complete(cancel_at(point))

@@ -5,6 +5,7 @@ scripted daemon where a reply must be one a real daemon would not send."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -151,3 +152,58 @@ def test_a_request_leaves_nothing_running_on_its_loop() -> None:
         loop.run_until_complete(server.wait_closed())
     finally:
         loop.close()
+
+
+def slow_daemon(*, silent_for_s: float, answers_pings: bool) -> Handler:
+    """A daemon whose migration reports progress, then says nothing for
+    ``silent_for_s`` (held, say) before its report; its pings are answered or not."""
+    progress = m.Progress(stage="iterative pre-copy", round=1, pages_left=5, rate_mbps=1.0,
+                          dirty_rate_mbps=0.0,
+                          bytes_sent=4096, elapsed_s=0.2)
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = m.decode_control_request(await reader.readline())
+        try:
+            if isinstance(request, m.Ping):
+                if not answers_pings:
+                    await reader.read()  # nothing comes back, until the client hangs up
+                    return
+                writer.write(m.encode_control(m.Pong(host="hostA")))
+            else:
+                writer.write(m.encode_control(progress))
+                await writer.drain()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(reader.read(), silent_for_s)  # or hung up
+                    return
+                writer.write(m.encode_control(m.Migrated(report=a_report())))
+            await writer.drain()
+        finally:
+            writer.close()
+    return answer
+
+
+@pytest.fixture
+def quick_liveness(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(control, "LIVENESS_CHECK_S", 0.2)
+    monkeypatch.setattr(control, "PING_TIMEOUT_S", 0.3)
+
+
+def test_a_silent_daemon_that_answers_pings_is_waited_for(quick_liveness: None) -> None:
+    async def main() -> m.MigrationReport:
+        async with daemon_socket("hostA", slow_daemon(silent_for_s=1.0, answers_pings=True)):
+            return await control.migrate("hostA", m.Migrate(vm="v1", to="hostB"))
+    assert asyncio.run(main()) == a_report()
+
+
+def test_a_hung_daemon_ends_the_wait_with_a_clear_error(quick_liveness: None) -> None:
+    async def main() -> None:
+        async with daemon_socket("hostA", slow_daemon(silent_for_s=3600, answers_pings=False)):
+            with pytest.raises(control.MigrationFailed) as caught:
+                await asyncio.wait_for(
+                    control.migrate("hostA", m.Migrate(vm="v1", to="hostB")), 5)
+            with pytest.raises(control.DaemonHung):
+                await control.ping("hostA")
+        message = str(caught.value)
+        assert "daemon of hostA hangs" in message and "migration of v1" in message, message
+        assert caught.value.vm_runs_on is None
+    asyncio.run(main())

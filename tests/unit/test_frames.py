@@ -446,6 +446,26 @@ def test_the_message_after_welcome_is_kept_for_later() -> None:
     assert client.next_message() == Request("reserve")
 
 
+def test_an_abort_ahead_is_seen_without_taking_anything_out_of_order() -> None:
+    """A sender that does not read asks whether the peer gave up: only a whole Abort at
+    the head of the buffer says so, and asking takes nothing."""
+    client, server = established()
+    assert not client.aborted_ahead()
+    transfer(client, server, Request("image"))
+    client.receive_data(server.send(Reply(True, {})) + server.send(Abort("gone")))
+    assert not client.aborted_ahead()  # a Reply comes first: it is not skipped
+    assert client.next_message() == Reply(True, {})
+    assert client.aborted_ahead() and client.aborted_ahead()
+    assert client.next_message() == Abort("gone")
+    assert not client.aborted_ahead()  # closed now: nothing more is ahead
+    client2, server2 = established()
+    whole = server2.send(Abort("half"))
+    client2.receive_data(whole[:-1])
+    assert not client2.aborted_ahead()  # not whole yet
+    client2.receive_data(whole[-1:])
+    assert client2.aborted_ahead()
+
+
 def test_local_misuse_is_refused() -> None:
     client, server = pair()
     with pytest.raises(LocalProtocolError):

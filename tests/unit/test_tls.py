@@ -29,10 +29,12 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from livemig import cli, keys
 from livemig.keys import HostFiles
+from livemig.wire import channel as channel_module
 from livemig.wire import tls
 from livemig.wire.channel import Channel, PeerServer, connect, serve
 from livemig.wire.frames import (
     PAGE_SIZE,
+    Abort,
     AuthenticationError,
     Pages,
     PeerAborted,
@@ -368,6 +370,58 @@ def test_a_closed_tls_channel_is_freed_without_the_cyclic_collector(pki: PKI) ->
     finally:
         gc.enable()
     assert freed == [True]
+
+
+@pytest.mark.parametrize("over_tls", [True, False], ids=["tls", "plaintext"])
+def test_a_sender_that_never_reads_hears_the_peers_abort_and_closes_in_bounded_time(
+        pki: PKI, over_tls: bool) -> None:
+    """The source in pre-copy only sends. The target gives up (its QEMU died): an Abort,
+    then, a moment later, its end of the connection. The Abort alone pauses the sender's
+    reading, and under TLS that hid the target's close too: every later write vanished
+    without an error, and closing after the next request waited for ever (a fault
+    drill's source daemon never answered). The next send must raise PeerAborted with
+    the target's reason, and the channel must close within its bounds."""
+    gone = asyncio.Event()
+    outcome: list[object] = []
+
+    async def target(channel: Channel) -> None:
+        channel.connection.npages = 600
+        await channel.recv(timeout=5)  # the first Pages of round 1
+        await channel.send(Abort("the destination QEMU of v1 exited"), 1.0)
+        await asyncio.sleep(0.3)  # the sender reads the Abort before the close
+        await channel.close(1.0)
+        gone.set()
+
+    def pages() -> Pages:
+        data = np.ones((4, PAGE_SIZE), np.uint8)
+        return Pages(round=1, indexes=np.arange(4, dtype=np.uint32), zero_indexes=NONE,
+                     data=data.reshape(-1).data)
+
+    async def main() -> None:
+        server = await serve(LOOPBACK, 0, key=KEY, me="hostB", handler=target,
+                             ssl=pki.server("hostB") if over_tls else None)
+        port = server.sockets[0].getsockname()[1]
+        channel = await connect(LOOPBACK, port, key=KEY, me="hostA",
+                                ssl=pki.client("hostA") if over_tls else None,
+                                peer_name="hostB", npages=600, timeout=5)
+        try:
+            await channel.send_pages(pages(), timeout=3)
+            await asyncio.wait_for(gone.wait(), 5)
+            await asyncio.sleep(0.1)
+            try:
+                await channel.send_pages(pages(), timeout=3)
+            except PeerAborted as err:
+                outcome.append(err.reason)
+            began = time.monotonic()
+            await asyncio.wait_for(channel.abort("giving up", timeout=1.0), 10)
+            outcome.append(time.monotonic() - began)
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    run(main())
+    assert outcome[0] == "the destination QEMU of v1 exited", outcome
+    assert outcome[1] < 1.0 + channel_module.ABORT_GRACE_S + 0.5, outcome
 
 
 # -- revocation -------------------------------------------------------------------------

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import gzip
 import itertools
+import lzma
 import os
+import random
+import struct
 from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
 
 from livemig.errors import SetupError, TestbedError
+from livemig.image import builder
 from livemig.image.builder import Addition
 from livemig.net import testbed
 from livemig.vm import qemu
@@ -201,3 +206,27 @@ def test_qemu_opens_nothing_that_needs_root(tmp_path: Path,
     for path in (record.qmp_socket, record.agent_socket, record.console_log):
         assert not any(str(path) in arg for arg in argv)
     assert "-qmp" not in argv and "-incoming" not in argv
+
+
+def bzimage(payload: bytes, *, version: int = 0x20F, setup_sectors: int = 3) -> bytes:
+    """A bzImage's layout as the boot protocol describes it: setup sectors, then the
+    compressed kernel, found by the header's payload offset and length."""
+    head = bytearray((setup_sectors + 1) * 512)
+    head[0x1F1] = setup_sectors
+    head[0x202:0x206] = b"HdrS"
+    struct.pack_into("<H", head, 0x206, version)
+    decompressor = b"\x90" * 100  # the real one sits between the setup and its payload
+    struct.pack_into("<II", head, 0x248, len(decompressor), len(payload))
+    return bytes(head) + decompressor + payload + b"\0" * 16
+
+
+def test_the_kernel_is_unpacked_from_its_bzimage_for_a_direct_boot() -> None:
+    elf = b"\x7fELF" + random.Random(0).randbytes(20000)  # incompressible: cut, it shows
+    assert builder.uncompressed_kernel(bzimage(lzma.compress(elf))) == elf
+    assert builder.uncompressed_kernel(bzimage(gzip.compress(elf))) == elf
+    # What we cannot unpack is booted as it is: no kernel, never a wrong one.
+    assert builder.uncompressed_kernel(bzimage(b"\x28\xb5\x2f\xfd" + b"zstd")) is None
+    assert builder.uncompressed_kernel(bzimage(lzma.compress(b"not an ELF"))) is None
+    assert builder.uncompressed_kernel(bzimage(lzma.compress(elf), version=0x207)) is None
+    assert builder.uncompressed_kernel(bzimage(gzip.compress(elf))[:-600]) is None  # cut short
+    assert builder.uncompressed_kernel(b"MZ" + bytes(4096)) is None

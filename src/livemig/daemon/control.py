@@ -9,6 +9,12 @@ The messages, and their version, are declared in ``wire.messages``::
 
 The socket is root-only (mode 0600 in a root-only directory): whoever can talk to it can
 move VMs.
+
+A migration may be silent for long (held for a drill, or asking a silent target where its
+VM runs), so silence alone proves nothing. After ``LIVENESS_CHECK_S`` without a line the
+client asks the daemon, on a connection of its own, whether it still answers (``ping``);
+a daemon that does not answer within ``PING_TIMEOUT_S`` ends the wait with
+``DaemonHung``, instead of the caller waiting for ever.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from livemig.wire.messages import ControlReply, ControlRequest, Failed, Migrate,
 
 MAX_LINE_BYTES = 1 << 20
 PEER_PORT = 7477
+LIVENESS_CHECK_S = 10.0  # no reply line for this long: does the daemon still answer?
+PING_TIMEOUT_S = 10.0  # generous: a loaded 2-core machine, a daemon busy with pages
 
 
 def socket_path(host: str) -> Path:
@@ -43,8 +51,21 @@ class DaemonUnavailable(LivemigError):
         self.host = host
 
 
-async def call(host: str, request: ControlRequest) -> AsyncGenerator[ControlReply, None]:
-    """Send one request to ``host``'s daemon and yield its replies until the last."""
+class DaemonHung(DaemonUnavailable):
+    """The daemon's process holds its socket but does not answer a ping: its event loop
+    is blocked, or the process is stopped."""
+
+    def __init__(self, host: str, why: str) -> None:
+        LivemigError.__init__(self, f"the livemig daemon of {host} hangs ({why}); "
+                                    f"{socket_path(host).parent / 'livemigd.log'} may say why")
+        self.host = host
+
+
+async def call(host: str, request: ControlRequest, *, check_liveness: bool = True,
+               ) -> AsyncGenerator[ControlReply, None]:
+    """Send one request to ``host``'s daemon and yield its replies until the last.
+    With ``check_liveness``, after ``LIVENESS_CHECK_S`` without a reply line the daemon
+    must answer a ping, or DaemonHung is raised."""
     try:
         reader, writer = await asyncio.open_unix_connection(
             str(socket_path(host)), limit=MAX_LINE_BYTES
@@ -54,7 +75,7 @@ async def call(host: str, request: ControlRequest) -> AsyncGenerator[ControlRepl
     try:
         writer.write(messages.encode_control(request))
         await writer.drain()
-        while line := await reader.readline():
+        while line := await _next_line(host, reader, check_liveness):
             reply = messages.decode_control_reply(line)
             yield reply
             if not isinstance(reply, Progress):
@@ -64,6 +85,35 @@ async def call(host: str, request: ControlRequest) -> AsyncGenerator[ControlRepl
         writer.close()
         with contextlib.suppress(OSError):  # the daemon went away; nothing left to flush
             await writer.wait_closed()
+
+
+async def _next_line(host: str, reader: asyncio.StreamReader, check_liveness: bool) -> bytes:
+    """The next line, however long it takes, as long as the daemon answers pings."""
+    while True:
+        try:
+            # A timed-out readline() consumed nothing: the line, when it comes, is whole.
+            async with asyncio.timeout(LIVENESS_CHECK_S if check_liveness else None):
+                return await reader.readline()
+        except TimeoutError:
+            await ping(host)
+
+
+async def ping(host: str, timeout: float | None = None) -> messages.Pong:
+    """The daemon's answer to a ping on a fresh connection; DaemonHung if none comes
+    within ``timeout`` seconds (default ``PING_TIMEOUT_S``), DaemonUnavailable if
+    nothing listens."""
+    timeout = PING_TIMEOUT_S if timeout is None else timeout
+    try:
+        async with asyncio.timeout(timeout):
+            async with contextlib.aclosing(call(host, messages.Ping(),
+                                                check_liveness=False)) as replies:
+                async for reply in replies:
+                    if isinstance(reply, messages.Pong):
+                        return reply
+                    raise UnexpectedReply(host, messages.Ping(), reply)
+    except TimeoutError:
+        raise DaemonHung(host, f"it did not answer a ping within {timeout:g} s") from None
+    raise DaemonUnavailable(host, "it sent no reply to a ping")
 
 
 class MigrationFailed(LivemigError):
@@ -119,6 +169,11 @@ async def migrate(
                     raise MigrationFailed(reply)
                 else:
                     raise UnexpectedReply(host, request, reply)
+    except DaemonHung as exc:
+        vm = request.vm
+        raise MigrationFailed(Failed(message=(
+            f"{exc}, in the middle of the migration of {vm}; where {vm} runs now is not "
+            f"known ('livemig vm list' shows it)"))) from None
     except DaemonUnavailable:
         if not began:
             raise

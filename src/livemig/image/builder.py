@@ -8,6 +8,11 @@ workload programs built from ``guest/src`` and whatever the user adds.
 A build is keyed by a digest of every input (kernel package version, busybox, each guest
 source, each added file and the custom command). When the digest matches the image on disk,
 the build is a cache hit and costs a few hashes.
+
+Beside ``vmlinuz`` the image holds ``vmlinux``, the same kernel uncompressed (an ELF with
+a PVH entry point), which QEMU boots directly: under TCG, unpacking the 8 MB bzImage took
+about 7 s of every boot's 13. It is derived from ``vmlinuz`` alone, so an image built
+before it existed gets it on its next build, in place, with the same digest.
 """
 
 from __future__ import annotations
@@ -15,11 +20,14 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import lzma
 import os
 import shutil
+import struct
 import subprocess
 import tempfile
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -100,7 +108,10 @@ class Image:
 
     @property
     def kernel(self) -> Path:
-        return self.directory / "vmlinuz"
+        """What QEMU boots: the uncompressed kernel if the image has one (see the module
+        docstring), else the bzImage."""
+        vmlinux = self.directory / "vmlinux"
+        return vmlinux if vmlinux.is_file() else self.directory / "vmlinuz"
 
     @property
     def initrd(self) -> Path:
@@ -213,6 +224,46 @@ def fetch_kernel(package: KernelPackage, log: Callable[[str], None]) -> Path:
     return unpacked
 
 
+def uncompressed_kernel(bzimage: bytes) -> bytes | None:
+    """The ELF kernel inside a bzImage (its payload, per the boot protocol's header), or
+    None if it is packed in a way we do not unpack (zstd, lz4, ...)."""
+    if len(bzimage) < 0x250 or bzimage[0x202:0x206] != b"HdrS":
+        return None
+    if struct.unpack_from("<H", bzimage, 0x206)[0] < 0x208:
+        return None  # no payload fields before boot protocol 2.08
+    setup_sectors = bzimage[0x1F1] or 4
+    offset, length = struct.unpack_from("<II", bzimage, 0x248)
+    start = (setup_sectors + 1) * 512 + offset
+    payload = bzimage[start:start + length]
+    unpacker: lzma.LZMADecompressor | zlib._Decompress
+    if payload.startswith(b"\xfd7zXZ\x00"):
+        unpacker = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
+    elif payload.startswith(b"\x1f\x8b"):
+        unpacker = zlib.decompressobj(wbits=31)  # gzip
+    else:
+        return None
+    try:
+        elf = unpacker.decompress(payload)
+    except (lzma.LZMAError, zlib.error):
+        return None
+    # A cut payload unpacks to a prefix without an error: only a whole stream will do.
+    return elf if unpacker.eof and elf.startswith(b"\x7fELF") else None
+
+
+def _add_vmlinux(directory: Path) -> None:
+    """``vmlinux`` beside ``vmlinuz`` in ``directory``, if it can be unpacked; written
+    atomically, so a QEMU starting meanwhile boots one kernel file or the other."""
+    if (directory / "vmlinux").is_file():
+        return
+    elf = uncompressed_kernel((directory / "vmlinuz").read_bytes())
+    if elf is None:
+        return  # QEMU boots the bzImage, only more slowly
+    with tempfile.NamedTemporaryFile(dir=directory, prefix=".vmlinux.", delete=False) as tmp:
+        tmp.write(elf)
+    os.chmod(tmp.name, 0o644)
+    os.replace(tmp.name, directory / "vmlinux")
+
+
 def _digest(recipe: Recipe, package: KernelPackage, guest: Path) -> str:
     h = hashlib.sha256()
 
@@ -274,6 +325,7 @@ def build(
         except SetupError:
             existing = None
         if existing is not None and existing.digest == digest and existing.initrd.is_file():
+            _add_vmlinux(existing.directory)  # an image from before it had one
             return BuildResult(existing, cache_hit=True, seconds=time.monotonic() - started)
 
     kernel = fetch_kernel(package, log)
@@ -298,6 +350,7 @@ def build(
         staged = work / "image"
         staged.mkdir()
         shutil.copy(kernel / "vmlinuz", staged / "vmlinuz")
+        _add_vmlinux(staged)
         _write_initramfs(root, staged / "initrd.img")
         image = Image(
             name=recipe.name,

@@ -83,7 +83,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-ABORT_GRACE_S = 1.0  # a transport's abort is done at the next turn of the loop
 DRAIN_POLL_S = 0.001
 # The kernel keeps at most this much of our data unsent (TCP_NOTSENT_LOWAT): enough to
 # keep a gigabit link busy for a millisecond, not megabytes that whatever comes next
@@ -95,6 +94,7 @@ _TCP_INFO_LEN = 232
 _BYTES_ACKED = slice(120, 128)
 
 DEFAULT_TIMEOUT = 30.0  # seconds; every wait takes its own, this is only the default
+ABORT_GRACE_S = 1.0  # after abort(): a transport that does not end by then is let go
 BURST_SECONDS = 0.01  # a pacer lets this much traffic through at once: smooth at 10 ms
 _SUB_BYTE = 1.0
 
@@ -315,6 +315,11 @@ class _WireProtocol(asyncio.BufferedProtocol):
             self._read_paused = False
             self.transport.resume_reading()
 
+    @property
+    def receiving(self) -> bool:
+        """A task waits in ``readable``: it takes the next message itself."""
+        return self._reader is not None
+
     async def readable(self) -> None:
         """Wait until a frame is complete, the buffered bytes are bad, or the stream ended."""
         if self.eof:
@@ -485,7 +490,7 @@ class Channel:
         if isinstance(msg, Pages):
             await self.send_pages(msg, timeout)
             return
-        self._check_open()
+        self._check_sendable()
         try:
             data = self._conn.send(msg)
         except WireError as err:
@@ -498,14 +503,14 @@ class Channel:
         """Send a Pages frame, paced by ``self.pacer``, without copying the page data
         into a joined frame. The caller may reuse ``msg.data`` once this returns: on
         Python 3.11 the transport has copied what the socket did not take."""
-        self._check_open()
+        self._check_sendable()
         try:
             parts = self._conn.send_pages_parts(msg)
         except WireError as err:
             self._fail(err)
             raise
         await self.pacer.consume(sum(len(part) for part in parts))
-        self._check_open()
+        self._check_sendable()
         # One write() per part, not writelines(): on 3.11 writelines() joins the parts
         # (a 4 MiB copy), while write() sends at once and copies only what the socket
         # did not take.
@@ -574,6 +579,22 @@ class Channel:
                 self.peer, f"the channel is closed{f' after: {cause}' if cause else ''}"
             ) from cause
 
+    def _check_sendable(self) -> None:
+        """``_check_open``, and raise PeerAborted if the peer's Abort waits unread.
+
+        A sender that never reads (the source in pre-copy) would not hear of it
+        otherwise: our reading pauses while a whole frame waits to be taken, and under
+        TLS that also hides the peer's close that follows. asyncio's SSL transport then
+        drops every write without an error (it logs "SSL connection is closed"), so the
+        sender would go on sending into nothing until its next request."""
+        self._check_open()
+        if not self._proto.receiving and self._conn.aborted_ahead():
+            msg = self._take()
+            assert isinstance(msg, Abort)
+            err = PeerAborted(self.peer, msg.reason)
+            self._fail(err)
+            raise err
+
     async def _drain(self, timeout: float | None) -> None:
         try:
             async with asyncio.timeout(timeout):
@@ -600,26 +621,40 @@ class Channel:
         if self._cause is None:
             self._cause = cause
         self._closing = True
-        self._transport.close()
+        self._close_transport()
+
+    def _close_transport(self) -> None:
+        # Once only: on Python 3.11 a second close() of a TLS transport cuts it off from
+        # its connection, and a later abort() then does nothing at all (seen as a
+        # source daemon waiting for ever in close(), its migration never answered).
+        if not self._transport.is_closing():
+            self._transport.close()
 
     async def close(self, timeout: float = 5.0) -> None:
         """Close the connection, flushing what is buffered; after ``timeout`` seconds of
-        a peer that does not take it, drop it. Idempotent."""
+        a peer that does not take it, drop it. Idempotent, and bounded: at most
+        ``timeout + ABORT_GRACE_S`` seconds."""
         self._closing = True
-        self._transport.close()
+        # Read on: the peer's own close (TLS close_notify, then EOF) may wait behind a
+        # frame nobody took, and the TLS shutdown cannot finish before it is read.
+        self._proto.resume_reading()
+        self._close_transport()
+        if self._proto.gone.is_set():
+            return
         try:
             async with asyncio.timeout(timeout):
                 await self._proto.gone.wait()
+            return
         except TimeoutError:
             self._transport.abort()
-            try:
-                # abort() closes the socket at the next turn; but a TLS transport already
-                # shutting down may never report it, and a close must not hang for that.
-                async with asyncio.timeout(ABORT_GRACE_S):
-                    await self._proto.gone.wait()
-            except TimeoutError:
-                log.warning("the connection to %s did not report its end after abort",
-                            self.peer)
+        try:
+            # abort() closes the socket at the next turn of the loop, or a few later
+            # under TLS; a transport that still says nothing is left to the GC.
+            async with asyncio.timeout(ABORT_GRACE_S):
+                await self._proto.gone.wait()
+        except TimeoutError:
+            log.warning("the connection with %s did not end %g s after it was aborted",
+                        self.peer, ABORT_GRACE_S)
 
     async def __aenter__(self) -> Channel:
         return self

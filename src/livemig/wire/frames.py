@@ -986,6 +986,19 @@ class Connection:
             return False  # not swallowed: next_message() raises it again and dies
         return size is None or self.buffered < size
 
+    def aborted_ahead(self) -> bool:
+        """Is the next message, whole in the buffer and not yet taken, an Abort? A
+        sender that does not read (the source in pre-copy) learns from it that the peer
+        gave up, without taking any message out of order. Never raises."""
+        if self._state in (State.ERROR, State.CLOSED):
+            return False
+        try:
+            size = self._frame_size()
+        except WireError:
+            return False  # next_message() raises it, whoever takes the next message
+        return (size is not None and self.buffered >= size and self._hdr is not None
+                and self._hdr[0] is MsgType.ABORT)
+
     @property
     def _capacity(self) -> int:
         return len(self._buf)
