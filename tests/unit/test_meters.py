@@ -52,3 +52,19 @@ def test_the_pace_leaves_the_service_its_share_and_is_unpaced_until_measured() -
     assert pace_bps(None, 0.0) is None
     assert pace_bps(1000 * MBIT, 10 * MBIT) is None  # a negligible share: no pace
     assert pace_bps(1000 * MBIT, 200 * MBIT) == pytest.approx(800 * MBIT)
+
+
+def test_a_paced_sender_probes_unpaced_now_and_then_so_a_stall_does_not_stick() -> None:
+    meter = LinkMeter()
+    clock = feed(meter, 50, None, 0.0, 2)  # a stall measured as the link: 50 Mbit/s
+    assert not meter.probing(clock)
+    clock = feed(meter, 50, 50 * MBIT, clock, 10)  # paced at it: learns nothing more
+    assert meter.probing(clock)  # so the next window goes unpaced
+    meter.restart()
+    feed(meter, 900, None, clock, 6)
+    assert meter.link_bps is not None and meter.link_bps > 800 * MBIT
+    assert not meter.probing(clock + 0.75)
+
+
+def test_no_pace_is_slower_than_a_link_worth_believing() -> None:
+    assert pace_bps(2 * MBIT, 1 * MBIT) == pytest.approx(10 * MBIT)

@@ -22,6 +22,10 @@ from dataclasses import dataclass
 WINDOW_S = 0.1  # long enough to hold many frames at any rate worth measuring
 LINK_SMOOTHING = 0.3  # weight of a new link-limited window in the estimate
 PACE_LIMITED = 0.9  # a window this close to its pace was held back by the pacer
+# A paced sender learns nothing of a link faster than its pace, and a pace below the
+# link keeps it there: so at least this often one window goes unpaced, to measure.
+PROBE_INTERVAL_S = 1.0
+MIN_PACE_BPS = 10e6  # below this, a "link rate" is a stall we measured, not a link
 
 
 @dataclass
@@ -63,6 +67,7 @@ class LinkMeter:
     def __init__(self, window_s: float = WINDOW_S) -> None:
         self._window = WindowedRate(window_s)
         self._estimate: float | None = None
+        self._unpaced_at: float | None = None  # when a window last measured the link
 
     @property
     def link_bps(self) -> float | None:
@@ -77,10 +82,17 @@ class LinkMeter:
         if paced_bps is not None and rate >= PACE_LIMITED * paced_bps:
             # Held back by our own pacer: the link carries at least this much.
             self._estimate = rate if self._estimate is None else max(self._estimate, rate)
-        elif self._estimate is None:
+            return
+        self._unpaced_at = now
+        if self._estimate is None:
             self._estimate = rate
         else:
             self._estimate += LINK_SMOOTHING * (rate - self._estimate)
+
+    def probing(self, now: float) -> bool:
+        """Whether the sender should go unpaced for a window now: none has measured the
+        link for PROBE_INTERVAL_S (see there)."""
+        return self._unpaced_at is not None and now - self._unpaced_at >= PROBE_INTERVAL_S
 
     def restart(self) -> None:
         self._window.restart()
@@ -97,4 +109,4 @@ def pace_bps(link_bps: float | None, service_share_bps: float) -> float | None:
         return None
     if service_share_bps < NEGLIGIBLE_SHARE * link_bps:
         return None
-    return max(link_bps - service_share_bps, 0.1 * link_bps)
+    return max(link_bps - service_share_bps, 0.1 * link_bps, MIN_PACE_BPS)

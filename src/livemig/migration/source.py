@@ -444,6 +444,8 @@ class SourceMigration:
         less the share the VM's own traffic keeps."""
         if self.options.target is None:
             return self._rate_bps
+        if self._link.probing(time.monotonic()):
+            return None
         link = self._link.link_bps
         share = 0.0 if link is None else service_share_bps(
             link, self._service.last_bps or 0.0, self.options.max_impact)
