@@ -8,6 +8,7 @@ the VM running where it was. The cases without a test bed are in tests/unit.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -132,3 +133,29 @@ def test_ctrl_c_stops_the_command_but_not_the_migration(idle_vm: qemu.VM) -> Non
     while not runs_only_on("cli", "hostB") and time.monotonic() < deadline:
         time.sleep(0.2)
     assert runs_only_on("cli", "hostB")
+
+
+def test_a_migration_for_programs_streams_json_and_reports_its_prediction(
+        idle_vm: qemu.VM) -> None:
+    # No rate given: the link is measured. A target out of reach (this machine's load is
+    # not ours to control) switches over rather than aborting: the test is of what the
+    # command says, the bench of whether the target is kept.
+    done = livemig("migrate", "cli", "--to", "hostB", "--downtime", "50",
+                   "--on-timeout", "switchover", "--progress", "json")
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    progress, result = lines[:-1], lines[-1]
+    assert progress and all(p["type"] == "progress" for p in progress)
+    percents = [p["percent"] for p in progress]
+    assert percents == sorted(percents), "progress ran backwards"
+    assert any(p["link_mbps"] for p in progress)
+    report = result["report"]
+    assert result["type"] == "result" and report["rates"] == "auto"
+    assert report["downtime_target_ms"] == 50.0
+    assert report["predicted_downtime_ms"] > 0 and report["link_mbps"] > 0
+    assert report["downtime_over_predicted"] == pytest.approx(
+        report["downtime_ms"] / report["predicted_downtime_ms"], rel=1e-2)
+    assert report["verified"] is True
+    assert runs_only_on("cli", "hostB")
+    history = livemig("switchovers", "--host", "hostA", "--json")
+    assert [e["vm"] for e in json.loads(history.stdout)][-1] == "cli"
