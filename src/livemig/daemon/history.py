@@ -29,11 +29,15 @@ from livemig.wire.messages import MigrationReport
 log = logging.getLogger(__name__)
 
 KEEP = 500
-# The fixed cost predicted is a high quantile of the last few to that target: high, for a
-# target to be kept; not the maximum, or one switchover slowed by a noisy neighbour
-# would make every target below it unreachable for the next RECENT migrations.
+# The fixed cost predicted is the median of the last few switchovers of the same VM to
+# that target (of any VM there, until it has SAME_VM of its own): not the maximum, nor a
+# high quantile. A bench run with both showed why: a few slow switchovers of a web
+# server (its clients' traffic queued ahead of the commit) set the cost of every VM
+# to 230 ms, every target below that was refused as unreachable, and refused
+# migrations measure nothing that could bring it down again.
 RECENT = 8
-QUANTILE = 0.75
+QUANTILE = 0.5
+SAME_VM = 3
 
 
 class Switchover(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -80,20 +84,22 @@ class SwitchoverHistory:
                 entries.append(decoder.decode(line))
         return entries
 
-    def switchover_cost_s(self, target: str) -> float:
-        """The fixed cost to predict for a switchover to ``target``: the QUANTILE of the
-        last RECENT measured there (rounded up to a measured value), or the default
-        before any."""
-        return self._recent(target, "switchover_cost_ms", DEFAULT_SWITCHOVER_COST_S)
+    def switchover_cost_s(self, target: str, vm: str | None = None) -> float:
+        """The fixed cost to predict for a switchover of ``vm`` to ``target``: the
+        QUANTILE of the last RECENT measured there (rounded up to a measured value), or
+        the default before any."""
+        return self._recent(target, "switchover_cost_ms", DEFAULT_SWITCHOVER_COST_S, vm)
 
-    def final_collect_s(self, target: str) -> float:
+    def final_collect_s(self, target: str, vm: str | None = None) -> float:
         """The dirty log's last collect, the VM stopped, as past switchovers measured it:
         it can take far longer than the collects of the rounds (22 ms against 1 ms,
         seen), so the prediction takes the larger."""
-        return self._recent(target, "final_collect_ms", 0.0)
+        return self._recent(target, "final_collect_ms", 0.0, vm)
 
-    def _recent(self, target: str, field: str, default_s: float) -> float:
-        values = [getattr(e, field) for e in self.entries() if e.target == target]
+    def _recent(self, target: str, field: str, default_s: float, vm: str | None) -> float:
+        there = [e for e in self.entries() if e.target == target]
+        mine = [e for e in there if e.vm == vm]
+        values = [getattr(e, field) for e in (mine if len(mine) >= SAME_VM else there)]
         if not values:
             return default_s
         recent = sorted(values[-RECENT:])

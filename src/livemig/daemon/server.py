@@ -227,8 +227,8 @@ class Daemon:
         testbed.require_host(target)
         # Validated when the line was decoded: the units are converted here, once.
         options = MigrationOptions.of(request.options,
-                                      self.history.switchover_cost_s(target),
-                                      self.history.final_collect_s(target))
+                                      self.history.switchover_cost_s(target, name),
+                                      self.history.final_collect_s(target, name))
 
         def progress(update: messages.Progress) -> None:
             with contextlib.suppress(OSError, RuntimeError):
