@@ -156,11 +156,12 @@ def _drill_vm_stopped_at_the_end() -> Iterator[None]:
 
 @pytest.fixture
 def drill_vm(request: pytest.FixtureRequest, bed: list[testbed.Node], image: builder.Image,
-             loop: asyncio.AbstractEventLoop, _drill_vm_stopped_at_the_end: None,
-             ) -> Iterator[str]:
+             loop: asyncio.AbstractEventLoop, vm_logs_on_failure: Callable[[str], None],
+             _drill_vm_stopped_at_the_end: None) -> Iterator[str]:
     """The name of an mmuncher VM running on hostA: the one the last case left, if it is
-    healthy there, else a new one. After a failed case its copies go, and its consoles
-    are attached to the report first, as ``start_vm`` does."""
+    healthy there, else a new one. After a failed case its copies go (its consoles are
+    in the failure's report, as ``start_vm``'s are)."""
+    vm_logs_on_failure(DRILL_VM)
     if not loop.run_until_complete(runs_healthy_on_hostA(DRILL_VM)):
         loop.run_until_complete(stop_every_copy(DRILL_VM))
         spec = qemu.new_spec(DRILL_VM, image, mem_mib=128, workload=Workload.MMUNCHER,
@@ -170,14 +171,7 @@ def drill_vm(request: pytest.FixtureRequest, bed: list[testbed.Node], image: bui
         loop.run_until_complete(vm.close())
     yield DRILL_VM
     failed = getattr(request.node, "rep_call", None)
-    if failed is not None and failed.failed:
-        for record in [r for r in qemu.records() if r.spec.name == DRILL_VM]:
-            for label, path in (("console", record.console_log),
-                                ("stderr", record.stderr_log)):
-                if path.exists():
-                    request.node.add_report_section(
-                        "call", f"{DRILL_VM} on {record.host}: {label}",
-                        path.read_text(errors="replace")[-6000:])
+    if failed is None or failed.failed:
         loop.run_until_complete(stop_every_copy(DRILL_VM))
 
 
