@@ -47,7 +47,34 @@ def _session_bed() -> Iterator[None]:
 
 
 DAEMON_LOG_TAIL_CHARS = 8000
+VM_LOG_TAIL_CHARS = 6000
 _daemon_logs_from = pytest.StashKey[dict[str, int]]()
+_vms_of_the_test = pytest.StashKey[list[str]]()
+
+
+def _attach_vm_logs_on_failure(item: pytest.Item, name: str) -> None:
+    item.stash.setdefault(_vms_of_the_test, []).append(name)
+
+
+@pytest.fixture
+def vm_logs_on_failure(request: pytest.FixtureRequest) -> Callable[[str], None]:
+    """``vm_logs_on_failure(name)``: if the test fails, its report gets the consoles and
+    QEMU's stderr of every copy of VM ``name``, read when the failure is reported (before
+    teardown stops them). ``start_vm`` does it for the VMs it starts."""
+    return lambda name: _attach_vm_logs_on_failure(request.node, name)
+
+
+def _vm_log_sections(item: pytest.Item) -> list[tuple[str, str]]:
+    sections = []
+    for name in item.stash.get(_vms_of_the_test, []):
+        # Every copy, wherever the VM has moved meanwhile.
+        for record in [r for r in qemu.records() if r.spec.name == name]:
+            for label, path in (("console", record.console_log),
+                                ("stderr", record.stderr_log)):
+                with contextlib.suppress(OSError):
+                    text = path.read_text(errors="replace")[-VM_LOG_TAIL_CHARS:]
+                    sections.append((f"{name} on {record.host}: {label}", text))
+    return sections
 
 
 def _daemon_log(host: str) -> Path:
@@ -123,22 +150,13 @@ def start_vm(
     ) -> qemu.VM:
         img = image_ or image
         spec = qemu.new_spec(name, img, mem_mib=mem_mib, workload=workload, options=options)
+        _attach_vm_logs_on_failure(request.node, name)
         vm = loop.run_until_complete(qemu.VM.start(spec, host))
         started.append(vm)
         return vm
 
     yield start
-    failed = getattr(request.node, "rep_call", None)
     for vm in started:
-        if failed is not None and failed.failed:
-            # Every copy, wherever the VM has moved meanwhile.
-            for record in [vm.record, *(r for r in qemu.records() if r.spec.name == vm.name)]:
-                for label, path in (("console", record.console_log),
-                                    ("stderr", record.stderr_log)):
-                    if path.exists():
-                        text = path.read_text(errors="replace")[-6000:]
-                        request.node.add_report_section(
-                            "call", f"{vm.name} on {record.host}: {label}", text)
         loop.run_until_complete(vm.stop())
         # A migrated VM has a copy elsewhere now: every copy goes.
         with contextlib.suppress(VMNotFound):
@@ -150,6 +168,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     report = yield
     setattr(item, f"rep_{report.when}", report)
     if report.failed and report.when == "call":
-        # Read now, before teardown: stopping the VMs adds lines of its own.
+        # On the call's report, read now: a section added in teardown goes to the
+        # teardown's report, which pytest shows only if its title says "teardown"; and
+        # teardown stops the VMs and removes their logs.
+        report.sections.extend(_vm_log_sections(item))
         report.sections.extend(_daemon_log_sections(item))
     return report
