@@ -36,6 +36,7 @@ from livemig.wire.messages import (
     Migrate,
     MigrateOptions,
     MigrationReport,
+    OnTimeout,
     Ping,
     Pong,
     decode_control_reply,
@@ -214,9 +215,10 @@ def revoked(host: str) -> Iterator[None]:
 
 def migrate(loop: asyncio.AbstractEventLoop, vm: str, source: str, target: str
             ) -> MigrationReport:
-    # Round 1 at 300 Mbit/s, as in test_migration: what is checked here is who may
-    # migrate and how QEMU is confined, not the rate policy. ~2 s less a migration.
-    request = Migrate(vm=vm, to=target, options=MigrateOptions(min_rate_mbps=300.0))
+    # The engine's defaults, as in test_migration: what is checked here is who may
+    # migrate and how QEMU is confined, not whether a downtime target is kept.
+    request = Migrate(vm=vm, to=target,
+                      options=MigrateOptions(on_timeout=OnTimeout.SWITCHOVER))
     return loop.run_until_complete(control.migrate(source, request))
 
 
