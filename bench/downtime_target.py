@@ -124,6 +124,13 @@ def plot(results: dict[str, Any], path: Path) -> None:
             ax.scatter([target * offset] * len(paused), paused, s=12, alpha=0.6,
                        color=colour, label=("ours" if side == "ours" else "QEMU 10")
                        if target == TARGETS_MS[0] else None)
+            # Runs that did not complete have no paused time: say how many, not nothing.
+            missing = sum(1 for data in results["workloads"].values()
+                          for r in data["runs"].get(key, []) if r["status"] != "ok")
+            if missing:
+                ax.annotate(f"{missing} not done", (target * offset, 0.03),
+                            xycoords=("data", "axes fraction"), color=colour, fontsize=8,
+                            ha="center", va="bottom", rotation=90)
     ax.plot(TARGETS_MS, TARGETS_MS, "--", color="#444444", label="target")
     ax.set_xscale("log")
     ax.set_yscale("log")
