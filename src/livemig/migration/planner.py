@@ -181,7 +181,7 @@ class DowntimeTarget:
     fits ``downtime_s``. ``timeout_s`` None: ``default_timeout_s`` at the link rate
     measured in round 1."""
 
-    downtime_s: float = 0.1
+    downtime_s: float = DEFAULT_OPTIONS.downtime_ms / 1000
     switchover_cost_s: float = DEFAULT_SWITCHOVER_COST_S
     timeout_s: float | None = None
     final_collect_s: float = 0.0  # the last collect, VM stopped, as past ones measured it
@@ -193,6 +193,9 @@ class DowntimeTarget:
             raise ValueError(f"switchover_cost_s must be >= 0, not {self.switchover_cost_s!r}")
         if self.timeout_s is not None and not self.timeout_s > 0:
             raise ValueError(f"timeout_s must be positive, not {self.timeout_s!r}")
+
+
+DEFAULT_TARGET = DowntimeTarget()
 
 
 @dataclass(frozen=True)
@@ -448,10 +451,8 @@ class Planner:
 
     def _paper_reason(self, dirty: Pages, dirty_rate: float) -> StopReason | None:
         """§5.3's stop rules, then Xen's limits."""
-        # The next round must outpace this round's dirtying by the increment, but a
-        # quiet VM still gets the minimum: it costs the service little and ends sooner.
         limits = self._config.limits
-        next_rate = max(limits.min_bps, dirty_rate + limits.increment_bps)
+        next_rate = self._paper_rate(dirty_rate)
         if dirty.size == 0 or dirty.size * PAGE_SIZE < self._config.final_bytes:
             # Checked as "empty" too, so that final_bytes=0 cannot plan a round of nothing.
             return StopReason.FEW_PAGES_LEFT
@@ -468,9 +469,14 @@ class Planner:
         §5.3's: the minimum for round 1, then the dirty rate plus the increment."""
         if self._config.target is not None:
             return None
-        limits = self._config.limits
         if dirty_rate is None:
-            return limits.min_bps
+            return self._config.limits.min_bps
+        return self._paper_rate(dirty_rate)
+
+    def _paper_rate(self, dirty_rate: float) -> float:
+        """§5.3: the next round must outpace this round's dirtying by the increment, but
+        a quiet VM still gets the minimum: it costs the service little and ends sooner."""
+        limits = self._config.limits
         return max(limits.min_bps, dirty_rate + limits.increment_bps)
 
     # -- questions -------------------------------------------------------------------
@@ -505,13 +511,13 @@ class Planner:
         rate = self._link_bps
         if self._config.target is None:
             rate = min(rate, self._config.limits.max_bps)
-        collect_s = max(self._collect_s, (self._config.target or DowntimeTarget()).final_collect_s)
+        collect_s = max(self._collect_s, (self._config.target or DEFAULT_TARGET).final_collect_s)
         return self.switchover_cost_s + collect_s + pages * _PAGE_BITS / rate
 
     @property
     def switchover_cost_s(self) -> float:
         target = self._config.target
-        return (target or DowntimeTarget()).switchover_cost_s
+        return (target or DEFAULT_TARGET).switchover_cost_s
 
     @property
     def predicted_downtime_s(self) -> float | None:

@@ -44,6 +44,7 @@ from livemig.migration.meters import WINDOW_S, LinkMeter, WindowedRate, pace_bps
 from livemig.migration.planner import (
     DEFAULT_LIMITS,
     DEFAULT_SWITCHOVER_COST_S,
+    DEFAULT_TARGET,
     DowntimeTarget,
     Mode,
     Planner,
@@ -84,9 +85,6 @@ PROGRESS_INTERVAL_S = 0.1
 HARD_DEADLINE_FACTOR = 1.5
 STALL_ROUNDS = 3  # rounds without a better prediction: the migration is stalled
 FALLBACK_LINK_BPS = 100 * MBIT  # the stop window's deadline before any measurement
-
-
-DEFAULT_TARGET = DowntimeTarget(DEFAULT_OPTIONS.downtime_ms / 1000)
 
 
 @dataclass(frozen=True)
@@ -148,6 +146,14 @@ class _StopWindow:
 class _Commit:
     commit_sent: float
     cont_returned_at: float  # the target's, on the same clock (one machine)
+
+
+def _pace_moved(old: float | None, new: float | None) -> bool:
+    """Whether a pace changed enough (5 %) to set again: setting it wakes every sender
+    waiting on the pacer, so the measurements' jitter should not."""
+    if old is None or new is None:
+        return old is not new
+    return abs(new - old) > 0.05 * old
 
 
 class _NotActivated(LivemigError):
@@ -256,7 +262,6 @@ class SourceMigration:
         self._link = LinkMeter()
         self._service = WindowedRate()
         self._service_sampled = -WINDOW_S
-        self._collect_s = 0.0
         self._percent = 0.0
         self._switchover_forced = False
 
@@ -424,7 +429,7 @@ class SourceMigration:
             sent = await self._send(step.number, step.pages, skip_dirtied=True)
             collect_started = time.monotonic()
             dirtied = self._tracker.collect()
-            self._collect_s = time.monotonic() - collect_started
+            collect_s = time.monotonic() - collect_started
             self._holes[dirtied] = False
             duration_s = collect_started - round_started
             # A round too short to close a measuring window, or a socket that is not
@@ -432,7 +437,7 @@ class SourceMigration:
             link_bps = (self._link.link_bps or sent * 8 / duration_s or FALLBACK_LINK_BPS)
             step = self.planner.end_round(
                 dirtied, duration_s, link_bps=link_bps,
-                elapsed_s=time.monotonic() - self._started, collect_s=self._collect_s)
+                elapsed_s=time.monotonic() - self._started, collect_s=collect_s)
             self._after_round()
         assert isinstance(step, StopAndCopy)
         if not step.reason.within_target:
@@ -699,9 +704,7 @@ class SourceMigration:
                 self._service.sample(now, nic)
         if self.options.target is not None and self.stage is Stage.PRECOPY:
             pace = self._pace()
-            if (pace is None) != (pacer.rate_bps is None) or (
-                    pace is not None and pacer.rate_bps is not None
-                    and abs(pace - pacer.rate_bps) > 0.05 * pacer.rate_bps):
+            if _pace_moved(pacer.rate_bps, pace):
                 pacer.rate_bps = pace
 
     async def _wait_device_state(self) -> None:

@@ -364,8 +364,7 @@ class Channel:
         self._closing = False
         self._cause: WireError | None = None  # what closed the channel, if an error did
         self.pacer = Pacer()  # paces send_pages(); unthrottled until a rate is set
-        sock = self._transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        if (sock := self._tcp_socket()) is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
         # The host the peer's TLS certificate names (verified against our CA); None
@@ -441,13 +440,19 @@ class Channel:
                     return msg.reason
         return None
 
+    def _tcp_socket(self) -> socket.socket | None:
+        """The TCP socket under the transport (under TLS too); None for any other."""
+        sock = self._transport.get_extra_info("socket")
+        if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return None
+        return sock  # type: ignore[no-any-return]
+
     def queued_bytes(self) -> int:
         """What we have written that the peer has not yet acknowledged: in asyncio's
         buffers (and TLS's), and in the kernel's send queue (SIOCOUTQ: unsent and in
         flight)."""
         queued = self._transport.get_write_buffer_size()
-        sock = self._transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        if (sock := self._tcp_socket()) is not None:
             with contextlib.suppress(OSError):
                 out = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
                 queued += int.from_bytes(out, sys.byteorder)
@@ -470,8 +475,7 @@ class Channel:
         """How much of what we sent the peer's TCP has acknowledged (TCP_INFO's
         ``tcpi_bytes_acked``): what got across the link, not what waits in our socket's
         buffer. None on a socket that is not TCP (a test's socketpair)."""
-        sock = self._transport.get_extra_info("socket")
-        if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        if (sock := self._tcp_socket()) is None:
             return None
         try:
             info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
