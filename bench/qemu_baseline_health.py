@@ -67,7 +67,7 @@ import numpy as np
 from livemig import paths
 from livemig.daemon import control
 from livemig.errors import LivemigError
-from livemig.experiments import baselines, paper
+from livemig.experiments import baselines, bed, paper
 from livemig.experiments.bed import BedInUse, exclusive_test_bed
 from livemig.experiments.probing import ProbeRun, wait_measuring
 from livemig.image import builder
@@ -219,10 +219,9 @@ def console_trouble(name: str) -> str | None:
 
 async def boot(workload: Workload, mem_mib: int) -> None:
     with contextlib.suppress(LivemigError):
-        await qemu.stop(VM_NAME)
+        await bed.stop_vm(VM_NAME)
     image = builder.Image.load()
-    spec = qemu.new_spec(VM_NAME, image, mem_mib=mem_mib, workload=workload)
-    vm = await qemu.VM.start(spec, HOSTS[0])
+    vm = await bed.start_vm(VM_NAME, image, HOSTS[0], mem_mib=mem_mib, workload=workload)
     await vm.close()
 
 
@@ -343,7 +342,7 @@ async def condition(c: Condition, runs: int, workload: Workload, mem_mib: int, p
                 since_boot, previous, host = since_boot + 1, "qemu", run.target
     finally:
         with contextlib.suppress(LivemigError):
-            await qemu.stop(VM_NAME)
+            await bed.stop_vm(VM_NAME)
         os.environ.pop(dirtylog.NO_SHIM_ENV, None)
         qemu.qemu_argv = original_argv
 

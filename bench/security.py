@@ -27,10 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from livemig import keys
-from livemig.daemon import control, launch
+from livemig.daemon import control
+from livemig.experiments import bed
 from livemig.image import builder
+from livemig.lab import launch
 from livemig.net import testbed
-from livemig.vm import qemu
 from livemig.vm.spec import Workload
 from livemig.wire import tls
 from livemig.wire.channel import Channel, PeerLost, connect, serve
@@ -74,9 +75,9 @@ async def handshake_ms(connects: int) -> dict[str, float]:
 
 async def switchovers(runs: int) -> list[dict[str, Any]]:
     image = builder.build(log=lambda _: None).image
-    spec = qemu.new_spec("bsec", image, mem_mib=128, workload=Workload.IDLE)
-    vm = await qemu.VM.start(spec, "hostA")
+    vm = await bed.start_vm("bsec", image, "hostA", mem_mib=128, workload=Workload.IDLE)
     await vm.close()
+    spec = vm.record.spec
     hosts = ["hostA", "hostB"]
     results = []
     try:
@@ -91,7 +92,7 @@ async def switchovers(runs: int) -> list[dict[str, Any]]:
             results.append(row)
             await asyncio.sleep(1.0)  # let the guest settle; TCG rebuilds its caches
     finally:
-        await qemu.stop(spec.name)
+        await bed.stop_vm(spec.name)
     return results
 
 

@@ -33,9 +33,11 @@ from typing import Any
 
 from livemig.analysis import record, simulate
 from livemig.analysis.trace import Trace
-from livemig.daemon import control, launch
+from livemig.daemon import control
+from livemig.experiments import bed
 from livemig.experiments.probing import ProbeRun
 from livemig.image import builder
+from livemig.lab import launch
 from livemig.migration.planner import MBIT, PlannerConfig, RateLimits
 from livemig.net import testbed
 from livemig.vm import qemu
@@ -66,10 +68,10 @@ async def one(workload: Workload, trace_s: float, warmup_s: float, interval_s: f
               out: Path) -> dict[str, Any]:
     image = builder.Image.load()
     name = f"val{workload.value[:3]}"
-    spec = qemu.new_spec(name, image, mem_mib=256, workload=workload,
-                         options=WORKLOAD_OPTIONS.get(workload, ()))
-    vm = await qemu.VM.start(spec, "hostA")
+    vm = await bed.start_vm(name, image, "hostA", mem_mib=256, workload=workload,
+                            options=WORKLOAD_OPTIONS.get(workload, ()))
     await vm.close()
+    spec = vm.record.spec
     try:
         load = _load(workload, str(spec.ip))
         with load if load is not None else contextlib.nullcontext():
@@ -85,7 +87,7 @@ async def one(workload: Workload, trace_s: float, warmup_s: float, interval_s: f
                 load.stop()
     finally:
         with contextlib.suppress(Exception):
-            await qemu.stop(name)
+            await bed.stop_vm(name)
 
     real = {"total_time_s": report["total_time_s"], "bytes_sent": report["bytes_sent"],
             "downtime_ms": report["downtime_ms"], "rounds": len(report["rounds"]),
@@ -163,7 +165,7 @@ def main() -> None:
                                            args.interval_ms / 1000, out)))
             print(table(results[-1:]), flush=True)
     finally:  # the bed is ours alone: nothing of it may outlive the benchmark
-        asyncio.run(qemu.stop_all())
+        asyncio.run(bed.stop_all_vms())
         testbed.down()
     print()
     print(table(results))

@@ -48,10 +48,12 @@ from pathlib import Path
 from typing import Any
 
 from livemig import paths
-from livemig.daemon import control, launch
+from livemig.daemon import control
 from livemig.errors import LivemigError
+from livemig.experiments import bed
 from livemig.experiments.bed import BedInUse, exclusive_test_bed
 from livemig.image import builder
+from livemig.lab import launch
 from livemig.net import testbed
 from livemig.vm import qemu
 from livemig.vm.spec import Workload
@@ -148,9 +150,13 @@ def links(ns: str) -> list[str]:
 
 
 def shm_files() -> list[str]:
-    # Every file of this instance, not only RAM files: anything named after it counts.
-    return sorted(p.name for p in paths.SHM_DIR.iterdir()
-                  if p.name.startswith(paths.ram_file_prefix()))
+    """Every file in every host's /dev/shm (each host has its own), and any of this
+    instance's in the machine's own, as HOST:NAME."""
+    found = [f"{h}:{p.name}" for h in HOSTS
+             for p in paths.ram_file(h, VM_NAME).parent.iterdir()]
+    found += [f"lab:{p.name}" for p in paths.SHM_DIR.iterdir()
+              if p.name.startswith(paths.ram_file_prefix())]
+    return sorted(found)
 
 
 @dataclass
@@ -177,7 +183,7 @@ def full_check(after_run: int, vm_host: str, baseline_links: dict[str, list[str]
         ns = testbed.host_node(host).netns
         kinds = Counter(entry.split(" ", 1)[1] for entry in procs.get(ns, []))
         # A supervisor may keep the daemon running (one, or none in older trees).
-        supervisors = kinds.pop("livemig.daemon.supervise", 0)
+        supervisors = kinds.pop("livemig.lab.supervise", 0)
         want = Counter({"livemig.daemon.server": 1, qemu.QEMU_BINARY: int(host == vm_host)})
         if supervisors > 1 or +kinds != +want:
             check.problems.append(f"{ns}: processes {procs[ns]}, expected one livemigd"
@@ -188,7 +194,7 @@ def full_check(after_run: int, vm_host: str, baseline_links: dict[str, list[str]
     for ns in (testbed.CLIENT.netns, testbed.SWITCH.netns):
         if procs.get(ns):
             check.problems.append(f"{ns}: processes {procs[ns]}, expected none")
-    want_shm = [paths.ram_file(vm_host, VM_NAME).name]
+    want_shm = [f"{vm_host}:{paths.ram_file(vm_host, VM_NAME).name}"]
     if check.shm != want_shm:
         check.problems.append(f"/dev/shm: {check.shm}, expected {want_shm}")
     if records != [f"{VM_NAME}@{vm_host}"]:
@@ -219,9 +225,8 @@ class Run:
 
 async def start_vm(mem_mib: int, options: tuple[tuple[str, str], ...]) -> None:
     image = builder.Image.load()
-    spec = qemu.new_spec(VM_NAME, image, mem_mib=mem_mib, workload=Workload.MMUNCHER,
-                         options=options)
-    vm = await qemu.VM.start(spec, HOSTS[0])
+    vm = await bed.start_vm(VM_NAME, image, HOSTS[0], mem_mib=mem_mib,
+                            workload=Workload.MMUNCHER, options=options)
     await vm.close()  # the source daemon takes hold of it for each migration
 
 

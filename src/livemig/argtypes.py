@@ -12,11 +12,12 @@ import argparse
 import math
 import tempfile
 from collections.abc import Callable
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import NoReturn
 
-from livemig import paths
-from livemig.errors import BadName
+from livemig import config, paths
+from livemig.errors import BadName, LivemigError
 from livemig.net import shaping
 from livemig.vm.spec import MAX_MEM_MIB, MIN_MEM_MIB
 
@@ -153,3 +154,45 @@ def whole_number(low: int, high: int) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def ipv4(text: str) -> IPv4Address:
+    try:
+        return IPv4Address(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IPv4 address") from None
+
+
+def ipv4_network(text: str) -> IPv4Network:
+    try:
+        network = IPv4Network(text, strict=True)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a network like 10.99.0.0/24 "
+                                         f"({exc})") from None
+    if network.prefixlen > 24:
+        raise argparse.ArgumentTypeError(f"{text}: give a /24 or larger, for the hosts and "
+                                         f"their VM pools")
+    return network
+
+
+def mac(text: str) -> str:
+    octets = text.lower().split(":")
+    if (len(octets) != 6 or not all(len(o) == 2 and all(c in "0123456789abcdef" for c in o)
+                                    for o in octets) or int(octets[0], 16) & 1):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a unicast MAC like "
+                                         f"52:54:00:12:34:56")
+    return text.lower()
+
+
+def host_names(text: str) -> int | list[str]:
+    """--hosts: a count, or names separated by commas."""
+    if text.isdigit():
+        return int(text)
+    names = [n.strip() for n in text.split(",")]
+    for name in names:
+        try:
+            config.check_host_name(name)
+        except LivemigError as exc:
+            raise argparse.ArgumentTypeError(f"{exc}; give a number of hosts or their "
+                                             f"names, like alpha,beta") from None
+    return names

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -22,16 +23,16 @@ from typing import Any
 
 import msgspec
 
-from livemig import argtypes, keys, paths, reporting
+from livemig import argtypes, config, keys, paths, reporting
 from livemig.analysis import cli_commands as analysis_commands
-from livemig.daemon import control, launch, server
+from livemig.daemon import control, server
 from livemig.daemon.history import SwitchoverHistory
-from livemig.errors import LivemigError, SetupError
-from livemig.experiments import demo, paper
+from livemig.errors import LivemigError, SetupError, VMNotFound
+from livemig.experiments import bed, demo, paper
 from livemig.image import builder
+from livemig.lab import launch
 from livemig.net import shaping, testbed
 from livemig.probes.cli import add_probe_commands
-from livemig.vm import qemu
 from livemig.vm.spec import DEFAULT_MEM_MIB, WORKLOAD_OPTIONS, Workload, workload_misfit
 from livemig.wire import messages
 
@@ -93,64 +94,167 @@ def _parse_options(
     return tuple(options)
 
 
+# Which daemon a command goes to: --host's, else this host's own; on the test bed's own
+# namespace (no configuration), the lab reaches every host's daemon on its socket.
+
+
+def _own_host(args: argparse.Namespace) -> str:
+    if getattr(args, "host", None):
+        return str(args.host)
+    own = config.current()
+    if own is not None:
+        return own.name
+    hosts = testbed.host_names()
+    raise LivemigError("this machine is no livemig host (no /etc/livemig/livemig.toml): "
+                       "name one with --host" + (f" (the test bed's: {', '.join(hosts)})"
+                                                 if hosts else ""))
+
+
+def _all_hosts() -> list[str]:
+    """Every host this one knows: itself and its peers, or the test bed's."""
+    own = config.current()
+    if own is not None:
+        return [own.name, *sorted(own.peers)]
+    if hosts := testbed.host_names():
+        return hosts
+    raise LivemigError(f"this machine is no livemig host (no {config.DEFAULT_PATH}; "
+                       f"docs/real-hosts.md), and no test bed is up ('livemig testbed up')")
+
+
+async def _list_everywhere(hosts: list[str]) -> tuple[list[messages.VMInfo], dict[str, str]]:
+    """Every host's VMs, asked at once; and the hosts that did not answer, with why."""
+    answers = await asyncio.gather(
+        *(control.request(h, messages.ListVMs(), messages.VMs) for h in hosts),
+        return_exceptions=True)
+    vms: list[messages.VMInfo] = []
+    unreachable: dict[str, str] = {}
+    for host, answer in zip(hosts, answers, strict=True):
+        if isinstance(answer, LivemigError):
+            unreachable[host] = _with_lab_hint(answer)
+        elif isinstance(answer, BaseException):
+            raise answer
+        else:
+            vms += answer.vms
+    return vms, unreachable
+
+
+def _with_lab_hint(exc: LivemigError) -> str:
+    """The error's sentence, and on the test bed how to start a missing daemon there."""
+    if isinstance(exc, control.DaemonUnavailable) and config.current() is None:
+        return f"{exc}; on the test bed, 'livemig testbed up' starts it"
+    return str(exc)
+
+
+def _where(args: argparse.Namespace, name: str) -> str:
+    """The host whose daemon runs ``name`` (its primary copy): --host's word, else the
+    daemons' answers."""
+    if getattr(args, "host", None):
+        return str(args.host)
+    vms, unreachable = asyncio.run(_list_everywhere(_all_hosts()))
+    copies = [vm for vm in vms if vm.name == name]
+    primary = [vm for vm in copies if vm.copy == "primary"] or copies
+    if primary:
+        return primary[0].host
+    if unreachable:
+        host, why = next(iter(unreachable.items()))
+        raise VMNotFound(name, extra=f" on the hosts that answer, and {why}")
+    raise VMNotFound(name)
+
+
+def _request(host: str, message: messages.ControlRequest,
+             expected: type[messages.FinalReply]) -> messages.FinalReply:
+    return asyncio.run(control.request(host, message, expected))
+
+
 def cmd_vm_start(args: argparse.Namespace) -> int:
     workload = Workload(args.workload)
     options = _parse_options(args.opt, workload, args.mem)
-    testbed.require_host(args.host)
-    image = builder.Image.load(args.image)
-    if workload is Workload.CUSTOM and image.run is None:
-        raise SetupError(f"image {image.name!r} has no custom workload; build it with --run")
-
-    async def start() -> dict[str, Any]:
-        spec = qemu.new_spec(args.name, image, mem_mib=args.mem, workload=workload,
-                             options=options)
-        vm = await qemu.VM.start(spec, args.host)
-        try:
-            return qemu.describe(vm.record, await vm.status())
-        finally:
-            await vm.close()
-
-    info = asyncio.run(start())
+    host = _own_host(args)
+    if config.current() is None:
+        testbed.require_host(host)
+        image = builder.Image.load(args.image)  # the lab's is every host's (read only)
+        if workload is Workload.CUSTOM and image.run is None:
+            raise SetupError(f"image {image.name!r} has no custom workload; build it with --run")
+    done = _request(host, messages.StartVM(
+        name=args.name, workload=str(workload), mem_mib=args.mem, image=args.image,
+        options=list(options), ip=args.ip and str(args.ip), mac=args.mac),
+        messages.VMDone)
+    assert done.vm is not None
     if args.json:
-        _print_json(info)
+        _print_json(msgspec.to_builtins(done.vm))
     else:
-        print(info["ip"])
+        print(done.vm.ip)
     return 0
 
 
 def cmd_vm_stop(args: argparse.Namespace) -> int:
-    record = asyncio.run(qemu.stop(args.name))
-    print(f"stopped {record.spec.name} on {record.host}", file=sys.stderr)
+    host = _where(args, args.name)
+    _request(host, messages.StopVM(vm=args.name), messages.VMDone)
+    print(f"stopped {args.name} on {host}", file=sys.stderr)
     return 0
 
 
 def cmd_vm_list(args: argparse.Namespace) -> int:
-    vms = asyncio.run(qemu.list_vms())
+    if args.all or (config.current() is None and not args.host):
+        vms, unreachable = asyncio.run(_list_everywhere(_all_hosts()))
+    else:
+        vms, unreachable = asyncio.run(_list_everywhere([_own_host(args)]))
     if args.json:
-        _print_json(vms)
-        return 0
-    print(f"{'NAME':<12} {'HOST':<7} {'IP':<13} {'STATE':<12} {'WORKLOAD':<9} {'PID':>7}")
+        _print_json({"vms": msgspec.to_builtins(vms), "unreachable": unreachable})
+        return 1 if unreachable else 0
+    print(f"{'NAME':<12} {'HOST':<8} {'IP':<15} {'STATE':<12} {'COPY':<9} {'WORKLOAD':<9} "
+          f"{'PID':>7}")
     for vm in vms:
-        print(
-            f"{vm['name']:<12} {vm['host']:<7} {vm['ip']:<13} {vm['state']:<12} "
-            f"{vm['workload']:<9} {vm['pid']:>7}"
-        )
+        print(f"{vm.name:<12} {vm.host:<8} {vm.ip:<15} {vm.state:<12} {vm.copy:<9} "
+              f"{vm.workload:<9} {vm.pid:>7}")
+    for host, why in unreachable.items():
+        print(f"livemig: {host}: unreachable: {why}", file=sys.stderr)
+    return 1 if unreachable else 0
+
+
+def cmd_vm_console(args: argparse.Namespace) -> int:
+    host = _where(args, args.name)
+
+    async def show() -> str:
+        request = messages.Console(vm=args.name, follow=args.follow)
+        async with contextlib.aclosing(control.call(host, request)) as replies:
+            async for reply in replies:
+                if isinstance(reply, messages.ConsoleText):
+                    sys.stdout.write(reply.text)
+                    sys.stdout.flush()
+                elif isinstance(reply, messages.ConsoleEnd):
+                    return reply.why
+                elif isinstance(reply, messages.Failed):
+                    raise LivemigError(reply.message)
+        return "the daemon went away"
+
+    try:
+        why = asyncio.run(show())
+    except KeyboardInterrupt:
+        return 0  # --follow ends so, as 'docker logs -f' does
+    if args.follow:
+        print(f"livemig: {why}", file=sys.stderr)
     return 0
 
 
 def _vm_action(action: str) -> Any:
     def run(args: argparse.Namespace) -> int:
-        async def act() -> None:
-            vm = await qemu.VM.attach(qemu.find(args.name))
-            try:
-                await getattr(vm, action)()
-            finally:
-                await vm.close()
-
-        asyncio.run(act())
+        host = _where(args, args.name)
+        _request(host, messages.PauseVM(vm=args.name, resume=action == "resume"),
+                 messages.VMDone)
         return 0
 
     return run
+
+
+def cmd_testbed_exec(args: argparse.Namespace) -> int:
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not argv:
+        raise LivemigError("name a command to run: livemig testbed exec HOST -- CMD ...")
+    node = testbed.require_host(args.host_name)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LIVEMIG_RUN", "LIVEMIG_DATA", "LIVEMIG_CONFIG")}
+    os.execvpe(node.exec_argv(argv)[0], node.exec_argv(argv), env)
 
 
 # -- testbed ----------------------------------------------------------------------------
@@ -158,7 +262,7 @@ def _vm_action(action: str) -> Any:
 
 def cmd_testbed_up(args: argparse.Namespace) -> int:
     link = shaping.Link.of(args.link, args.latency)
-    nodes = testbed.up(args.hosts, link)
+    nodes = testbed.up(args.hosts, link, args.lan)
     if link.latency_us and not testbed.netem_available():
         print("warning: this kernel has no netem (CONFIG_NET_SCH_NETEM), so the link has "
               "its rate but only the veths' own latency", file=sys.stderr)
@@ -171,7 +275,7 @@ def cmd_testbed_up(args: argparse.Namespace) -> int:
 
 
 def cmd_testbed_down(args: argparse.Namespace) -> int:
-    stopped = asyncio.run(qemu.stop_all())
+    stopped = asyncio.run(bed.stop_all_vms())
     removed = testbed.down()
     print(
         f"stopped {len(stopped)} VMs, ended {len(removed.processes)} processes, "
@@ -266,21 +370,22 @@ def _migrate_options(args: argparse.Namespace) -> messages.MigrateOptions:
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     options = _migrate_options(args)
-    testbed.require_host(args.to)  # first: with the test bed down, no VM can be found either
-    record = qemu.find(args.name)
-    if record.host == args.to:
+    if config.current() is None:  # the lab knows its hosts: a typo is caught first
+        testbed.require_host(args.to)
+    source = _where(args, args.name)
+    if source == args.to:
         raise LivemigError(f"{args.name} already runs on {args.to}; name another host")
     request = messages.Migrate(vm=args.name, to=args.to, options=options)
     json_progress = args.progress == "json"
     show: Callable[[messages.Progress], None] | None = (
         _print_json_line if json_progress else None if args.quiet else _ProgressDisplay())
     try:
-        report = asyncio.run(control.migrate(record.host, request, show))
+        report = asyncio.run(control.migrate(source, request, show))
     except KeyboardInterrupt:
         # Only this command stops: the daemon runs the migration on, by design.
         fresh_line = "\n" if sys.stderr.isatty() and not args.quiet else ""  # after a \r line
         print(f"{fresh_line}livemig: interrupted; the migration of {args.name} goes on in "
-              f"{record.host}'s daemon, and 'livemig cancel {args.name}' stops it",
+              f"{source}'s daemon, and 'livemig cancel {args.name}' stops it",
               file=sys.stderr)
         return 130
     if json_progress:
@@ -305,12 +410,13 @@ def _write_report(path: Path, report: messages.MigrationReport) -> None:
 
 def cmd_switchovers(args: argparse.Namespace) -> int:
     """A source host's past switchovers: the downtime predicted against the one had."""
-    entries = SwitchoverHistory(paths.host_dir(args.host) / "switchovers.jsonl").entries()
+    host = _own_host(args)
+    entries = SwitchoverHistory(paths.state_dir(host) / "switchovers.jsonl").entries()
     if args.json:
         print(json.dumps([msgspec.to_builtins(e) for e in entries], indent=2))
         return 0
     if not entries:
-        print(f"{args.host} has no switchover on record", file=sys.stderr)
+        print(f"{host} has no switchover on record", file=sys.stderr)
         return 0
     print(f"{'vm':<12} {'target':<8} {'rates':<6} {'downtime ms':>11} {'predicted':>9} "
           f"{'ratio':>6} {'target ms':>9} {'fixed ms':>8} {'pages':>6}")
@@ -332,17 +438,14 @@ def cmd_switchovers(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    record = qemu.find(args.name)
-
-    asyncio.run(control.request(record.host, messages.Cancel(vm=args.name),
-                                messages.Cancelled))
+    host = _where(args, args.name)
+    _request(host, messages.Cancel(vm=args.name), messages.Cancelled)
     print(f"cancelled the migration of {args.name}", file=sys.stderr)
     return 0
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:
-    argv = ["--host", args.host] + (["--key-file", str(args.key_file)] if args.key_file else [])
-    argv += ["--tls-dir", str(args.tls_dir)] if args.tls_dir else []
+    argv = ["--config", str(args.config or config.DEFAULT_PATH)]
     argv += ["--insecure-plaintext"] if args.insecure_plaintext else []
     return server.main(argv)
 
@@ -415,6 +518,10 @@ def cmd_keys_show(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argtypes.Parser(prog="livemig", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=None, metavar="FILE",
+                        help=f"this host's configuration (default {config.DEFAULT_PATH})")
+    parser.add_argument("--host", default=None, metavar="NAME",
+                        help="the host whose daemon to ask (default: this one)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     image = commands.add_parser("image", help="the guest image").add_subparsers(
@@ -435,7 +542,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     start = vm.add_parser("start", help="boot a VM on a host; prints its IP when ready")
     start.add_argument("name", type=argtypes.name)
-    start.add_argument("--host", required=True)
+    start.add_argument("--host", default=argparse.SUPPRESS, metavar="NAME",
+                       help="the host to boot it on (default: this one)")
+    start.add_argument("--ip", type=argtypes.ipv4, default=None,
+                       help="its address (default: the host's pool's first free one)")
+    start.add_argument("--mac", type=argtypes.mac, default=None,
+                       help="its MAC (default: 52:54:00 and the address's last 3 bytes)")
     start.add_argument("--workload", required=True, choices=[w.value for w in Workload])
     start.add_argument("--mem", type=argtypes.mem_mib, default=DEFAULT_MEM_MIB, metavar="MiB")
     start.add_argument("--image", type=argtypes.name, default=builder.DEFAULT_IMAGE)
@@ -446,9 +558,16 @@ def build_parser() -> argparse.ArgumentParser:
     stop = vm.add_parser("stop", help="stop a VM and remove its files")
     stop.add_argument("name")
     stop.set_defaults(func=cmd_vm_stop)
-    listing = vm.add_parser("list", help="list VMs")
+    listing = vm.add_parser("list", help="list a host's VMs, or every host's")
+    listing.add_argument("--all", action="store_true",
+                         help="ask every host of the inventory (an unreachable one is named)")
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(func=cmd_vm_list)
+    console = vm.add_parser("console", help="a VM's serial console, from the host it runs on")
+    console.add_argument("name")
+    console.add_argument("--follow", "-f", action="store_true",
+                         help="keep printing what comes, until the VM ends or Ctrl-C")
+    console.set_defaults(func=cmd_vm_console)
     for action in ("pause", "resume"):
         act = vm.add_parser(action, help=f"{action} a VM")
         act.add_argument("name")
@@ -458,7 +577,10 @@ def build_parser() -> argparse.ArgumentParser:
         dest="action", required=True
     )
     bed_up = bed.add_parser("up", help="create the test bed (idempotent)")
-    bed_up.add_argument("--hosts", type=int, default=3)
+    bed_up.add_argument("--hosts", type=argtypes.host_names, default=3, metavar="N|A,B,...",
+                        help="how many hosts (hostA, hostB, ...) or their names (default 3)")
+    bed_up.add_argument("--lan", type=argtypes.ipv4_network, default=None, metavar="CIDR",
+                        help=f"the LAN (default {testbed.LAN})")
     bed_up.add_argument("--link", type=argtypes.link_rate, metavar="RATE",
                         default=shaping.DEFAULT_RATE,
                         help="every node's link to the switch, both ways: 100mbit, "
@@ -473,6 +595,10 @@ def build_parser() -> argparse.ArgumentParser:
     bed.add_parser("down", help="remove everything livemig made").set_defaults(
         func=cmd_testbed_down
     )
+    bed_exec = bed.add_parser("exec", help="run a command inside a host (both namespaces)")
+    bed_exec.add_argument("host_name", metavar="HOST")
+    bed_exec.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD")
+    bed_exec.set_defaults(func=cmd_testbed_exec)
     bed_status = bed.add_parser("status", help="what is up")
     bed_status.add_argument("--json", action="store_true")
     bed_status.set_defaults(func=cmd_testbed_status)
@@ -523,18 +649,16 @@ def build_parser() -> argparse.ArgumentParser:
     mig.set_defaults(func=cmd_migrate)
     hist = commands.add_parser("switchovers",
                                help="a host's past switchovers: downtime predicted and had")
-    hist.add_argument("--host", required=True, help="the source host whose record to read")
+    hist.add_argument("--host", default=argparse.SUPPRESS, metavar="NAME",
+                      help="the source host whose record to read (default: this one)")
     hist.add_argument("--last", type=int, default=50, metavar="N")
     hist.add_argument("--json", action="store_true")
     hist.set_defaults(func=cmd_switchovers)
     cancel = commands.add_parser("cancel", help="cancel a running migration")
     cancel.add_argument("name")
     cancel.set_defaults(func=cmd_cancel)
-    daemon = commands.add_parser("daemon", help="run a host's daemon (the test bed starts them)")
-    daemon.add_argument("--host", required=True)
-    daemon.add_argument("--key-file", type=Path)
-    daemon.add_argument("--tls-dir", type=Path,
-                        help="holds ca.crt, HOST.crt, HOST.key (default: the host's own)")
+    daemon = commands.add_parser("daemon", help="run this host's daemon (systemd's "
+                                 "livemigd.service, or the test bed, starts it)")
     daemon.add_argument("--insecure-plaintext", action="store_true",
                         help="no TLS; logs a warning; never on a real network")
     daemon.set_defaults(func=cmd_daemon)
@@ -578,9 +702,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.config is not None:
+            config.use(config.load(args.config))
         return int(args.func(args))
     except LivemigError as exc:
-        print(f"livemig: {exc}", file=sys.stderr)
+        print(f"livemig: {_with_lab_hint(exc)}", file=sys.stderr)
         return 1
     except PermissionError as exc:
         if os.geteuid() == 0:

@@ -79,8 +79,10 @@ def _last_words(console: str) -> str:
 
 
 class VMNotFound(VMError):
-    def __init__(self, vm: str) -> None:
-        super().__init__(vm, f"no VM named {vm!r}; 'livemig vm list' shows the VMs there are")
+    def __init__(self, vm: str, extra: str = "") -> None:
+        """``extra`` says why the VM may be there nonetheless (a host that did not answer)."""
+        super().__init__(vm, f"no VM named {vm!r}{extra}" if extra else
+                         f"no VM named {vm!r}; 'livemig vm list --all' shows the VMs there are")
 
 
 class VMExists(VMError):

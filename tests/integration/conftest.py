@@ -19,9 +19,10 @@ from typing import Any
 import pytest
 
 from livemig import paths
-from livemig.daemon import launch
 from livemig.errors import VMNotFound
+from livemig.experiments import bed as bed_
 from livemig.image import builder
+from livemig.lab import launch
 from livemig.net import testbed
 from livemig.vm import qemu
 from livemig.vm.spec import Workload
@@ -42,7 +43,7 @@ def image() -> builder.Image:
 def _session_bed() -> Iterator[None]:
     testbed.up(3)
     yield
-    asyncio.run(qemu.stop_all())
+    asyncio.run(bed_.stop_all_vms())
     testbed.down()
 
 
@@ -148,19 +149,18 @@ def start_vm(
         options: tuple[tuple[str, str], ...] = (),
         image_: builder.Image | None = None,
     ) -> qemu.VM:
-        img = image_ or image
-        spec = qemu.new_spec(name, img, mem_mib=mem_mib, workload=workload, options=options)
         _attach_vm_logs_on_failure(request.node, name)
-        vm = loop.run_until_complete(qemu.VM.start(spec, host))
+        vm = loop.run_until_complete(bed_.start_vm(
+            name, image_ or image, host, mem_mib=mem_mib, workload=workload, options=options))
         started.append(vm)
         return vm
 
     yield start
     for vm in started:
-        loop.run_until_complete(vm.stop())
-        # A migrated VM has a copy elsewhere now: every copy goes.
+        loop.run_until_complete(vm.close())
+        # Every copy goes, wherever the VM has moved meanwhile (or none is left).
         with contextlib.suppress(VMNotFound):
-            loop.run_until_complete(qemu.stop(vm.name))
+            loop.run_until_complete(bed_.stop_vm(vm.name))
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

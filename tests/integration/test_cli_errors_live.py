@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from livemig.daemon import control, launch
+from livemig.daemon import control
+from livemig.lab import launch
 from livemig.migration.holds import HoldPoint, release, wait_until_held
 from livemig.net import testbed
 from livemig.vm import qemu
@@ -30,10 +31,11 @@ StartVM = Callable[..., qemu.VM]
 LIVEMIG = str(Path(sys.executable).with_name("livemig"))
 
 
-def livemig(*argv: str, netns: str | None = None) -> subprocess.CompletedProcess[str]:
+def livemig(*argv: str, host: str | None = None) -> subprocess.CompletedProcess[str]:
+    """The CLI in the lab's namespace, or inside ``host`` (as its operator there)."""
     command = [LIVEMIG, *argv]
-    if netns is not None:
-        command = ["ip", "netns", "exec", netns, *command]
+    if host is not None:
+        command = [LIVEMIG, "testbed", "exec", host, "--", *command]
     return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False,
                           env=dict(os.environ))
 
@@ -98,9 +100,7 @@ def test_migrating_when_the_source_daemon_is_down_says_how_to_start_it(
 def test_a_second_daemon_for_a_host_leaves_the_running_one_alone(
     bed: list[testbed.Node], loop: asyncio.AbstractEventLoop
 ) -> None:
-    node = testbed.host_node("hostA")
-    assert_one_sentence(livemig("daemon", "--host", "hostA", netns=node.netns),
-                        "already serves hostA")
+    assert_one_sentence(livemig("daemon", host="hostA"), "already serves hostA")
 
     # The running daemon still has its control socket: it was not unlinked under it.
     pong = loop.run_until_complete(control.request("hostA", Ping(), Pong))

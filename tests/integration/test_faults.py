@@ -35,9 +35,11 @@ from typing import Any
 import pytest
 
 from livemig import paths
-from livemig.daemon import control, launch
+from livemig.daemon import control
 from livemig.errors import LivemigError, VMNotFound
+from livemig.experiments import bed as bed_
 from livemig.image import builder
+from livemig.lab import launch
 from livemig.migration.holds import HoldPoint, release, wait_until_held
 from livemig.net import testbed
 from livemig.vm import qemu
@@ -146,7 +148,7 @@ async def runs_healthy_on_hostA(vm: str) -> bool:
 
 async def stop_every_copy(vm: str) -> None:
     with contextlib.suppress(VMNotFound):
-        await qemu.stop(vm)
+        await bed_.stop_vm(vm)
 
 
 @pytest.fixture(scope="module")
@@ -165,11 +167,10 @@ def drill_vm(request: pytest.FixtureRequest, bed: list[testbed.Node], image: bui
     vm_logs_on_failure(DRILL_VM)
     if not loop.run_until_complete(runs_healthy_on_hostA(DRILL_VM)):
         loop.run_until_complete(stop_every_copy(DRILL_VM))
-        spec = qemu.new_spec(DRILL_VM, image, mem_mib=128, workload=Workload.MMUNCHER,
-                             options=MMUNCHER_OPTIONS)
-        vm = loop.run_until_complete(qemu.VM.start(spec, "hostA"))
-        vm.disown()  # it outlives this test's loop; stopped by name
-        loop.run_until_complete(vm.close())
+        vm = loop.run_until_complete(bed_.start_vm(
+            DRILL_VM, image, "hostA", mem_mib=128, workload=Workload.MMUNCHER,
+            options=MMUNCHER_OPTIONS))
+        loop.run_until_complete(vm.close())  # it outlives this test's loop; stopped by name
     yield DRILL_VM
     failed = getattr(request.node, "rep_call", None)
     if failed is None or failed.failed:

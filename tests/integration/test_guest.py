@@ -10,23 +10,25 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
 
 from livemig import paths
-from livemig.errors import QEMUCrashed
+from livemig.errors import LivemigError
+from livemig.experiments import bed as bed_
 from livemig.experiments.bed import BedInUse, exclusive_test_bed
 from livemig.experiments.probing import ProbeRun
 from livemig.image import builder
 from livemig.net import testbed
 from livemig.probes.http import POST_FORM
 from livemig.vm import qemu
-from livemig.vm.spec import VMSpec, Workload
+from livemig.vm.spec import Workload
 
 StartVM = Callable[..., qemu.VM]
 
@@ -136,16 +138,28 @@ def test_custom_workload_runs_the_users_static_program(
     assert reply.stdout == greeting.read_text(), reply.stderr
 
 
+@pytest.fixture
+def broken_image(image: builder.Image) -> Iterator[builder.Image]:
+    """The image with a kernel QEMU cannot load, in the image cache every host reads."""
+    directory = paths.images_dir() / "broken"
+    directory.mkdir()
+    try:
+        (directory / "manifest.json").write_text((image.directory / "manifest.json").read_text())
+        (directory / "vmlinuz").write_bytes(b"not a kernel")
+        os.link(image.initrd, directory / "initrd.img")
+        yield builder.Image.load("broken")
+    finally:
+        shutil.rmtree(directory)
+
+
 def test_a_crashed_qemu_is_reported_with_its_stderr(
-    bed: list[testbed.Node], image: builder.Image, loop: asyncio.AbstractEventLoop
+    bed: list[testbed.Node], broken_image: builder.Image, loop: asyncio.AbstractEventLoop
 ) -> None:
-    spec = VMSpec(
-        name="broken", ip=qemu.free_ip(), mem_mib=128, workload=Workload.IDLE,
-        image=image.name, kernel=Path("/nonexistent/vmlinuz"), initrd=image.initrd,
-    )
-    with pytest.raises(QEMUCrashed) as caught:
-        loop.run_until_complete(qemu.VM.start(spec, "hostA"))
-    assert "/nonexistent/vmlinuz" in caught.value.stderr
+    with pytest.raises(LivemigError) as caught:
+        loop.run_until_complete(bed_.start_vm("broken", broken_image, "hostA", mem_mib=128,
+                                              workload=Workload.IDLE))
+    # The daemon's one sentence carries QEMU's own last word.
+    assert "exited" in str(caught.value) and "kernel" in str(caught.value)
     assert not paths.ram_file("hostA", "broken").exists()
     assert not paths.vm_dir("hostA", "broken").exists()
     assert all(r.spec.name != "broken" for r in qemu.records())
@@ -156,13 +170,16 @@ def test_testbed_down_leaves_nothing_behind(
 ) -> None:
     vm = start_vm("doomed", Workload.IDLE, host="hostB")
     loop.run_until_complete(vm.close())
-    loop.run_until_complete(qemu.stop_all())
-    removed = testbed.down()
-    assert testbed.host_node("hostB").netns in removed.namespaces
+    ram_file = paths.ram_file("hostB", "doomed")
+    assert ram_file.exists()
+    host_b = testbed.host_node("hostB")
+    removed = testbed.down()  # with a VM running: its host's end takes everything
+    assert host_b.netns in removed.namespaces
     assert testbed.existing_namespaces() == []
     # Exited: QEMU is this test's child, so it stays a zombie until the fixture reaps it.
     assert not vm.record.process_alive()
     assert list(paths.SHM_DIR.glob(paths.ram_file_glob())) == []
+    assert not ram_file.exists()  # hostB's /dev/shm went with hostB
     assert not paths.run_dir().exists()  # keys, locks, holds: nothing of the bed is left
     # Nothing of ours answers on the LAN address any more: the client namespace is gone.
     with pytest.raises(subprocess.CalledProcessError):

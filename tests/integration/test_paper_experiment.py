@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from livemig.experiments import bed as bed_
 from livemig.experiments import paper
 from livemig.image import builder
 from livemig.net import testbed
@@ -34,7 +35,7 @@ def test_one_workload_two_engines_on_one_vm(
     try:
         measured, figures = loop.run_until_complete(paper.measure_all(settings, clock))
     finally:
-        loop.run_until_complete(qemu.stop_all())
+        loop.run_until_complete(bed_.stop_all_vms())
     assert not [r for r in qemu.records() if r.spec.name.startswith("p-")]
     results = paper.write_outputs(settings, measured, figures, tmp_path, clock)
 

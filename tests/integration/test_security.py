@@ -19,6 +19,7 @@ import stat
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,10 @@ import pytest
 from cryptography import x509
 
 from livemig import keys, paths
-from livemig.daemon import control, launch
+from livemig.daemon import control
+from livemig.experiments import bed as bed_
 from livemig.image import builder
+from livemig.lab import launch
 from livemig.migration.tunnel import StateSink
 from livemig.net import testbed
 from livemig.vm import qemu
@@ -44,6 +47,11 @@ from livemig.wire.messages import (
 )
 
 TRY_PEER = Path(__file__).parent / "data" / "try_peer.py"
+
+
+def UNUSED_IP() -> IPv4Address:
+    """An address of the LAN that no pool hands out."""
+    return testbed.lan()[-2]
 
 
 def qemus_in(host: str) -> list[int]:
@@ -70,7 +78,7 @@ class Intruder:
     def __init__(self, image: builder.Image, target: str = "hostB") -> None:
         self.image = image
         self.target = target
-        self.spec = VMSpec(name="intruder", ip=qemu.free_ip(), mem_mib=64,
+        self.spec = VMSpec(name="intruder", ip=UNUSED_IP(), mem_mib=64,
                            workload=Workload.IDLE, image=image.name, kernel=image.kernel,
                            initrd=image.initrd)
         self.log = paths.host_dir(target) / "livemigd.log"
@@ -82,7 +90,9 @@ class Intruder:
         log_from = self.log.stat().st_size
         request = {"ip": str(testbed.host_node(self.target).ip), "me": "hostA",
                    "peer_name": self.target, "tls": "files",
-                   "key_file": str(control.key_file()), "spec": self.spec.to_json(), **args}
+                   # hostA's own copy: the intruder runs inside hostA.
+                   "key_file": str(testbed.HOST_ETC / "peer.key"),
+                   "spec": self.spec.to_json(), **args}
         done = subprocess.run(
             testbed.host_node("hostA").exec_argv([sys.executable, str(TRY_PEER),
                                                   json.dumps(request)]),
@@ -342,7 +352,8 @@ def assert_confined(pid: int) -> None:
     # Its RAM file was lent to it for start-up only: root's again.
     (ram,) = [line.split()[-1] for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
               if line.split()[-1].endswith(".ram")]
-    assert (os.stat(ram).st_uid, os.stat(ram).st_mode & 0o777) == (0, 0o600)
+    ram_here = os.stat(f"/proc/{pid}/root{ram}")  # QEMU's path is its host's
+    assert (ram_here.st_uid, ram_here.st_mode & 0o777) == (0, 0o600)
 
 
 def tcp_sockets_of(pid: int) -> set[int]:
@@ -386,11 +397,11 @@ def test_an_incoming_qemu_listens_on_no_port(
         bed: list[testbed.Node], image: builder.Image, loop: asyncio.AbstractEventLoop) -> None:
     daemon = int((paths.host_dir("hostB") / "livemigd.pid").read_text())
     assert tcp_sockets_of(daemon)  # the check sees a listener where there is one
-    spec = VMSpec(name="incoming", ip=qemu.free_ip(), mem_mib=64, workload=Workload.IDLE,
+    spec = VMSpec(name="incoming", ip=UNUSED_IP(), mem_mib=64, workload=Workload.IDLE,
                   image=image.name, kernel=image.kernel, initrd=image.initrd)
 
     async def main() -> None:
-        vm = await qemu.VM.start(spec, "hostB", incoming=True)
+        vm = await bed_.start_incoming(spec, "hostB")
         try:
             sink = await StateSink.open(vm)
             try:
@@ -401,7 +412,8 @@ def test_an_incoming_qemu_listens_on_no_port(
             finally:
                 sink.close()
         finally:
-            await vm.stop()
+            await vm.close()
+            await bed_.stop_vm_on(spec.name, "hostB")
     loop.run_until_complete(main())
 
 

@@ -21,7 +21,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
-from livemig.errors import VMError, VMExists
+from livemig.errors import SetupError, VMError, VMExists
 from livemig.vm.memory import GuestMemory
 from livemig.vm.spec import VMRecord, VMSpec, Workload
 
@@ -283,6 +283,8 @@ class FakeHost:
     async def start_incoming(self, spec: VMSpec, host: str) -> FakeVM:
         if spec.name in self.vms:
             raise VMExists(spec.name, host)
+        if not spec.kernel.is_file():  # as qemu.spec_here finds this host's image missing
+            raise SetupError(f"image {spec.image!r} is not on {host}; build it there")
         self.started += 1
         vm = FakeVM(VMRecord(spec=spec, host=host, pid=0, incoming=True),
                     self.directory / f"{host}-{spec.name}.ram", faults=self.faults,

@@ -85,7 +85,9 @@ USAGE_ERRORS = [
     (["vm", "frobnicate"], ["frobnicate"]),
     (["image", "build", "--name", "/etc"], ["/etc"]),
     (["image", "build", "--name", ".."], [".."]),
-    (["testbed", "up", "--hosts", "x"], ["x"]),
+    (["testbed", "up", "--hosts", "a_b"], ["a_b"]),
+    (["testbed", "up", "--hosts", "alpha,,beta"], ["''"]),
+    (["testbed", "up", "--lan", "10.99.0.1/24"], ["10.99.0.1/24"]),
     (["testbed", "sideways"], ["sideways"]),
     (["cancel"], ["name"]),
     (["demo", "--mem", "10"], ["10"]),
@@ -138,10 +140,10 @@ COMMAND_ERRORS = [
     (["migrate", "v1", "--to", "hostB"], ["hostB", "testbed up"]),  # the test bed is down
     (["migrate", "v1", "--to", "pluto"], ["pluto"]),
     (["migrate", "v1", "--to", "host"], ["host"]),
-    (["vm", "stop", "v1"], ["v1"]),
-    (["vm", "pause", "v1"], ["v1"]),
-    (["vm", "resume", "v1"], ["v1"]),
-    (["cancel", "v1"], ["v1"]),
+    (["vm", "stop", "v1"], ["livemig host", "testbed up"]),  # no host to ask
+    (["vm", "pause", "v1"], ["livemig host", "testbed up"]),  # no host to ask
+    (["vm", "resume", "v1"], ["livemig host", "testbed up"]),  # no host to ask
+    (["cancel", "v1"], ["livemig host", "testbed up"]),  # no host to ask
     (["vm", "start", "v1", "--host", "hostA", "--workload", "idle"], ["hostA", "testbed up"]),
     (["vm", "start", "v1", "--host", "hostA", "--workload", "idle", "--opt", "mm_mib"],
      ["mm_mib"]),
@@ -166,8 +168,8 @@ COMMAND_ERRORS = [
     (["image", "build", "--add", "/etc/hostname:/init"], ["/init"]),
     (["testbed", "up", "--hosts", "0"], ["0"]),
     (["testbed", "up", "--hosts", "27"], ["27"]),
-    (["daemon", "--host", "pluto"], ["pluto"]),
-    (["daemon", "--host", "hostA", "--key-file", "/nonexistent-key"], ["/nonexistent-key"]),
+    (["--config", "/nonexistent.toml", "daemon"], ["/nonexistent.toml"]),
+    (["--config", "/etc/hostname", "vm", "list"], ["/etc/hostname"]),
     (["demo", "--workload", "mmuncher", "--mem", "128"], ["mm_mib"]),
     (["trace", "info", "/nonexistent.npz"], ["/nonexistent.npz"]),
     (["wws", "/etc/hostname"], ["/etc/hostname"]),
@@ -210,33 +212,98 @@ def test_revoking_what_the_ca_never_issued_is_one_sentence(
     assert_one_sentence(err, "/etc/hostname")
 
 
+def host_config(tmp_path: Path, **keys: str) -> Path:
+    """A configuration of host hostA at 10.77.0.11 (which this namespace does not have),
+    its files in ``tmp_path``."""
+    settings = {"key": str(tmp_path / "peer.key"), "tls": str(tmp_path / "tls"),
+                "run": str(tmp_path / "run"), **keys}
+    path = tmp_path / "livemig.toml"
+    path.write_text(f"""
+[host]
+name = "hostA"
+address = "10.77.0.11"
+[vms]
+network = "10.77.0.0/24"
+pool = "10.77.0.64-10.77.0.79"
+[paths]
+run = "{settings['run']}"
+state = "{tmp_path / 'state'}"
+[tls]
+dir = "{settings['tls']}"
+peer_key = "{settings['key']}"
+""")
+    return path
+
+
+@pytest.mark.parametrize(("text", "mentions"), [
+    ("[host]\nname = 'a'\n", ["address"]),  # a key missing
+    ("[host]\nname = 'a'\naddress = 'x'\n[vms]\nnetwork = '10.0.0.0/24'\n"
+     "pool = '10.0.0.5-10.0.0.9'\n", ["'x'"]),
+    ("[host]\nname = 'a_b'\naddress = '10.0.0.1'\n[vms]\nnetwork = '10.0.0.0/24'\n"
+     "pool = '10.0.0.5-10.0.0.9'\n", ["a_b"]),
+    ("[host]\nname = 'a'\naddress = '10.0.0.1'\ncolour = 'red'\n[vms]\n"
+     "network = '10.0.0.0/24'\npool = '10.0.0.5-10.0.0.9'\n", ["colour"]),
+    ("[host]\nname = 'a'\naddress = '10.0.0.1'\n[vms]\nnetwork = '10.0.0.0/24'\n"
+     "pool = '10.0.1.5-10.0.1.9'\n", ["10.0.1.5", "10.0.0.0/24"]),
+    ("not toml [", ["TOML"]),
+])
+def test_a_wrong_configuration_is_one_sentence_naming_the_file(
+    tmp_path: Path, text: str, mentions: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "livemig.toml"
+    path.write_text(text)
+    status, out, err = run_cli(["--config", str(path), "vm", "list"], capsys)
+    assert (status, out) == (1, "")
+    assert_one_sentence(err, str(path), *mentions)
+
+
 def test_a_short_peer_key_is_refused_before_the_daemon_listens(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     key = tmp_path / "short.key"
     key.write_bytes(b"0123")
-    status, _, err = run_cli(["daemon", "--host", "hostA", "--key-file", str(key)], capsys)
+    status, _, err = run_cli(["--config", str(host_config(tmp_path, key=str(key))),
+                              "daemon"], capsys)
     assert status == 1
     assert_one_sentence(err, str(key))
     assert not (tmp_path / "run").exists()  # it touched nothing
 
 
-def test_a_daemon_outside_its_host_namespace_says_where_it_belongs(
+def test_a_daemon_elsewhere_than_its_address_says_so(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    key = tmp_path / "peer.key"
-    key.write_bytes(os.urandom(32))
+    (tmp_path / "peer.key").write_bytes(os.urandom(32))
+    conf = str(host_config(tmp_path))
     # Without its TLS files first: one sentence that says how to make them.
-    status, _, err = run_cli(["daemon", "--host", "hostA", "--key-file", str(key)], capsys)
+    status, _, err = run_cli(["--config", conf, "daemon"], capsys)
     assert status == 1
     assert_one_sentence(err, "livemig keys")
-    # Here, in the machine's own namespace, the host's LAN address does not exist.
-    status, _, err = run_cli(["daemon", "--host", "hostA", "--key-file", str(key),
-                              "--insecure-plaintext"], capsys)
+    # Here, in the machine's own namespace, the host's address does not exist.
+    status, _, err = run_cli(["--config", conf, "daemon", "--insecure-plaintext"], capsys)
     assert status == 1
-    assert_one_sentence(err, "10.77.0.11", "namespace")
+    assert_one_sentence(err, "10.77.0.11", "[host] address")
     # It gave its control socket up again: a real daemon started later finds no stale one.
-    assert not paths.host_dir("hostA").joinpath("livemigd.sock").exists()
+    assert not (tmp_path / "run" / "livemigd.sock").exists()
+
+
+def test_a_certificate_of_another_name_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The daemon's identity is its certificate's name: hostB's files under hostA's."""
+    (tmp_path / "peer.key").write_bytes(os.urandom(32))
+    ca = tmp_path / "ca"
+    assert run_cli(["keys", "init", "--dir", str(ca)], capsys)[0] == 0
+    assert run_cli(["keys", "host", "hostB", "--dir", str(ca), "--out", str(ca / "b")],
+                   capsys)[0] == 0
+    tls = tmp_path / "tls"
+    tls.mkdir()
+    for name in ("ca.crt", "ca.crl"):
+        (tls / name).write_bytes((ca / "b" / name).read_bytes())
+    (tls / "hostA.crt").write_bytes((ca / "b" / "hostB.crt").read_bytes())
+    (tls / "hostA.key").write_bytes((ca / "b" / "hostB.key").read_bytes())
+    status, _, err = run_cli(["--config", str(host_config(tmp_path)), "daemon"], capsys)
+    assert status == 1
+    assert_one_sentence(err, "'hostB'", "'hostA'", "livemig keys host hostA")
 
 
 def test_a_bad_instance_name_is_one_sentence(

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from test_messages import a_report
 
+from livemig import config
 from livemig.daemon import control
 from livemig.daemon.server import Daemon
 from livemig.errors import LivemigError
@@ -24,6 +25,16 @@ Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]
 @pytest.fixture(autouse=True)
 def own_run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LIVEMIG_RUN", str(tmp_path))
+
+
+HOST_A = """
+[host]
+name = "hostA"
+address = "127.0.0.1"
+[vms]
+network = "10.77.0.0/24"
+pool = "10.77.0.64-10.77.0.79"
+"""
 
 
 @asynccontextmanager
@@ -60,7 +71,7 @@ async def raw_exchange(host: str, line: bytes) -> m.ControlReply:
 
 def test_the_daemon_answers_a_ping_with_its_name() -> None:
     async def main() -> None:
-        async with daemon_socket("hostA", Daemon("hostA", b"k" * 32, None)._on_cli):
+        async with daemon_socket("hostA", Daemon(config.parse(HOST_A), b"k" * 32, None)._on_cli):
             assert await control.request("hostA", m.Ping(), m.Pong) == m.Pong(host="hostA")
             figures = await control.request("hostA", m.MemoryQuery(), m.MemoryFigures)
             assert figures.python_blocks > 0
@@ -75,7 +86,7 @@ def test_the_daemon_answers_a_ping_with_its_name() -> None:
 ])
 def test_the_daemon_refuses_a_line_that_does_not_fit_in_a_reply(line: bytes) -> None:
     async def main() -> None:
-        async with daemon_socket("hostA", Daemon("hostA", b"k" * 32, None)._on_cli):
+        async with daemon_socket("hostA", Daemon(config.parse(HOST_A), b"k" * 32, None)._on_cli):
             reply = await raw_exchange("hostA", line)
             assert isinstance(reply, m.Failed), reply
             assert reply.stage is None and "\n" not in reply.message
@@ -84,7 +95,7 @@ def test_the_daemon_refuses_a_line_that_does_not_fit_in_a_reply(line: bytes) -> 
 
 def test_cancelling_what_does_not_run_is_refused() -> None:
     async def main() -> None:
-        async with daemon_socket("hostA", Daemon("hostA", b"k" * 32, None)._on_cli):
+        async with daemon_socket("hostA", Daemon(config.parse(HOST_A), b"k" * 32, None)._on_cli):
             with pytest.raises(LivemigError):
                 await control.request("hostA", m.Cancel(vm="v1"), m.Cancelled)
     asyncio.run(main())

@@ -57,7 +57,7 @@ def test_the_switchovers_command_shows_predicted_against_actual(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("LIVEMIG_RUN", str(tmp_path / "run"))
-    history = SwitchoverHistory(paths.host_dir("hostA") / "switchovers.jsonl")
+    history = SwitchoverHistory(paths.state_dir("hostA") / "switchovers.jsonl")
     for actual, predicted in ((44.0, 40.0), (50.0, 40.0), (36.0, 40.0)):
         history.record(a_report(vm="v1", target="hostB", downtime_ms=actual,
                                 predicted_downtime_ms=predicted, downtime_target_ms=50.0))

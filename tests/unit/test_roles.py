@@ -256,7 +256,7 @@ def test_a_missing_image_is_refused_by_name(bed: Bed) -> None:
 
     async def main() -> None:
         error = await migrate_failing(bed, ReservationRefused)
-        assert "image 'fake' is not here" in str(error)
+        assert "image 'fake' is not on hostB" in str(error)
         assert_runs_on_source_only(bed)
     run(main)
 

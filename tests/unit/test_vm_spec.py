@@ -37,11 +37,23 @@ def make_spec(**overrides: object) -> VMSpec:
     return VMSpec(**fields)  # type: ignore[arg-type]
 
 
-def test_mac_and_tap_follow_the_ip() -> None:
+def test_mac_and_tap_follow_the_ip_unless_given() -> None:
     spec = make_spec()
     assert spec.mac == "52:54:00:4d:00:7b"
-    assert spec.tap == "tap123"
+    assert spec.tap == "tap0-123"
     assert make_spec(ip=IPv4Address("10.77.0.124")).mac != spec.mac
+    assert make_spec(ip=IPv4Address("10.77.1.123")).tap != spec.tap
+    given = make_spec(mac="52:54:00:AA:BB:CC", prefix=16)
+    assert given.mac == "52:54:00:aa:bb:cc"
+    assert "lm.ip=10.77.0.123/16" in given.kernel_cmdline().split()
+    for bad in ("01:00:5e:00:00:01", "52:54:00:aa:bb", "zz:54:00:aa:bb:cc"):  # multicast...
+        with pytest.raises(ValueError, match="MAC"):
+            make_spec(mac=bad)
+
+
+def test_the_network_identity_travels_with_the_spec() -> None:
+    spec = make_spec(mac="52:54:00:01:02:03", prefix=22, image_digest="abc")
+    assert VMSpec.from_json(spec.to_json()) == spec
 
 
 def test_kernel_cmdline_carries_workload_and_options() -> None:
@@ -69,12 +81,16 @@ def test_a_recycled_pid_is_not_our_qemu(tmp_path: Path, monkeypatch: pytest.Monk
     assert not VMRecord(spec=make_spec(), host="hostA", pid=os.getpid()).process_alive()
 
 
-def test_host_names() -> None:
-    assert testbed.host_node("hostC").ip == IPv4Address("10.77.0.13")
+def test_host_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LIVEMIG_INSTANCE", "uvs")  # no bed of this name is up
     assert testbed.host_name(1) == "hostB"
-    for bad in ("hosta", "hostAB", "client", "host"):
+    with pytest.raises(TestbedError, match="not up"):
+        testbed.host_node("hostC")  # no bed of this instance is up
+    with pytest.raises(TestbedError, match="client"):
+        testbed.up(["alpha", "client"])
+    for bad in ("a_b", "-x", ""):
         with pytest.raises(TestbedError):
-            testbed.host_node(bad)
+            testbed.up(["alpha", bad])
 
 
 def test_addition_parsing(tmp_path: Path) -> None:

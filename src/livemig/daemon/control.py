@@ -24,7 +24,8 @@ import contextlib
 from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 
-from livemig import paths
+from livemig import config, paths
+from livemig.daemon import remote
 from livemig.errors import LivemigError
 from livemig.wire import messages
 from livemig.wire.messages import ControlReply, ControlRequest, Failed, Migrate, Progress
@@ -40,14 +41,14 @@ def socket_path(host: str) -> Path:
 
 
 def key_file() -> Path:
-    """The test bed's shared peer key (HMAC); real hosts would each hold a copy."""
+    """The lab's shared peer key (HMAC), of which each of its hosts gets a copy."""
     return paths.run_dir() / "peer.key"
 
 
 class DaemonUnavailable(LivemigError):
     def __init__(self, host: str, why: str) -> None:
-        super().__init__(f"the livemig daemon of {host} does not answer ({why}); "
-                         f"'livemig testbed up' starts it")
+        super().__init__(f"the livemig daemon of {host} does not answer ({why}); is it "
+                         f"running? ('systemctl status livemigd' there)")
         self.host = host
 
 
@@ -63,9 +64,20 @@ class DaemonHung(DaemonUnavailable):
 
 async def call(host: str, request: ControlRequest, *, check_liveness: bool = True,
                ) -> AsyncGenerator[ControlReply, None]:
-    """Send one request to ``host``'s daemon and yield its replies until the last.
+    """Send one request to ``host``'s daemon and yield its replies until the last: on
+    its socket if this process sees ``host``'s files (its own host, or a lab's hosts
+    from outside), else over the peers' channel with this host's keys.
     With ``check_liveness``, after ``LIVENESS_CHECK_S`` without a reply line the daemon
     must answer a ping, or DaemonHung is raised."""
+    own = config.current()
+    if own is not None and host != own.name:
+        contexts = (remote.client_context(own)
+                    if (own.tls_dir / f"{own.name}.crt").is_file() else None)
+        replies = remote.call(own, remote.read_key(own.peer_key), contexts, host, request)
+        async with contextlib.aclosing(replies):
+            async for reply in replies:
+                yield reply
+        return
     try:
         reader, writer = await asyncio.open_unix_connection(
             str(socket_path(host)), limit=MAX_LINE_BYTES
@@ -78,7 +90,7 @@ async def call(host: str, request: ControlRequest, *, check_liveness: bool = Tru
         while line := await _next_line(host, reader, check_liveness):
             reply = messages.decode_control_reply(line)
             yield reply
-            if not isinstance(reply, Progress):
+            if not isinstance(reply, messages.Interim):
                 return
         raise DaemonUnavailable(host, "it closed the connection mid-request")
     finally:

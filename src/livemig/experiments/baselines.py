@@ -26,6 +26,7 @@ from qemu.qmp import EventListener
 from qemu.qmp.message import Message
 
 from livemig.errors import LivemigError
+from livemig.experiments import bed
 from livemig.net import testbed
 from livemig.vm import qemu
 from livemig.vm.spec import VMRecord
@@ -190,8 +191,8 @@ async def migrate(name: str, target: str, how: QemuMigration,
     deadline = started + how.timeout_s
     try:
         # QEMU's postcopy needs a userfaultfd for kernel faults on its destination.
-        destination = await qemu.VM.start(record.spec, target, incoming=True,
-                                          userfaultfd=how.postcopy)
+        destination = await bed.start_incoming(record.spec, target,
+                                               userfaultfd=how.postcopy)
         if before_cont is not None:
             await destination.qmp_command("stop")  # inmigrate: autostart off, as -S
         for vm in (source, destination):
@@ -230,8 +231,8 @@ async def migrate(name: str, target: str, how: QemuMigration,
             {"capability": c, "state": False} for c in MODE_CAPABILITIES])
         destination.record = VMRecord(spec=record.spec, host=target, pid=destination.pid)
         destination.record.save()
-        destination.disown()  # the VM now: it outlives this call
-        await source.stop()
+        await source.close()
+        await bed.stop_vm_on(name, record.host)  # the source's copy; the target's is the VM
         sent = int(info["ram"]["transferred"])
         return {
             "vm": name, "source": record.host, "target": target,
@@ -259,7 +260,8 @@ async def migrate(name: str, target: str, how: QemuMigration,
                 await source.resume()
         if destination is not None:
             with contextlib.suppress(LivemigError, OSError, EOFError):
-                await destination.stop()
+                await destination.close()
+                await bed.stop_vm_on(name, target)
         raise
     finally:
         await source.close()

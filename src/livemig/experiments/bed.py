@@ -23,12 +23,73 @@ import sys
 from collections.abc import Callable, Iterator
 from types import FrameType
 
+import msgspec
+
 from livemig import paths
-from livemig.daemon import launch
-from livemig.errors import LivemigError
+from livemig.daemon import control
+from livemig.errors import LivemigError, VMNotFound
 from livemig.image import builder
+from livemig.lab import launch
 from livemig.net import testbed
 from livemig.vm import qemu
+from livemig.vm.spec import VMRecord, VMSpec, Workload
+from livemig.wire import messages
+
+# -- VMs, through their hosts' daemons, as an operator's CLI would ------------------------
+
+
+async def start_vm(name: str, image: builder.Image, host: str, *, mem_mib: int,
+                   workload: Workload, options: tuple[tuple[str, str], ...] = (),
+                   ip: str | None = None) -> qemu.VM:
+    """Boot VM ``name`` on ``host`` (its daemon does) and take hold of it."""
+    done = await control.request(host, messages.StartVM(
+        name=name, workload=str(workload), mem_mib=mem_mib, image=image.name,
+        options=list(options), ip=ip), messages.VMDone)
+    return await qemu.VM.attach(_record(done, host))
+
+
+async def start_incoming(spec: VMSpec, host: str, *, userfaultfd: bool = False) -> qemu.VM:
+    """QEMU -incoming for ``spec`` on ``host``, for QEMU's own migration."""
+    done = await control.request(host, messages.StartIncoming(
+        spec=messages.VMSpecFields(**spec.to_json()), userfaultfd=userfaultfd),
+        messages.VMDone)
+    return await qemu.VM.attach(_record(done, host))
+
+
+def _record(done: messages.VMDone, host: str) -> VMRecord:
+    assert done.vm is not None and done.spec is not None
+    spec = VMSpec.from_json(msgspec.structs.asdict(done.spec))
+    return VMRecord(spec=spec, host=host, pid=done.vm.pid, incoming=done.vm.copy == "incoming")
+
+
+async def stop_vm(name: str) -> None:
+    """Stop every copy of ``name``, wherever it is; VMNotFound if there is none. A copy
+    whose daemon does not answer (a drill killed or froze it) the lab ends itself."""
+    copies = [r for r in qemu.records() if r.spec.name == name]
+    if not copies:
+        raise VMNotFound(name)
+    for host in sorted({r.host for r in copies}):
+        try:
+            await control.request(host, messages.StopVM(vm=name), messages.VMDone)
+        except LivemigError:
+            for record in copies:
+                if record.host == host:
+                    await qemu.VM(record).stop()
+
+
+async def stop_vm_on(name: str, host: str) -> None:
+    """Stop ``host``'s copy of ``name``, and only that."""
+    await control.request(host, messages.StopVM(vm=name), messages.VMDone)
+
+
+async def stop_all_vms() -> list[str]:
+    """Every VM of every host, stopped by its daemon; where a daemon is gone, by the lab
+    (its host's namespaces go with 'down' in any case)."""
+    names = sorted({r.spec.name for r in qemu.records()})
+    for name in names:
+        with contextlib.suppress(VMNotFound):
+            await stop_vm(name)
+    return names
 
 
 class BedInUse(LivemigError):
@@ -74,7 +135,7 @@ def exclusive_test_bed(hosts: int, *, daemons: bool = True,
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
-            asyncio.run(qemu.stop_all())
+            asyncio.run(stop_all_vms())
         finally:
             removed = testbed.down()
             say(f"torn down: {len(removed.namespaces)} namespaces, "

@@ -17,13 +17,12 @@ from typing import Any
 import numpy as np
 
 from livemig import argtypes, reporting
-from livemig.daemon import launch
 from livemig.errors import LivemigError
-from livemig.experiments import scenario
+from livemig.experiments import bed, scenario
 from livemig.image import builder
+from livemig.lab import launch
 from livemig.net import testbed
 from livemig.probes.timeseries import bucketize
-from livemig.vm import qemu
 from livemig.vm.spec import Workload, workload_misfit
 from livemig.wire import messages
 
@@ -102,7 +101,7 @@ def run(workload: Workload, mem_mib: int, json_file: Path | None, plot: Path) ->
                                           on_progress=_progress))
     finally:
         _say("tearing down")
-        asyncio.run(qemu.stop_all())
+        asyncio.run(bed.stop_all_vms())
         testbed.down()
     print(reporting.report_text(messages.MigrationReport.from_json(result["report"])))
     for line in client_lines(result):

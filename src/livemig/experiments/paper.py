@@ -44,10 +44,10 @@ from typing import Any
 import numpy as np
 
 from livemig import argtypes
-from livemig.daemon import launch
 from livemig.errors import LivemigError
-from livemig.experiments import baselines, scenario
+from livemig.experiments import baselines, bed, scenario
 from livemig.image import builder
+from livemig.lab import launch
 from livemig.net import shaping, testbed
 from livemig.probes.timeseries import bucketize, service_impact, throughput_per_s
 from livemig.units import PAGE_SIZE
@@ -755,7 +755,7 @@ async def _fresh_vm(w: PaperWorkload, settings: Settings) -> str:
     name = _vm_name(w)
     if any(r.spec.name == name for r in qemu.records()):
         with contextlib.suppress(LivemigError):
-            await qemu.stop(name)
+            await bed.stop_vm(name)
     await scenario.boot(_scenario(w, ENGINES[0], settings, HOSTS[0], HOSTS[1]))
     return HOSTS[0]
 
@@ -833,7 +833,7 @@ async def run_workload(w: PaperWorkload, settings: Settings, clock: Clock
                 host = where
     finally:
         with contextlib.suppress(LivemigError):
-            await qemu.stop(_vm_name(w))
+            await bed.stop_vm(_vm_name(w))
     return rows, series
 
 
@@ -886,7 +886,7 @@ def run(settings: Settings, out: Path, clock: Clock | None = None) -> dict[str, 
         measured, figures = asyncio.run(measure_all(settings, clock))
     finally:
         clock.say("tearing down the VMs and the test bed")
-        asyncio.run(qemu.stop_all())
+        asyncio.run(bed.stop_all_vms())
         testbed.down()
     return write_outputs(settings, measured, figures, out, clock)
 

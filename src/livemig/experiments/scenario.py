@@ -25,7 +25,7 @@ import numpy as np
 
 from livemig.daemon import control
 from livemig.errors import LivemigError
-from livemig.experiments import baselines
+from livemig.experiments import baselines, bed
 from livemig.experiments.probing import ProbeRun, wait_measuring
 from livemig.image import builder
 from livemig.net import testbed
@@ -102,17 +102,16 @@ async def run(s: Scenario, on_progress: ProgressPrinter = None) -> dict[str, Any
         return await measure(s, on_progress)
     finally:
         with contextlib.suppress(LivemigError):  # gone already: a failed start, say
-            await qemu.stop(s.vm_name)
+            await bed.stop_vm(s.vm_name)
 
 
 async def boot(s: Scenario) -> VMSpec:
     """Start the scenario's VM on ``s.source`` and wait for its workload."""
     image = builder.Image.load()
-    spec = qemu.new_spec(s.vm_name, image, mem_mib=s.mem_mib, workload=s.workload,
-                         options=s.options)
-    vm = await qemu.VM.start(spec, s.source)
+    vm = await bed.start_vm(s.vm_name, image, s.source, mem_mib=s.mem_mib,
+                            workload=s.workload, options=s.options)
     await vm.close()  # the source daemon takes hold of it for the migration
-    return spec
+    return vm.record.spec
 
 
 async def measure(s: Scenario, on_progress: ProgressPrinter = None) -> dict[str, Any]:

@@ -29,6 +29,7 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
+from livemig import config, paths
 from livemig.errors import LivemigError
 from livemig.migration.holds import HoldPoint, hold
 from livemig.migration.stages import Event, Stage, StageMachine
@@ -57,9 +58,11 @@ def reservation_problem(ram_bytes: int) -> str | None:
     if available < ram_bytes + MEMORY_MARGIN_BYTES:
         return (f"only {available >> 20} MiB of memory available, "
                 f"{(ram_bytes + MEMORY_MARGIN_BYTES) >> 20} MiB needed")
-    shm = os.statvfs("/dev/shm")
+    own = config.current()
+    ram_dir = own.ram_dir if own is not None else paths.SHM_DIR
+    shm = os.statvfs(ram_dir)
     if shm.f_bavail * shm.f_frsize < ram_bytes:
-        return (f"only {shm.f_bavail * shm.f_frsize >> 20} MiB free in /dev/shm "
+        return (f"only {shm.f_bavail * shm.f_frsize >> 20} MiB free in {ram_dir} "
                 f"for a {ram_bytes >> 20} MiB RAM file")
     return None
 
@@ -86,7 +89,8 @@ class QemuVMs:
         return reservation_problem(ram_bytes)
 
     async def start_incoming(self, spec: VMSpec, host: str) -> MigratableVM:
-        return await qemu.VM.start(spec, host, incoming=True)
+        # The same image, from this host's own image directory.
+        return await qemu.VM.start(qemu.spec_here(spec, host), host, incoming=True)
 
     def records(self) -> list[VMRecord]:
         return qemu.records()
@@ -211,14 +215,15 @@ class DestinationSession:
     def _event(self, event: Event) -> None:
         self.machine.handle(event, time.monotonic() - self._started)
 
-    async def serve(self) -> None:
-        """Answer the source until the VM runs here, or until the migration is abandoned."""
+    async def serve(self, first: frames.Message | None = None) -> None:
+        """Answer the source until the VM runs here, or until the migration is abandoned.
+        ``first``: the source's first message, if the daemon has read it already."""
         try:
             try:
                 # The session's tasks: the message loop (this task) and, once a QEMU
                 # runs here, its watcher. Either one failing ends the other.
                 async with asyncio.TaskGroup() as self._tasks:
-                    await self._serve_messages()
+                    await self._serve_messages(first)
             except BaseExceptionGroup as group:
                 raise _cause(group) from None
         except Exception as exc:
@@ -240,8 +245,10 @@ class DestinationSession:
                 await self.vm.close()  # frees QEMU's one-client agent and QMP sockets
             await self.channel.close()
 
-    async def _serve_messages(self) -> None:
+    async def _serve_messages(self, first: frames.Message | None) -> None:
         self._event(Event.BEGIN)
+        if first is not None:
+            await self._dispatch(first)
         while not self.machine.stage.terminal:
             # Dispatched at once, with no await between: a Pages frame's data is the
             # channel's buffer, valid only until the channel reads again.
@@ -311,8 +318,6 @@ class DestinationSession:
                  else "plaintext: only the shared key vouches for it")
         self._hold_at = request.hold_at
         problem = self.incoming.vms.room_problem(spec.ram_bytes)
-        if problem is None and not (spec.kernel.is_file() and spec.initrd.is_file()):
-            problem = f"image {spec.image!r} is not here"
         if problem is None:
             try:
                 self.vm = await self.incoming.vms.start_incoming(spec, self.host)
@@ -416,7 +421,7 @@ class DestinationSession:
         self._request(message, messages.Commit)
         assert self.vm is not None
         self._event(Event.COMMITTED)  # primary from here on: never tear down after this
-        await hold(self.vm.name, HoldPoint.COMMITMENT, self._hold_at)
+        await hold(self.host, self.vm.name, HoldPoint.COMMITMENT, self._hold_at)
         cont_asked = time.monotonic()
         try:
             resumed_at = await self.vm.resume()

@@ -403,7 +403,7 @@ class SourceMigration:
                                   capabilities=list(ENGINE_MIGRATION_CAPABILITIES))
         self._state_tunnel = await StateSource.open(self.vm)
         self._event(Event.RESERVED)
-        await hold(spec.name, HoldPoint.RESERVATION, self.options.hold_at)
+        await hold(self.source_host, spec.name, HoldPoint.RESERVATION, self.options.hold_at)
 
     async def _precopy(self) -> StopAndCopy:
         """Stage 2: rounds of pages while the VM runs, until the planner says stop.
@@ -503,7 +503,8 @@ class SourceMigration:
         self._event(Event.PRECOPY_DONE)  # before the stop: an undo resumes either way
         stopped_event_at = await self.vm.pause()
         stopped_at = time.monotonic()
-        await hold(spec.name, HoldPoint.STOP_AND_COPY, self.options.hold_at)
+        await hold(self.source_host, spec.name, HoldPoint.STOP_AND_COPY,
+                   self.options.hold_at)
         collect_started = time.monotonic()
         last = np.union1d(stop.pages, self._tracker.collect())
         final_collect_s = time.monotonic() - collect_started
@@ -523,7 +524,8 @@ class SourceMigration:
                 # The planner plans no further; the stop-and-copy's bytes are counted here.
                 final_bytes = await self._send(len(self.planner.rounds) + 1, last,
                                                skip_dirtied=False)
-                held = await hold(spec.name, HoldPoint.DEVICE_STATE, self.options.hold_at)
+                held = await hold(self.source_host, spec.name, HoldPoint.DEVICE_STATE,
+                                  self.options.hold_at)
                 if held and (when := window.when()) is not None:
                     window.reschedule(when + held)
                 device_started = time.monotonic()
@@ -687,7 +689,7 @@ class SourceMigration:
             self._progress(pages_left=len(pages) - start - len(batch) - skipped)
             if start == 0 and skip_dirtied and round_number <= 2:
                 point = HoldPoint.ROUND_1 if round_number == 1 else HoldPoint.LATER_ROUND
-                await hold(self.vm.name, point, self.options.hold_at)
+                await hold(self.source_host, self.vm.name, point, self.options.hold_at)
         return sent_bytes
 
     def _measure(self) -> None:

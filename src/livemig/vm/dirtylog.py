@@ -43,7 +43,7 @@ from typing import Final, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from livemig import paths
+from livemig import config, paths
 from livemig.errors import LivemigError
 from livemig.units import PAGE_SIZE
 from livemig.vm.memory import GuestMemory
@@ -342,7 +342,9 @@ def _build_shim() -> Path:
     the atomic rename leaves one whole library either way."""
     source = _SHIM_SOURCE.read_bytes()
     digest = hashlib.sha256(source + " ".join(_SHIM_CFLAGS).encode()).hexdigest()[:16]
-    directory = paths.data_dir() / "shim"
+    own = config.current()
+    # A host builds its own, in its state directory: the image cache is read only.
+    directory = (own.state_dir if own is not None else paths.data_dir()) / "shim"
     library = directory / f"{digest}.so"
     if library.exists():
         return library

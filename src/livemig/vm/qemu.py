@@ -19,7 +19,7 @@ QEMU 7.2 installs its filter before -runas calls setgid/setuid, so with
 elevateprivileges=deny it dies of SIGSYS; tried.) What needs root is opened by us and
 inherited, by descriptor number:
 
-- the tap: a queue of the root-owned tap (``testbed.open_tap``), ``-netdev tap,fd=N``;
+- the tap: a queue of the root-owned tap (``net.bridge.open_tap``), ``-netdev tap,fd=N``;
 - QMP and the agent: listening sockets we bind in the VM's directory (root's, 0700),
   ``-chardev socket,fd=N``; any process of ours still connects by path;
 - the console log: ``-add-fd`` into an fd set, ``-chardev file,path=/dev/fdset/S``;
@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import grp
 import os
@@ -72,7 +73,7 @@ from typing import Any
 
 from qemu.qmp import EventListener, QMPClient, QMPError
 
-from livemig import paths
+from livemig import config, paths
 from livemig.errors import (
     AgentError,
     GuestTimeout,
@@ -84,7 +85,7 @@ from livemig.errors import (
     VMNotFound,
 )
 from livemig.image.builder import Image
-from livemig.net import testbed
+from livemig.net import bridge
 from livemig.vm import dirtylog
 from livemig.vm.agent import AgentClient
 from livemig.vm.memory import GuestMemory
@@ -170,7 +171,8 @@ def qemu_argv(record: VMRecord, inherited: Inherited) -> list[str]:
         "-m", f"{spec.mem_mib}M",
         # The path also identifies our QEMU among processes (VMRecord.process_alive).
         "-object",
-        f"memory-backend-file,id=ram0,size={spec.mem_mib}M,mem-path={record.ram_file},share=on",
+        f"memory-backend-file,id=ram0,size={spec.mem_mib}M,mem-path={record.ram_file_on_host},"
+        "share=on",
         "-kernel", str(spec.kernel),
         "-initrd", str(spec.initrd),
         "-append", spec.kernel_cmdline(),
@@ -221,8 +223,7 @@ def _listen(path: Path) -> socket.socket:
 
 
 @contextlib.contextmanager
-def _for_qemu(record: VMRecord, node: testbed.Node,
-              user: pwd.struct_passwd) -> Iterator[Inherited]:
+def _for_qemu(record: VMRecord, user: pwd.struct_passwd) -> Iterator[Inherited]:
     """Open what QEMU inherits, and close our copies afterwards: a listener or tap queue
     we kept open would outlive QEMU (and a QMP connect would wait on it forever).
 
@@ -230,7 +231,7 @@ def _for_qemu(record: VMRecord, node: testbed.Node,
     with contextlib.ExitStack() as ours:
         qmp = ours.enter_context(_listen(record.qmp_socket))
         agent = ours.enter_context(_listen(record.agent_socket))
-        tap = testbed.open_tap(node, record.spec.tap)
+        tap = bridge.open_tap(record.spec.tap)
         ours.callback(os.close, tap)
         console = os.open(record.console_log,
                           os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -272,14 +273,18 @@ def _registry_lock() -> Iterator[None]:
 
 
 def records() -> list[VMRecord]:
-    """Every VM copy recorded on any host of this machine, in name order."""
+    """Every VM copy recorded on the hosts this process sees (a daemon: its own), in
+    name order."""
     found = []
-    for path in sorted((paths.run_dir() / "hosts").glob("*/vms/*/vm.json")):
-        try:
-            found.append(VMRecord.load(path))
-        except (OSError, ValueError, KeyError):
-            continue  # written half-way by a crashed process; 'testbed down' sweeps it
-    return found
+    for host in paths.visible_hosts():
+        for path in sorted((paths.host_dir(host) / "vms").glob("*/vm.json")):
+            try:
+                record = VMRecord.load(path)
+            except (OSError, ValueError, KeyError):
+                continue  # written half-way by a crashed process; its daemon sweeps it
+            if record.host == host:
+                found.append(record)
+    return sorted(found, key=lambda r: (r.spec.name, r.host))
 
 
 def find(name: str) -> VMRecord:
@@ -290,19 +295,30 @@ def find(name: str) -> VMRecord:
     return next((r for r in matches if not r.incoming), matches[0])
 
 
-def free_ip() -> IPv4Address:
-    used = {r.spec.ip for r in records()}
-    for ip in testbed.VM_IPS:
-        if ip not in used:
-            return ip
-    raise LivemigError(f"all {len(testbed.VM_IPS)} VM addresses are in use; stop a VM first")
+def new_spec(name: str, image: Image, *, ip: IPv4Address, mem_mib: int, workload: Workload,
+             options: tuple[tuple[str, str], ...] = (), prefix: int = 24, mac: str = ""
+             ) -> VMSpec:
+    """The spec of a new VM booting ``image`` at ``ip``."""
+    return VMSpec(name=name, ip=ip, mem_mib=mem_mib, workload=workload, image=image.name,
+                  kernel=image.kernel, initrd=image.initrd, options=options, prefix=prefix,
+                  mac=mac, image_digest=image.digest)
 
 
-def new_spec(name: str, image: Image, *, mem_mib: int, workload: Workload,
-             options: tuple[tuple[str, str], ...] = ()) -> VMSpec:
-    """The spec of a new VM booting ``image``, on the LAN's first free address."""
-    return VMSpec(name=name, ip=free_ip(), mem_mib=mem_mib, workload=workload,
-                  image=image.name, kernel=image.kernel, initrd=image.initrd, options=options)
+def spec_here(spec: VMSpec, host: str) -> VMSpec:
+    """``spec`` booting this host's copy of its image, which must be the very same.
+    Refuses, naming the image and the fix, when it is missing or differs."""
+    try:
+        image = Image.load(spec.image)
+    except SetupError as exc:
+        raise SetupError(f"image {spec.image!r} is not on {host} ({exc}); build it there "
+                         f"with 'livemig image build --name {spec.image}' as on the "
+                         f"source") from None
+    if spec.image_digest and image.digest != spec.image_digest:
+        raise SetupError(f"image {spec.image!r} on {host} (digest {image.digest[:12]}) is "
+                         f"not the source's ({spec.image_digest[:12]}); build the same "
+                         f"image on both: 'livemig image build --name {spec.image}' from "
+                         f"the same recipe and release")
+    return dataclasses.replace(spec, kernel=image.kernel, initrd=image.initrd)
 
 
 class VM:
@@ -332,8 +348,10 @@ class VM:
     ) -> VM:
         """Start QEMU for ``spec`` on ``host``; unless ``incoming``, wait for the workload.
         ``userfaultfd``: see ``command``."""
-        # pyroute2's sync API runs its own event loop, so netlink work goes to a thread.
-        node = await asyncio.to_thread(testbed.require_host, host)
+        here = config.require()
+        if host != here.name:
+            raise VMError(spec.name, f"this is {here.name}, not {host}: a VM starts on its "
+                                     f"host, by that host's daemon")
         with _registry_lock():
             for other in records():
                 if other.spec.name == spec.name and other.host == host:
@@ -348,15 +366,16 @@ class VM:
             # Root's alone: QEMU never looks inside, it inherits what it needs from here.
             os.chmod(record.directory, 0o700)
             user = qemu_user()
-            await asyncio.to_thread(testbed.add_tap, node, spec.tap)
+            # pyroute2's sync API runs its own event loop, so netlink work goes to a thread.
+            await asyncio.to_thread(bridge.add_tap, here.bridge, spec.tap)
             env = dict(os.environ)
             shim = dirtylog.qemu_preload()
             if shim is not None:  # every QEMU may become a migration source, even a destination
                 env["LD_PRELOAD"] = str(shim)
-            with (_for_qemu(record, node, user) as inherited,
+            with (_for_qemu(record, user) as inherited,
                   record.stderr_log.open("wb") as stderr):
                 process = subprocess.Popen(
-                    node.exec_argv(command(record, inherited, userfaultfd=userfaultfd)),
+                    command(record, inherited, userfaultfd=userfaultfd),
                     env=env,
                     stdin=subprocess.DEVNULL,
                     stdout=stderr,
@@ -376,11 +395,11 @@ class VM:
         return vm
 
     @classmethod
-    async def attach(cls, record: VMRecord) -> VM:
+    async def attach(cls, record: VMRecord, timeout: float = 5.0) -> VM:
         """Take hold of a VM that a previous process started."""
         vm = cls(record)
         vm._check_alive()
-        await vm._connect_qmp(timeout=5.0)
+        await vm._connect_qmp(timeout=timeout)
         return vm
 
     async def close(self) -> None:
@@ -410,8 +429,9 @@ class VM:
         await self.close()
         if kill_pid and (self.record.process_alive() or self._process is not None):
             await _end_process(kill_pid, self.record, self._process)
-        node = testbed.host_node(self.record.host)
-        await asyncio.to_thread(testbed.del_tap, node, self.record.spec.tap)
+        own = config.current()
+        if own is not None and own.name == self.record.host:  # a tap is its host's to remove
+            await asyncio.to_thread(bridge.del_tap, self.record.spec.tap)
         with contextlib.suppress(FileNotFoundError):
             self.record.ram_file.unlink()
         # The logs go too: a stopped VM leaves nothing behind. (Fixtures copy them first.)

@@ -11,14 +11,23 @@ from __future__ import annotations
 import enum
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 from typing import Any
 
 from livemig import paths
-from livemig.net.testbed import vm_interface
 from livemig.units import PAGE_SIZE as PAGE_SIZE
+
+_MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+
+
+def default_mac(ip: IPv4Address) -> str:
+    """52:54:00 is QEMU's locally administered prefix; the rest follows the IP."""
+    _, b, c, d = ip.packed
+    return f"52:54:00:{b:02x}:{c:02x}:{d:02x}"
+
 
 DEFAULT_MEM_MIB = 256
 # Measured with the default image: 80 MiB panics at boot ("System is deadlocked on
@@ -78,21 +87,32 @@ class VMSpec:
     initrd: Path
     # Workload parameters, passed as lm.KEY=VALUE on the kernel command line.
     options: tuple[tuple[str, str], ...] = ()
+    # The VM's network identity travels with it: the length of its LAN's prefix, and its
+    # MAC ('' at creation: derived from the IP, see ``default_mac``).
+    prefix: int = 24
+    mac: str = ""
+    # The image's digest: a migration target must boot the very same kernel and initrd.
+    image_digest: str = ""
 
     def __post_init__(self) -> None:
         # Also when the spec comes from a peer daemon: the name becomes file paths here.
         paths.check_name(self.name, "VM name")
-
-    @property
-    def mac(self) -> str:
-        # 52:54:00 is QEMU's locally administered prefix; the rest follows the IP, so a
-        # VM keeps its MAC wherever it runs (the switch then learns the move).
-        a, b, c, d = self.ip.packed
-        return f"52:54:00:{b:02x}:{c:02x}:{d:02x}"
+        if not 0 < self.prefix < 32:
+            raise ValueError(f"prefix length {self.prefix} is not one of an IPv4 LAN")
+        mac = (self.mac or default_mac(self.ip)).lower()
+        if not _MAC.fullmatch(mac) or int(mac[:2], 16) & 1:
+            raise ValueError(f"{self.mac!r} is no unicast MAC address (like 52:54:00:12:34:56)")
+        object.__setattr__(self, "mac", mac)
 
     @property
     def tap(self) -> str:
-        return f"tap{self.ip.packed[3]}"
+        # Unique on a host as long as its VMs' addresses are, and within IFNAMSIZ.
+        _, _, c, d = self.ip.packed
+        return f"tap{c}-{d}"
+
+    @property
+    def interface(self) -> IPv4Interface:
+        return IPv4Interface(f"{self.ip}/{self.prefix}")
 
     @property
     def ram_bytes(self) -> int:
@@ -108,7 +128,7 @@ class VMSpec:
             "quiet",
             "panic=-1",  # with QEMU's -no-reboot, a guest panic ends QEMU: a visible crash
             "mitigations=off",  # speculative-execution defences only slow TCG down
-            f"lm.ip={vm_interface(self.ip)}",
+            f"lm.ip={self.interface}",
             f"lm.workload={self.workload}",
         ]
         params += [f"lm.{key}={value}" for key, value in self.options]
@@ -131,6 +151,9 @@ class VMSpec:
             kernel=Path(data["kernel"]),
             initrd=Path(data["initrd"]),
             options=tuple((str(k), str(v)) for k, v in data.get("options", [])),
+            prefix=int(data.get("prefix", 24)),
+            mac=str(data.get("mac", "")),
+            image_digest=str(data.get("image_digest", "")),
         )
 
 
@@ -151,6 +174,11 @@ class VMRecord:
     @property
     def ram_file(self) -> Path:
         return paths.ram_file(self.host, self.spec.name)
+
+    @property
+    def ram_file_on_host(self) -> Path:
+        """The RAM file as its host names it: on QEMU's command line."""
+        return paths.ram_file_on_host(self.host, self.spec.name)
 
     @property
     def qmp_socket(self) -> Path:
@@ -199,4 +227,4 @@ class VMRecord:
             return False
         if stat.rsplit(")", 1)[1].split()[0] == "Z":
             return False
-        return str(self.ram_file).encode() in cmdline
+        return str(self.ram_file_on_host).encode() in cmdline

@@ -147,6 +147,28 @@ class MigrateOptions(_Struct, frozen=True, kw_only=True):
 DEFAULT_OPTIONS: Final = MigrateOptions()
 
 
+class _PeerBody(_Struct, frozen=True, omit_defaults=True):
+    """A peer body leaves out what is at its default: the JSON objects stay the ones
+    version 2 sent, and no bigger."""
+
+
+class VMSpecFields(_PeerBody, frozen=True):
+    """A VM's spec as it travels (``vm.spec.VMSpec.to_json``); ``VMSpec.from_json``
+    checks the values (a safe name, an address, a known workload) on arrival."""
+
+    name: str
+    ip: str
+    mem_mib: Annotated[int, msgspec.Meta(ge=1)]
+    workload: str
+    image: str
+    kernel: str
+    initrd: str
+    options: list[tuple[str, str]] = []
+    prefix: Annotated[int, msgspec.Meta(ge=1, le=31)] = 24
+    mac: str = ""
+    image_digest: str = ""
+
+
 # -- control protocol: requests -------------------------------------------------------------
 
 
@@ -178,7 +200,52 @@ class MemoryQuery(_ControlRequest, frozen=True, tag="memory"):
     """Where the daemon's memory is (``daemon.memstats``)."""
 
 
-ControlRequest = Migrate | Cancel | Ping | MemoryQuery
+class StartVM(_ControlRequest, frozen=True, tag="vm-start"):
+    """Boot a new VM on the daemon's host. ``ip`` None: the host's pool gives one (see
+    ``config``); ``mac`` None: derived from the address."""
+
+    name: str
+    workload: str
+    mem_mib: Annotated[int, msgspec.Meta(ge=1)]
+    image: str
+    options: list[tuple[str, str]] = []
+    ip: str | None = None
+    mac: str | None = None
+
+
+class StartIncoming(_ControlRequest, frozen=True, tag="vm-incoming"):
+    """Start QEMU with -incoming for ``spec``, for QEMU's own migration (the baselines);
+    ``userfaultfd`` for its postcopy destination."""
+
+    spec: VMSpecFields
+    userfaultfd: bool = False
+
+
+class StopVM(_ControlRequest, frozen=True, tag="vm-stop"):
+    """End the host's copy (or copies) of ``vm`` and remove all of it."""
+
+    vm: str
+
+
+class PauseVM(_ControlRequest, frozen=True, tag="vm-pause"):
+    vm: str
+    resume: bool = False
+
+
+class ListVMs(_ControlRequest, frozen=True, tag="vm-list"):
+    pass
+
+
+class Console(_ControlRequest, frozen=True, tag="vm-console"):
+    """``vm``'s serial console: what it printed so far, and with ``follow`` what it
+    prints next, until the VM ends or the client hangs up."""
+
+    vm: str
+    follow: bool = False
+
+
+ControlRequest = (Migrate | Cancel | Ping | MemoryQuery | StartVM | StartIncoming | StopVM
+                  | PauseVM | ListVMs | Console)
 
 # -- control protocol: replies --------------------------------------------------------------
 
@@ -320,9 +387,50 @@ class MemoryFigures(_ControlReply, frozen=True, tag="memory"):
     heap_free_kib: Count | None = None
 
 
-ControlReply = Progress | Migrated | Failed | Pong | Cancelled | MemoryFigures
+class VMInfo(_Struct, frozen=True, kw_only=True):
+    """One copy of a VM as its host's daemon sees it. ``copy`` tells the two copies of
+    a VM in migration apart: the one that runs ("primary") and the one that waits for
+    it ("incoming")."""
+
+    name: str
+    host: str
+    ip: str
+    mac: str
+    state: str  # QEMU's run state, or "dead", or "unreachable" (QMP busy)
+    copy: str
+    workload: str
+    mem_mib: Count
+    pid: Count
+
+
+class VMs(_ControlReply, frozen=True, tag="vms"):
+    vms: list[VMInfo]
+
+
+class VMDone(_ControlReply, frozen=True, tag="vm"):
+    """A VM request is done; ``vm`` is the copy as it stands now (None: it is gone)."""
+
+    vm: VMInfo | None
+    # The record of a started copy, for the lab to attach to it (``vm.spec.VMRecord``).
+    spec: VMSpecFields | None = None
+
+
+class ConsoleText(_ControlReply, frozen=True, tag="console"):
+    """Some of a console's output; more may follow, then ``ConsoleEnd``."""
+
+    text: str
+
+
+class ConsoleEnd(_ControlReply, frozen=True, tag="console-end"):
+    why: str
+
+
+ControlReply = (Progress | Migrated | Failed | Pong | Cancelled | MemoryFigures | VMs
+                | VMDone | ConsoleText | ConsoleEnd)
+# Replies that more replies follow.
+Interim = (Progress, ConsoleText)
 # The last reply to a request other than migrate.
-FinalReply = TypeVar("FinalReply", Pong, Cancelled, MemoryFigures)
+FinalReply = TypeVar("FinalReply", Pong, Cancelled, MemoryFigures, VMs, VMDone, ConsoleEnd)
 ControlMessage = ControlRequest | ControlReply
 
 
@@ -399,25 +507,6 @@ def decode_control_reply(line: bytes) -> ControlReply:
 # -- peer protocol ---------------------------------------------------------------------------
 
 
-class _PeerBody(_Struct, frozen=True, omit_defaults=True):
-    """A peer body leaves out what is at its default: the JSON objects stay the ones
-    version 2 sent, and no bigger."""
-
-
-class VMSpecFields(_PeerBody, frozen=True):
-    """A VM's spec as it travels (``vm.spec.VMSpec.to_json``); ``VMSpec.from_json``
-    checks the values (a safe name, an address, a known workload) on arrival."""
-
-    name: str
-    ip: str
-    mem_mib: Annotated[int, msgspec.Meta(ge=1)]
-    workload: str
-    image: str
-    kernel: str
-    initrd: str
-    options: list[tuple[str, str]] = []
-
-
 class _PeerRequest(_PeerBody, frozen=True, tag_field="kind"):
     pass
 
@@ -449,7 +538,21 @@ class Locate(_PeerRequest, frozen=True, tag="locate"):
     vm: str
 
 
-PeerRequest = Reserve | Image | Commit | Locate
+class ControlCall(_PeerRequest, frozen=True, tag="control"):
+    """On a fresh connection: a control request from the CLI of another host (``livemig
+    --host``), or from a peer daemon (the VMs it runs). Its first reply answers it; after
+    an interim reply (``Interim``: progress, console text) the caller asks for the next
+    with ``ControlMore``, so every Reply answers a Request, and a slow reader slows the
+    stream instead of filling a buffer."""
+
+    request: ControlRequest
+
+
+class ControlMore(_PeerRequest, frozen=True, tag="more"):
+    """The next reply of the ``ControlCall`` on this connection."""
+
+
+PeerRequest = Reserve | Image | Commit | Locate | ControlCall | ControlMore
 
 
 class Reserved(_PeerBody, frozen=True):
@@ -518,6 +621,19 @@ def request_frame(message: PeerRequest) -> frames.Request:
 
 def reply_frame(message: PeerReply) -> frames.Reply:
     return frames.Reply(ok=not isinstance(message, Refusal), body=_builtins(message))
+
+
+def control_reply_frame(reply: ControlReply) -> frames.Reply:
+    return frames.Reply(ok=not isinstance(reply, Failed), body=_builtins(reply))
+
+
+def read_control_reply(frame: frames.Reply, peer: str | None) -> ControlReply:
+    try:
+        reply: ControlReply = msgspec.convert(frame.body, ControlReply)
+    except msgspec.ValidationError as exc:
+        raise frames.RemoteProtocolError(
+            peer, f"malformed control reply: {exc}", "Reply") from exc
+    return reply
 
 
 def read_request(frame: frames.Request, peer: str | None) -> PeerRequest:

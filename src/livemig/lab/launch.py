@@ -1,13 +1,14 @@
-"""Start one daemon per test bed host (idempotent), each inside its host's namespace.
+"""Start one daemon per test bed host (idempotent), each inside its host's namespaces.
 
 A daemon is detached (``setsid -f``): it belongs to no caller, outlives the command that
 started it, and is reaped by init when 'testbed down' ends it. It writes its own pid file.
-It runs under ``daemon.supervise``, which starts it again if it dies, as systemd would.
+It runs under ``lab.supervise``, which starts it again if it dies, as systemd would.
 
-Before that, the test bed gets what real hosts get from 'livemig keys': a CA (in the run
-directory) and for each host its certificate, key, the CA certificate and the CA's CRL in
-its own TLS directory, so the daemons speak mutual TLS with no manual step. Only an explicit
-``plaintext=True`` (``testbed up --insecure-plaintext``) starts them without.
+Before that, the test bed does for each host what an operator does with 'livemig keys'
+(docs/real-hosts.md): a CA in the lab's run directory, and in each host's /etc/livemig its
+certificate, key, the CA certificate, the CA's CRL and the shared peer key, so the daemons
+speak mutual TLS with no manual step. Only an explicit ``plaintext=True`` (``testbed up
+--insecure-plaintext``) starts them without.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ import time
 from pathlib import Path
 
 from livemig import keys, paths
-from livemig.daemon import control, supervise
+from livemig.daemon import control
 from livemig.daemon.control import DaemonUnavailable
+from livemig.errors import LivemigError
+from livemig.lab import supervise
 from livemig.net import testbed
 
 START_TIMEOUT_S = 15.0
@@ -50,13 +53,25 @@ def ensure_pki() -> None:
     if not (ca_dir / keys.CA_CRL).exists():  # a test bed from before CRLs
         keys.sign_crl(ca_dir)
     ca = (ca_dir / keys.CA_CERT).read_bytes()
+    key = control.key_file().read_bytes()
     for node in testbed.hosts():
-        files = keys.HostFiles.in_dir(paths.tls_dir(node.name), node.name)
+        tls_dir = host_tls_dir(node.name)
+        files = keys.HostFiles.in_dir(tls_dir, node.name)
         if files.missing() or files.ca.read_bytes() != ca:
-            paths.tls_dir(node.name).mkdir(parents=True, exist_ok=True)
-            os.chmod(paths.tls_dir(node.name), 0o700)
-            keys.issue_host(ca_dir, node.name, [str(node.ip)], out=paths.tls_dir(node.name))
+            tls_dir.mkdir(parents=True, exist_ok=True)
+            os.chmod(tls_dir, 0o700)
+            keys.issue_host(ca_dir, node.name, [str(node.ip)], out=tls_dir)
         distribute_crl(files)
+        peer_key = testbed.lab_dir(node.name) / "etc" / "peer.key"
+        if not peer_key.is_file() or peer_key.read_bytes() != key:
+            fd = os.open(peer_key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(key)
+
+
+def host_tls_dir(host: str) -> Path:
+    """``host``'s TLS directory, as the lab writes it (the host sees /etc/livemig/tls)."""
+    return testbed.lab_dir(host) / "etc" / "tls"
 
 
 def distribute_crl(files: keys.HostFiles) -> None:
@@ -76,14 +91,18 @@ def _running(host: str, module: str = "livemig.daemon.server", pid_path: Path | 
     try:
         pid = int((pid_path or pid_file(host)).read_text())
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (OSError, ValueError):
+        theirs = os.stat(f"/proc/{pid}/ns/net")
+        hosts = os.stat(f"/run/netns/{testbed.host_node(host).netns}")
+    except (OSError, ValueError, LivemigError):
         return False
-    return module.encode() in cmdline and host.encode() in cmdline
+    # Every host's daemon has the same command line: its namespace tells them apart.
+    same_host = (theirs.st_dev, theirs.st_ino) == (hosts.st_dev, hosts.st_ino)
+    return module.encode() in cmdline and same_host
 
 
 def _supervised(host: str) -> bool:
     """A supervisor runs for ``host``: its daemon runs, or soon will again."""
-    return _running(host, "livemig.daemon.supervise", Path(supervise.pid_file(host)))
+    return _running(host, "livemig.lab.supervise", Path(supervise.pid_file(host)))
 
 
 def stop_daemons(hosts: list[str], timeout: float = 15.0) -> None:
@@ -110,6 +129,7 @@ def ensure_daemons(*, plaintext: bool = False) -> None:
     ensure_pki()
     started = []
     for node in testbed.hosts():
+        paths.host_dir(node.name).mkdir(parents=True, exist_ok=True)  # the host's /run/livemig
         # A supervisor whose daemon is gone is restarting it, or on its way out after a
         # clean stop: wait for one or the other before deciding.
         grace = time.monotonic() + supervise.RESTART_DELAY_S + 2.0
@@ -119,14 +139,17 @@ def ensure_daemons(*, plaintext: bool = False) -> None:
         if _supervised(node.name):
             started.append(node.name)  # wait for its daemon below, start no second one
             continue
-        paths.host_dir(node.name).mkdir(parents=True, exist_ok=True)
         control.socket_path(node.name).unlink(missing_ok=True)  # a dead daemon's
-        argv = ["setsid", "-f", sys.executable, "-m", "livemig.daemon.supervise",
-                "--host", node.name] + (["--insecure-plaintext"] if plaintext else [])
+        argv = ["setsid", "-f", sys.executable, "-m", "livemig.lab.supervise",
+                "--config", str(testbed.HOST_ETC / testbed.CONFIG_FILE)]
+        argv += ["--insecure-plaintext"] if plaintext else []
         log = paths.host_dir(node.name) / "livemigd.log"
         with log.open("ab") as out:
+            # The lab's own settings stay out: the host has its configuration.
+            env = {k: v for k, v in os.environ.items()
+                   if k not in ("LIVEMIG_RUN", "LIVEMIG_DATA", "LIVEMIG_CONFIG")}
             subprocess.run(node.exec_argv(argv), stdin=subprocess.DEVNULL, stdout=out,
-                           stderr=out, check=True)
+                           stderr=out, check=True, env=env)
         started.append(node.name)
     deadline = time.monotonic() + START_TIMEOUT_S
     for host in started:

@@ -1,6 +1,7 @@
-"""``python -m livemig.daemon.supervise --host H``: keep a host's daemon running.
+"""``python -m livemig.lab.supervise --config FILE``: keep a host's daemon running.
 
-What systemd's ``Restart=on-failure`` does on a real host, for the test bed: a daemon
+What systemd's ``Restart=on-failure`` does on a real host (dist/systemd/livemigd.service),
+for the test bed: a daemon
 that dies (a crash, a SIGKILL) starts again within a second, and its first act is to
 settle what it left behind (``server.Daemon._recover``): incoming copies that never ran
 go, and VMs it had stopped in a switchover are resumed or released. A daemon that exits
@@ -15,9 +16,10 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from types import FrameType
 
-from livemig import paths
+from livemig import config, paths
 
 RESTART_DELAY_S = 0.5
 MAX_QUICK_RESTARTS = 5  # within QUICK_S: a daemon that cannot start is not retried for ever
@@ -29,10 +31,14 @@ def pid_file(host: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m livemig.daemon.supervise")
-    parser.add_argument("--host", required=True)
+    parser = argparse.ArgumentParser(prog="python -m livemig.lab.supervise")
+    parser.add_argument("--config", type=Path, default=config.DEFAULT_PATH)
     args, daemon_args = parser.parse_known_args(argv)
-    with open(pid_file(args.host), "w") as f:
+    here = config.load(args.config)
+    config.use(here)
+    host = here.name
+    paths.host_dir(host).mkdir(parents=True, exist_ok=True)
+    with open(pid_file(host), "w") as f:
         f.write(str(os.getpid()))
     stopping = False
     child: subprocess.Popen[bytes] | None = None
@@ -49,15 +55,15 @@ def main(argv: list[str] | None = None) -> int:
     while not stopping:
         starts = [t for t in starts if time.monotonic() - t < QUICK_S] + [time.monotonic()]
         if len(starts) > MAX_QUICK_RESTARTS:
-            print(f"livemigd on {args.host} died {MAX_QUICK_RESTARTS} times in {QUICK_S:g} s; "
+            print(f"livemigd on {host} died {MAX_QUICK_RESTARTS} times in {QUICK_S:g} s; "
                   "not restarting it", file=sys.stderr, flush=True)
             return 1
         child = subprocess.Popen([sys.executable, "-m", "livemig.daemon.server",
-                                  "--host", args.host, *daemon_args])
+                                  "--config", str(args.config), *daemon_args])
         code = child.wait()
         if stopping or code == 0:
             break
-        print(f"livemigd on {args.host} exited with status {code}; restarting it",
+        print(f"livemigd on {host} exited with status {code}; restarting it",
               file=sys.stderr, flush=True)
         time.sleep(RESTART_DELAY_S)
     return 0

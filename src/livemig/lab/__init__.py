@@ -1,0 +1,1 @@
+"""The test bed's own machinery: starting and supervising its hosts' daemons."""
