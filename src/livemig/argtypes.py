@@ -196,3 +196,12 @@ def host_names(text: str) -> int | list[str]:
             raise argparse.ArgumentTypeError(f"{exc}; give a number of hosts or their "
                                              f"names, like alpha,beta") from None
     return names
+
+
+def hold_rounds(text: str) -> int:
+    """--hold-hot: 0 (off), or the rounds in a row that make a page hot (2 to 64)."""
+    value = whole_number(0, 64)(text)
+    if value == 1:
+        raise argparse.ArgumentTypeError("1 round does not make a page hot: give 0 (off) "
+                                         "or 2 to 64")
+    return value

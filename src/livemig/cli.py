@@ -365,7 +365,8 @@ def _migrate_options(args: argparse.Namespace) -> messages.MigrateOptions:
         max_impact_pct=args.max_impact, on_timeout=messages.OnTimeout(args.on_timeout),
         min_rate_mbps=min_rate, max_rate_mbps=max_rate, tracker=args.tracker,
         verify=not args.no_verify, stall_timeout_s=args.stall_timeout, timeout_s=args.timeout,
-        hold_at=messages.HoldPoint(args.hold_at) if args.hold_at else None)
+        hold_at=messages.HoldPoint(args.hold_at) if args.hold_at else None,
+        hold_hot=args.hold_hot)
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -471,7 +472,7 @@ def cmd_keys_host(args: argparse.Namespace) -> int:
                            f"({exc.filename})") from exc
     crl = f", {files.crl}" if files.crl is not None and files.crl.is_file() else ""
     print(f"{args.name}: {files.cert}, {files.key} (0600), {files.ca}{crl}; copy these to "
-          f"the host's --tls-dir", file=sys.stderr)
+          f"the host's [tls] dir (/etc/livemig/tls)", file=sys.stderr)
     return 0
 
 
@@ -485,7 +486,7 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
     if done.added:
         serials = ", ".join(f"{s:x}" for s in done.added)
         print(f"revoked {what} (serial {serials}) in {done.crl}; copy it to every host's "
-              "--tls-dir, where daemons take it up at their next connection", file=sys.stderr)
+              "[tls] dir, where daemons take it up at their next connection", file=sys.stderr)
     else:
         print(f"{what} is revoked already in {done.crl}; nothing changed", file=sys.stderr)
     return 0
@@ -496,7 +497,7 @@ def cmd_keys_crl(args: argparse.Namespace) -> int:
         crl = keys.sign_crl(args.dir)
     except OSError as exc:
         raise LivemigError(f"cannot sign {args.dir / keys.CA_CRL}: {exc.strerror}") from exc
-    print(f"signed {crl} anew; copy it to every host's --tls-dir", file=sys.stderr)
+    print(f"signed {crl} anew; copy it to every host's [tls] dir", file=sys.stderr)
     return 0
 
 
@@ -644,6 +645,9 @@ def build_parser() -> argparse.ArgumentParser:
     mig.add_argument("--stall-timeout", type=_seconds, default=defaults.stall_timeout_s,
                      metavar="S", help=f"abort if the target takes no data for S seconds "
                                        f"(default {defaults.stall_timeout_s:g})")
+    mig.add_argument("--hold-hot", type=argtypes.hold_rounds, default=defaults.hold_hot,
+                     metavar="K", help="convergence aid: pages dirtied in each of the last K "
+                     "rounds (K >= 2) go only in the stop-and-copy (default 0: off)")
     mig.add_argument("--hold-at", choices=[str(p) for p in messages.HoldPoint], default=None,
                      help="fault drills: wait at this point until holds/VM@POINT is removed")
     mig.set_defaults(func=cmd_migrate)

@@ -213,6 +213,14 @@ def parse(text: str, source: Path | None = None) -> HostConfig:
             raise ValueError(f"port {data.host.port} is not a TCP port")
         if not 0 < len(data.host.bridge) < 16:
             raise ValueError(f"bridge {data.host.bridge!r} is no interface name")
+        if address in pool:
+            raise ValueError(f"the pool {pool} holds this host's own address {address}")
+        if data.host.name in data.peers:
+            raise ValueError(f"[peers] names this host, {data.host.name}, itself")
+        for key in ("dir", "peer_key"):
+            if not Path(getattr(data.tls, key)).is_absolute():
+                raise ValueError(f"tls.{key} {getattr(data.tls, key)!r} is not an absolute "
+                                 f"path")
         dirs = {key: Path(getattr(data.paths, key)) for key in ("run", "ram", "state", "images")}
         for key, path in dirs.items():
             if not path.is_absolute():

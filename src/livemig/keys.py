@@ -6,7 +6,7 @@
 
 A host's TLS directory holds ``ca.crt``, ``ca.crl``, ``NAME.crt`` and ``NAME.key``:
 exactly what ``keys host`` writes beside the CA, so a host is deployed by copying those
-four files (never ``ca.key``) to its ``--tls-dir``. The test bed does that itself at
+four files (never ``ca.key``) to its ``[tls] dir`` (``config``). The test bed does that itself at
 'testbed up': the CA lives in the run directory, each host's files in the host's own
 directory.
 

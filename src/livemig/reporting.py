@@ -18,6 +18,8 @@ def progress_line(update: Progress) -> str:
         target = ("" if update.downtime_target_ms is None
                   else f" (target {update.downtime_target_ms:g})")
         parts.append(f"downtime now ≈ {update.predicted_downtime_ms:5.0f} ms{target}")
+    if update.held_pages:
+        parts.append(f"{update.held_pages} hot pages held back")
     if update.stalled:
         parts.append("STALLED: the last rounds came no closer")
     return "  ".join(parts)
@@ -36,15 +38,16 @@ def report_text(report: MigrationReport) -> str:
         f"  data sent          {report.bytes_sent:,} bytes = "
         f"{report.data_sent_ratio:.3f} x RAM ({report.ram_bytes >> 20} MiB)",
         f"  pre-copy ended     {report.stop_reason}",
+        *([f"  aids               {', '.join(report.aids)}"] if report.aids else []),
         f"  verified           {'yes' if verified else 'NO' if verified is False else 'skipped'}"
         f" (source {report.source_checksum}, destination {report.destination_checksum})",
-        f"  {'round':>5} {'sent':>8} {'skipped':>8} {'dirtied':>8} {'Mbit/s':>8} "
-        f"{'dirty Mbit/s':>12} {'seconds':>8}",
+        f"  {'round':>5} {'sent':>8} {'skipped':>8} {'dirtied':>8} {'held':>6} "
+        f"{'Mbit/s':>8} {'dirty Mbit/s':>12} {'seconds':>8}",
     ]
     for r in report.rounds:
         lines.append(
             f"  {r.number:>5} {r.pages_sent:>8} {r.pages_skipped:>8} "
-            f"{r.pages_dirtied:>8} {r.rate_bps / MBIT:>8.1f} "
+            f"{r.pages_dirtied:>8} {r.pages_held:>6} {r.rate_bps / MBIT:>8.1f} "
             f"{r.dirty_rate_bps / MBIT:>12.1f} {r.duration_s:>8.3f}"
         )
     return "\n".join(lines)

@@ -158,8 +158,12 @@ def test_there_and_back_then_on_to_a_third_host(
     loop.run_until_complete(vm.close())
     path = ["hostA", "hostB", "hostA", "hostC"]
     for source, target in itertools.pairwise(path):
-        report = migrate(loop, vm.name, source, target)
+        # The last hop holds hot pages back: whatever it held, the stop-and-copy sent.
+        hold = 2 if target == "hostC" else 0
+        report = migrate(loop, vm.name, source, target, hold_hot=hold)
         assert report.verified is True, (source, target, report)
+        held = any(r.pages_held for r in report.rounds)
+        assert report.aids == (["hold-hot"] if held else []), report
     assert_mmuncher_intact_on(loop, vm.name, "hostC")
 
 

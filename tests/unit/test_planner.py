@@ -821,3 +821,84 @@ def test_a_final_collect_slower_than_the_rounds_ones_is_predicted_as_it_was() ->
                       collect_s=0.001)
     # 30 ms fixed + 22 ms collect (the past final one, not this round's 1 ms) + 10 pages.
     assert planner.predict_downtime_s(10) == pytest.approx(0.052 + 10 * PAGE_BITS / 1e9)
+
+
+# -- hot pages held back (hold_hot) ----------------------------------------------------
+
+
+def test_pages_dirty_round_after_round_are_held_for_the_stop_and_copy() -> None:
+    planner = Planner(16, PlannerConfig(hold_hot=2, final_bytes=3 * PAGE_SIZE))
+    send_all(planner, as_plan(planner.first()))
+    plan = as_plan(planner.end_round(pages(1, 2, 3), 1.0))  # dirty once: all sent again
+    assert sorted(plan.pages) == [1, 2, 3]
+    send_all(planner, plan)
+    plan = as_plan(planner.end_round(pages(1, 2, 5), 1.0))  # 1, 2: twice in a row, hot
+    assert sorted(plan.pages) == [5] and planner.rounds[-1].pages_held == 2
+    send_all(planner, plan)
+    # 2 cooled down: it goes now; 1 stays hot and stays held.
+    plan = as_plan(planner.end_round(pages(1, 7, 8, 9, 10, 11, 12, 13, 14), 1.0))
+    assert sorted(plan.pages) == [2, 7, 8, 9, 10, 11, 12, 13, 14]
+    assert planner.rounds[-1].pages_held == 1
+    send_all(planner, plan)
+    final = as_stop(planner.end_round(pages(3), 1.0))  # few pages left: the held one too
+    assert list(final.pages) == [1, 3]
+
+
+def test_a_round_of_nothing_but_hot_pages_sends_them() -> None:
+    planner = Planner(8, PlannerConfig(hold_hot=2, final_bytes=0))
+    send_all(planner, as_plan(planner.first()))
+    send_all(planner, as_plan(planner.end_round(pages(4, 5), 1.0)))
+    plan = as_plan(planner.end_round(pages(4, 5), 1.0))
+    assert sorted(plan.pages) == [4, 5] and planner.rounds[-1].pages_held == 0
+
+
+def test_the_prediction_counts_the_pages_held_back() -> None:
+    config = dataclasses.replace(targeted(downtime_ms=10, cost_ms=1), hold_hot=2)
+    planner = Planner(4096, config)
+    send_all(planner, as_plan(planner.first()))
+    hot = np.arange(100, dtype=np.int64)
+    send_all(planner, as_plan(planner.end_round(hot, 1.0, link_bps=100 * MBIT, elapsed_s=1)))
+    plan = as_plan(planner.end_round(np.concatenate((hot, pages(500))), 1.0,
+                                     link_bps=100 * MBIT, elapsed_s=2))
+    assert list(plan.pages) == [500]
+    assert planner.predicted_downtime_s == pytest.approx(planner.predict_downtime_s(101))
+
+
+@pytest.mark.parametrize("make", [lambda: PlannerConfig(hold_hot=1),
+                                  lambda: PlannerConfig(hold_hot=-2)])
+def test_one_dirty_round_does_not_make_a_page_hot(make: object) -> None:
+    with pytest.raises(ValueError, match="hold_hot"):
+        make()  # type: ignore[operator]
+
+
+def skewed(npages: int, hot: int, weight: int, writes_per_s: float) -> Model:
+    """Writes over all of RAM, but ``weight`` times as often to ``hot`` pages of it."""
+    hot_pages = np.linspace(0, npages - 1, hot).astype(np.int64)
+    return Model(writes_per_s, np.concatenate([np.arange(npages, dtype=np.int64),
+                                               *([hot_pages] * weight)]))
+
+
+@settings(max_examples=40, deadline=None)
+@given(hold=st.integers(2, 4), seed=st.integers(0, 2**16), writes=st.floats(1e3, 5e4))
+def test_holding_back_never_loses_a_write(hold: int, seed: int, writes: float) -> None:
+    """``simulate`` checks that the destination ends with the source's every page."""
+    config = dataclasses.replace(targeted(downtime_ms=50, timeout_s=30.0), hold_hot=hold,
+                                 seed=seed)
+    run = simulate(2048, skewed(2048, 64, 40, writes), config, seed=seed,
+                   link_bps=200 * MBIT)
+    for step in run.steps:
+        assert np.unique(step.pages).size == step.pages.size  # and none twice
+
+
+def test_holding_back_hot_pages_sends_less_for_the_same_downtime() -> None:
+    """A guest that rewrites a hot set all the time and the rest now and then: without
+    the hold, every round resends the hot set; with it, only the stop-and-copy does."""
+    sent = {}
+    for hold in (0, 2):
+        config = dataclasses.replace(targeted(downtime_ms=60, timeout_s=20.0),
+                                     hold_hot=hold)
+        run = simulate(16384, skewed(16384, 256, 400, 10_000.0), config, seed=3,
+                       link_bps=300 * MBIT)
+        assert run.final.reason is StopReason.WITHIN_TARGET, run.planner.rounds
+        sent[hold] = run.planner.bytes_sent
+    assert sent[2] < sent[0]

@@ -117,3 +117,5 @@ def test_restarts_as_the_test_beds_supervisor_does() -> None:
     # does: MAX_QUICK_RESTARTS starts in QUICK_S seconds, then no more.
     assert int(unit["Unit"]["StartLimitBurst"]) == supervise.MAX_QUICK_RESTARTS
     assert seconds(unit["Unit"]["StartLimitIntervalSec"]) == supervise.QUICK_S
+    # A daemon that cannot start as configured says so with EX_CONFIG: neither retries.
+    assert int(unit["Service"]["RestartPreventExitStatus"]) == supervise.EX_CONFIG

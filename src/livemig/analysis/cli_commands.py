@@ -253,7 +253,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         raise LivemigError(f"--min-rate {args.min_rate:g} is above --max-rate {args.max_rate:g}")
     config = PlannerConfig(
         limits=RateLimits(args.min_rate * MBIT, args.max_rate * MBIT, args.increment * MBIT),
-        mode=Mode(args.mode), seed=args.seed)
+        mode=Mode(args.mode), seed=args.seed, hold_hot=args.hold_hot)
     result = simulate.simulate(make(), config, costs, zero_pages=zeros, start_s=args.start)
     print(result_text(result, what))
     if args.json:
@@ -361,6 +361,8 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
     s.add_argument("--start", type=float, default=0.0, metavar="SECONDS",
                    help="where in the trace the migration starts")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--hold-hot", type=argtypes.hold_rounds, default=0, metavar="K",
+                   help="hold back pages dirtied in each of the last K rounds (0: off)")
     costs = simulate.DEFAULT_COSTS
     for name, value, text in (
         ("setup", costs.setup_s, "reservation before round 1"),

@@ -584,11 +584,12 @@ def _read_key(path: Path) -> bytes:
     try:
         key = path.read_bytes()
     except OSError as exc:
-        raise LivemigError(f"cannot read the peer key {path} ({exc.strerror}); every host "
-                           f"holds the same 32 random bytes there (docs/real-hosts.md)") from exc
+        raise config.ConfigError(path, f"cannot read the peer key ({exc.strerror}); every "
+                                       f"host holds the same 32 random bytes there "
+                                       f"(docs/real-hosts.md)") from exc
     if len(key) < frames.MIN_KEY_BYTES:
-        raise LivemigError(f"the peer key {path} holds {len(key)} bytes, fewer than the "
-                           f"{frames.MIN_KEY_BYTES} a key needs")
+        raise config.ConfigError(path, f"the peer key holds {len(key)} bytes, fewer than "
+                                       f"the {frames.MIN_KEY_BYTES} a key needs")
     return key
 
 
@@ -601,7 +602,7 @@ def check_identity(here: config.HostConfig, files: keys.HostFiles) -> None:
         raise LivemigError(f"cannot read this host's certificate {files.cert} ({exc})") from exc
     named = keys.host_of(cert)
     if named != here.name:
-        raise LivemigError(
+        raise config.ConfigError(None,
             f"{files.cert} names host {named!r}, but {here.source} says this host is "
             f"{here.name!r}: issue it a certificate of its own name ('livemig keys host "
             f"{here.name} --dir CA'), or correct [host] name")
@@ -628,9 +629,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+# sysexits.h's EX_CONFIG: the configuration, keys or certificate are wrong, and starting
+# again will not help (livemigd.service: RestartPreventExitStatus; lab.supervise too).
+EX_CONFIG = 78
+
 if __name__ == "__main__":
     try:
         raise SystemExit(main())
+    except (config.ConfigError, keys.KeysError) as exc:
+        log.error("%s", exc)
+        raise SystemExit(EX_CONFIG) from None
     except LivemigError as exc:  # one line in livemigd.log, as the CLI would print it
         log.error("%s", exc)
         raise SystemExit(1) from None

@@ -20,6 +20,7 @@ from pathlib import Path
 from types import FrameType
 
 from livemig import config, paths
+from livemig.daemon.server import EX_CONFIG
 
 RESTART_DELAY_S = 0.5
 MAX_QUICK_RESTARTS = 5  # within QUICK_S: a daemon that cannot start is not retried for ever
@@ -63,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         code = child.wait()
         if stopping or code == 0:
             break
+        if code == EX_CONFIG:  # as systemd's RestartPreventExitStatus: no use trying again
+            print(f"livemigd on {host} cannot start as configured (status {code}); not "
+                  "restarting it", file=sys.stderr, flush=True)
+            return 1
         print(f"livemigd on {host} exited with status {code}; restarting it",
               file=sys.stderr, flush=True)
         time.sleep(RESTART_DELAY_S)

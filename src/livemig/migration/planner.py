@@ -210,8 +210,14 @@ class PlannerConfig:
     max_sent_factor: float = 3.0  # stop once this many x RAM has been sent
     final_bytes: int = 256 * 1024  # stop when less than this remains dirty
     seed: int = 0  # of the pseudo-random send order
+    # Hot pages held back (0: off): a page dirtied in each of the last ``hold_hot``
+    # rounds is sent only by the stop-and-copy, where it is sent once. See ``end_round``.
+    hold_hot: int = 0
 
     def __post_init__(self) -> None:
+        if self.hold_hot < 0 or self.hold_hot == 1:
+            raise ValueError(f"hold_hot must be 0 (off) or at least 2 rounds, not "
+                             f"{self.hold_hot!r}: one dirty round does not make a page hot")
         if self.max_rounds < 1:
             raise ValueError(f"max_rounds must be at least 1, not {self.max_rounds!r}")
         if not (math.isfinite(self.max_sent_factor) and self.max_sent_factor > 0):
@@ -309,6 +315,10 @@ class Planner:
         self._predicted_s: float | None = None
         self._predictions: list[float] = []
         self._timeout_s: float | None = None
+        # Hot pages: how many rounds in a row each page was dirtied, and the pages held
+        # back (dirty, not yet sent again) for the stop-and-copy.
+        self._streak = np.zeros(self._npages if config.hold_hot else 0, dtype=np.uint8)
+        self._held: Pages = np.empty(0, dtype=np.int64)
 
     # -- decisions -------------------------------------------------------------------
 
@@ -381,6 +391,14 @@ class Planner:
         The next round sends exactly ``dirtied``, in a fresh pseudo-random order, or
         pre-copy stops; see :class:`StopReason` for the conditions and the order they
         are looked at in.
+
+        With ``hold_hot`` = k, what is pending is ``dirtied`` and the pages held back
+        before; a pending page dirtied in each of the last k rounds is hot (the writable
+        working set of §4, as the engine sees it live) and is held back again: sending
+        it now would only be sending it again. The rest goes, so each round sends what
+        will stay sent. The prediction and the stop-and-copy count every pending page,
+        held ones included. A round whose pending pages are all hot sends them all
+        (holding everything back would make a round of nothing).
         """
         self._require("end_round")
         if not (math.isfinite(duration_s) and duration_s > 0):
@@ -400,22 +418,24 @@ class Planner:
                 f"record_batch() accounted for {accounted} (sent {self._sent}, skipped "
                 f"{self._skipped}, zero {self._zero}); report every page first"
             )
-        dirty = _as_set(self._checked_pages(dirtied, "dirtied"))
+        dirtied_now = _as_set(self._checked_pages(dirtied, "dirtied"))
+        dirty, send = self._hold_back_hot(dirtied_now)
 
-        dirty_rate = dirty.size * _PAGE_BITS / duration_s
+        dirty_rate = dirtied_now.size * _PAGE_BITS / duration_s
         self._rounds.append(
             RoundStats(
                 number=self._number,
                 pages_planned=self._planned,
                 pages_sent=self._sent,
                 pages_skipped=self._skipped,
-                pages_dirtied=int(dirty.size),
+                pages_dirtied=int(dirtied_now.size),
                 # Paced rounds report their pace; the auto policy what the round achieved.
                 rate_bps=(self._rate_bps if self._rate_bps is not None
                           else self._sent * _PAGE_BITS / duration_s),
                 duration_s=float(duration_s),
                 dirty_rate_bps=dirty_rate,
                 pages_zero=self._zero,
+                pages_held=int(dirty.size - send.size),
             )
         )
         self._collect_s = collect_s
@@ -428,11 +448,28 @@ class Planner:
             reason = self._target_reason(target, dirty, link_bps, elapsed_s)
             if reason is not None:
                 return self._stop(dirty, reason)
-            return self._plan(self._rng.permutation(dirty), self._round_rate(dirty_rate))
+            return self._plan(self._rng.permutation(send), self._round_rate(dirty_rate))
         reason = self._paper_reason(dirty, dirty_rate)
         if reason is not None:
             return self._stop(dirty, reason)
-        return self._plan(self._rng.permutation(dirty), self._round_rate(dirty_rate))
+        return self._plan(self._rng.permutation(send), self._round_rate(dirty_rate))
+
+    def _hold_back_hot(self, dirtied: Pages) -> tuple[Pages, Pages]:
+        """(what is pending, what the next round sends of it); see ``end_round``."""
+        k = self._config.hold_hot
+        if not k:
+            return dirtied, dirtied
+        streak = self._streak
+        was = streak[dirtied]
+        streak[:] = 0
+        streak[dirtied] = np.minimum(was.astype(np.int64) + 1, 255)
+        pending = np.union1d(dirtied, self._held)
+        hot = streak[pending] >= k
+        send = pending[~hot]
+        if send.size == 0:
+            send = pending
+        self._held = np.setdiff1d(pending, send, assume_unique=True)
+        return pending, send
 
     def _target_reason(self, target: DowntimeTarget, dirty: Pages, link_bps: float,
                        elapsed_s: float) -> StopReason | None:

@@ -103,6 +103,7 @@ class MigrationOptions:
     stall_timeout_s: float = DEFAULT_OPTIONS.stall_timeout_s  # the target took no data
     timeout_s: float | None = DEFAULT_OPTIONS.timeout_s  # the budget, up to commitment
     hold_at: HoldPoint | None = DEFAULT_OPTIONS.hold_at  # fault drills (migration.holds)
+    hold_hot: int = DEFAULT_OPTIONS.hold_hot  # rounds that make a page hot; 0: off
 
     @classmethod
     def of(cls, options: messages.MigrateOptions,
@@ -119,7 +120,7 @@ class MigrationOptions:
                    mode=options.mode, tracker=options.tracker,
                    verify=options.verify, seed=options.seed,
                    stall_timeout_s=options.stall_timeout_s, timeout_s=options.timeout_s,
-                   hold_at=options.hold_at)
+                   hold_at=options.hold_at, hold_hot=options.hold_hot)
 
 
 ProgressCallback = Callable[[Progress], None]
@@ -418,7 +419,8 @@ class SourceMigration:
         self.planner = Planner(
             memory.npages,
             PlannerConfig(limits=self.options.limits, target=self.options.target,
-                          mode=self.options.mode, seed=self.options.seed),
+                          mode=self.options.mode, seed=self.options.seed,
+                          hold_hot=self.options.hold_hot),
         )
         step = self.planner.first(zero_pages=np.flatnonzero(self._holes).astype(np.int64))
         while isinstance(step, RoundPlan):
@@ -629,6 +631,7 @@ class SourceMigration:
             link_mbps=None if link_bps is None else link_bps / MBIT,
             service_mbps=None if service_bps is None else service_bps / MBIT,
             switchover_forced=self._switchover_forced,
+            aids=["hold-hot"] if any(r.pages_held for r in self.planner.rounds) else [],
             final_bytes=window.final_bytes,
             final_collect_ms=window.final_collect_s * 1000,
             # Where the engine's downtime goes, step by step (ms).
@@ -825,6 +828,7 @@ class SourceMigration:
             predicted_downtime_ms=None if predicted is None else predicted * 1000,
             downtime_target_ms=None if target is None else target.downtime_s * 1000,
             stalled=self._stalled(),
+            held_pages=last.pages_held if last else 0,
         ))
 
     def _stalled(self) -> bool:

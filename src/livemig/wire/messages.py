@@ -132,6 +132,8 @@ class MigrateOptions(_Struct, frozen=True, kw_only=True):
     # limits end it).
     timeout_s: PositiveSeconds | None = None
     hold_at: HoldPoint | None = None  # fault drills: wait at this point
+    # Convergence aid: hold back pages dirtied in each of the last N rounds (0: off).
+    hold_hot: Annotated[int, msgspec.Meta(ge=0, le=64)] = 0
 
     def __post_init__(self) -> None:
         # JSON has no NaN or infinity, but a caller in Python can still pass one.
@@ -142,6 +144,9 @@ class MigrateOptions(_Struct, frozen=True, kw_only=True):
         if self.min_rate_mbps > self.max_rate_mbps:
             raise ValueError(f"min_rate_mbps ({self.min_rate_mbps:g}) is above "
                              f"max_rate_mbps ({self.max_rate_mbps:g})")
+        if self.hold_hot == 1:
+            raise ValueError("hold_hot must be 0 (off) or at least 2 rounds: one dirty "
+                             "round does not make a page hot")
 
 
 DEFAULT_OPTIONS: Final = MigrateOptions()
@@ -276,6 +281,7 @@ class Progress(_ControlReply, frozen=True, tag="progress"):
     predicted_downtime_ms: float | None = None  # were the switchover now
     downtime_target_ms: float | None = None
     stalled: bool = False
+    held_pages: Count = 0  # hot pages held back for the stop-and-copy (hold-hot)
 
 
 class RoundStats(_Struct, frozen=True):
@@ -291,6 +297,7 @@ class RoundStats(_Struct, frozen=True):
     duration_s: float
     dirty_rate_bps: float  # pages_dirtied x page size x 8 / duration
     pages_zero: Count = 0  # all-zero pages, sent as indexes only
+    pages_held: Count = 0  # hot pages held back at the round's end, for the stop-and-copy
 
 
 class MigrationReport(_Struct, frozen=True, kw_only=True):
@@ -338,6 +345,7 @@ class MigrationReport(_Struct, frozen=True, kw_only=True):
     final_bytes: Count = 0  # page data sent while the VM was stopped
     final_collect_ms: float = 0.0  # the dirty log's last collect, the VM stopped
     switchover_forced: bool = False  # the target was out of reach; on_timeout=switchover
+    aids: list[str] = []  # the convergence aids that acted, e.g. "hold-hot"
 
     def to_json(self) -> dict[str, Any]:
         """As plain JSON, for the result files of experiments and benches."""
