@@ -19,7 +19,7 @@ from typing import NoReturn
 from livemig import config, paths
 from livemig.errors import BadName, LivemigError
 from livemig.net import shaping
-from livemig.vm.spec import MAX_MEM_MIB, MIN_MEM_MIB
+from livemig.vm.spec import MAX_MEM_MIB, MIN_MEM_MIB, unicast_mac
 
 # A rate beyond any link we could pace (100 Gbit/s) is a typo, not a wish.
 MIN_RATE_MBPS = 1.0
@@ -176,12 +176,10 @@ def ipv4_network(text: str) -> IPv4Network:
 
 
 def mac(text: str) -> str:
-    octets = text.lower().split(":")
-    if (len(octets) != 6 or not all(len(o) == 2 and all(c in "0123456789abcdef" for c in o)
-                                    for o in octets) or int(octets[0], 16) & 1):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a unicast MAC like "
-                                         f"52:54:00:12:34:56")
-    return text.lower()
+    try:
+        return unicast_mac(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def host_names(text: str) -> int | list[str]:

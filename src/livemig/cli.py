@@ -25,7 +25,7 @@ import msgspec
 
 from livemig import argtypes, config, keys, paths, reporting
 from livemig.analysis import cli_commands as analysis_commands
-from livemig.daemon import control, server
+from livemig.daemon import control, remote, server
 from livemig.daemon.history import SwitchoverHistory
 from livemig.errors import LivemigError, SetupError, VMNotFound
 from livemig.experiments import bed, demo, paper
@@ -105,7 +105,7 @@ def _own_host(args: argparse.Namespace) -> str:
     if own is not None:
         return own.name
     hosts = testbed.host_names()
-    raise LivemigError("this machine is no livemig host (no /etc/livemig/livemig.toml): "
+    raise LivemigError(f"this machine is no livemig host (no {config.DEFAULT_PATH}): "
                        "name one with --host" + (f" (the test bed's: {', '.join(hosts)})"
                                                  if hosts else ""))
 
@@ -123,22 +123,15 @@ def _all_hosts() -> list[str]:
 
 async def _list_everywhere(hosts: list[str]) -> tuple[list[messages.VMInfo], dict[str, str]]:
     """Every host's VMs, asked at once; and the hosts that did not answer, with why."""
-    answers = await asyncio.gather(
-        *(control.request(h, messages.ListVMs(), messages.VMs) for h in hosts),
-        return_exceptions=True)
-    vms: list[messages.VMInfo] = []
-    unreachable: dict[str, str] = {}
-    for host, answer in zip(hosts, answers, strict=True):
-        if isinstance(answer, LivemigError):
-            unreachable[host] = _with_lab_hint(answer)
-        elif isinstance(answer, BaseException):
-            raise answer
-        else:
-            vms += answer.vms
-    return vms, unreachable
+
+    async def ask(host: str) -> list[messages.VMInfo]:
+        return (await control.request(host, messages.ListVMs(), messages.VMs)).vms
+
+    vms, silent = await remote.vms_of(hosts, ask)
+    return vms, {host: _with_lab_hint(exc) for host, exc in silent.items()}
 
 
-def _with_lab_hint(exc: LivemigError) -> str:
+def _with_lab_hint(exc: LivemigError | OSError) -> str:
     """The error's sentence, and on the test bed how to start a missing daemon there."""
     if isinstance(exc, control.DaemonUnavailable) and config.current() is None:
         return f"{exc}; on the test bed, 'livemig testbed up' starts it"
@@ -251,10 +244,8 @@ def cmd_testbed_exec(args: argparse.Namespace) -> int:
     argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     if not argv:
         raise LivemigError("name a command to run: livemig testbed exec HOST -- CMD ...")
-    node = testbed.require_host(args.host_name)
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("LIVEMIG_RUN", "LIVEMIG_DATA", "LIVEMIG_CONFIG")}
-    os.execvpe(node.exec_argv(argv)[0], node.exec_argv(argv), env)
+    inside = testbed.require_host(args.host_name).exec_argv(argv)
+    os.execvpe(inside[0], inside, testbed.host_environment())
 
 
 # -- testbed ----------------------------------------------------------------------------

@@ -40,7 +40,7 @@ import os
 import socket
 import tomllib
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
 import msgspec
@@ -49,6 +49,14 @@ from livemig.errors import LivemigError
 
 DEFAULT_PATH = Path("/etc/livemig/livemig.toml")
 DEFAULT_PORT = 7477
+DEFAULT_BRIDGE = "br0"
+# The directories' defaults, one home for the file's schema and HostConfig alike.
+DEFAULT_RUN = "/run/livemig"
+DEFAULT_RAM = "/dev/shm"
+DEFAULT_STATE = "/var/lib/livemig/state"
+DEFAULT_IMAGES = "/var/lib/livemig/images"
+DEFAULT_TLS = "/etc/livemig/tls"
+DEFAULT_PEER_KEY = "/etc/livemig/peer.key"
 _HOST_NAME_RULE = "1 to 63 letters, digits or '-', not starting or ending with '-'"
 
 
@@ -75,7 +83,7 @@ class _Host(msgspec.Struct, forbid_unknown_fields=True):
     name: str
     address: str
     port: int = DEFAULT_PORT
-    bridge: str = "br0"
+    bridge: str = DEFAULT_BRIDGE
 
 
 class _VMs(msgspec.Struct, forbid_unknown_fields=True):
@@ -84,15 +92,15 @@ class _VMs(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class _Paths(msgspec.Struct, forbid_unknown_fields=True):
-    run: str = "/run/livemig"
-    ram: str = "/dev/shm"
-    state: str = "/var/lib/livemig/state"
-    images: str = "/var/lib/livemig/images"
+    run: str = DEFAULT_RUN
+    ram: str = DEFAULT_RAM
+    state: str = DEFAULT_STATE
+    images: str = DEFAULT_IMAGES
 
 
 class _TLS(msgspec.Struct, forbid_unknown_fields=True):
-    dir: str = "/etc/livemig/tls"
-    peer_key: str = "/etc/livemig/peer.key"
+    dir: str = DEFAULT_TLS
+    peer_key: str = DEFAULT_PEER_KEY
 
 
 class _File(msgspec.Struct, forbid_unknown_fields=True):
@@ -155,18 +163,15 @@ class HostConfig:
     vm_network: IPv4Network
     vm_pool: Pool
     port: int = DEFAULT_PORT
-    bridge: str = "br0"
-    run_dir: Path = Path("/run/livemig")
-    ram_dir: Path = Path("/dev/shm")
-    state_dir: Path = Path("/var/lib/livemig/state")
-    images_dir: Path = Path("/var/lib/livemig/images")
-    tls_dir: Path = Path("/etc/livemig/tls")
-    peer_key: Path = Path("/etc/livemig/peer.key")
+    bridge: str = DEFAULT_BRIDGE
+    run_dir: Path = Path(DEFAULT_RUN)
+    ram_dir: Path = Path(DEFAULT_RAM)
+    state_dir: Path = Path(DEFAULT_STATE)
+    images_dir: Path = Path(DEFAULT_IMAGES)
+    tls_dir: Path = Path(DEFAULT_TLS)
+    peer_key: Path = Path(DEFAULT_PEER_KEY)
     peers: dict[str, str] = field(default_factory=dict)
     source: Path | None = None  # the file it was read from
-
-    def vm_interface(self, ip: IPv4Address) -> IPv4Interface:
-        return IPv4Interface(f"{ip}/{self.vm_network.prefixlen}")
 
     def peer_address(self, name: str) -> str:
         """Where ``name``'s daemon listens: the inventory's word, else DNS's."""
@@ -217,22 +222,21 @@ def parse(text: str, source: Path | None = None) -> HostConfig:
             raise ValueError(f"the pool {pool} holds this host's own address {address}")
         if data.host.name in data.peers:
             raise ValueError(f"[peers] names this host, {data.host.name}, itself")
-        for key in ("dir", "peer_key"):
-            if not Path(getattr(data.tls, key)).is_absolute():
-                raise ValueError(f"tls.{key} {getattr(data.tls, key)!r} is not an absolute "
-                                 f"path")
-        dirs = {key: Path(getattr(data.paths, key)) for key in ("run", "ram", "state", "images")}
-        for key, path in dirs.items():
+        files = {f"{section}.{key}": Path(getattr(getattr(data, section), key))
+                 for section, keys in (("paths", ("run", "ram", "state", "images")),
+                                       ("tls", ("dir", "peer_key")))
+                 for key in keys}
+        for key, path in files.items():
             if not path.is_absolute():
-                raise ValueError(f"paths.{key} {str(path)!r} is not an absolute path")
+                raise ValueError(f"{key} {str(path)!r} is not an absolute path")
     except (ValueError, LivemigError) as exc:
         raise ConfigError(source, str(exc)) from exc
     return HostConfig(
         name=data.host.name, address=address, vm_network=network, vm_pool=pool,
-        port=data.host.port, bridge=data.host.bridge, run_dir=dirs["run"],
-        ram_dir=dirs["ram"], state_dir=dirs["state"], images_dir=dirs["images"],
-        tls_dir=Path(data.tls.dir), peer_key=Path(data.tls.peer_key),
-        peers=dict(data.peers), source=source)
+        port=data.host.port, bridge=data.host.bridge, run_dir=files["paths.run"],
+        ram_dir=files["paths.ram"], state_dir=files["paths.state"],
+        images_dir=files["paths.images"], tls_dir=files["tls.dir"],
+        peer_key=files["tls.peer_key"], peers=dict(data.peers), source=source)
 
 
 def load(path: Path) -> HostConfig:
@@ -285,7 +289,3 @@ def require() -> HostConfig:
         raise ConfigError(DEFAULT_PATH, "no such file: this machine is no livemig host yet "
                                         "(docs/real-hosts.md), or name a file with --config")
     return found
-
-
-__all__ = ["ConfigError", "HostConfig", "PeerUnknown", "Pool", "current",
-           "load", "parse", "require", "use"]

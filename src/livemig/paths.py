@@ -64,8 +64,10 @@ def ram_file_prefix() -> str:
 
 
 def ram_file_glob() -> str:
-    """Matches this instance's RAM files of hosts without a configuration, no other's."""
-    return ram_file_prefix() + "*.ram"
+    """Matches this instance's RAM files of hosts without a configuration (the lab's
+    tree: host names start with 'host'), and no configured host's (livemig-VM.ram): a
+    'testbed down' must never sweep away a real host's VMs in the same /dev/shm."""
+    return ram_file_prefix() + "host*"
 
 
 def run_dir() -> Path:

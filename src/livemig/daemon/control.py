@@ -71,9 +71,8 @@ async def call(host: str, request: ControlRequest, *, check_liveness: bool = Tru
     must answer a ping, or DaemonHung is raised."""
     own = config.current()
     if own is not None and host != own.name:
-        contexts = (remote.client_context(own)
-                    if (own.tls_dir / f"{own.name}.crt").is_file() else None)
-        replies = remote.call(own, remote.read_key(own.peer_key), contexts, host, request)
+        replies = remote.call(own, remote.read_key(own.peer_key), remote.client_context(own),
+                              host, request)
         async with contextlib.aclosing(replies):
             async for reply in replies:
                 yield reply

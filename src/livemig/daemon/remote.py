@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
 
 from livemig import config, keys
@@ -30,15 +30,41 @@ class HostUnreachable(LivemigError):
 
 
 def read_key(path: Path) -> bytes:
+    """The shared peer key at ``path``, which the daemon and this host's CLI both use."""
     try:
-        return path.read_bytes()
+        key = path.read_bytes()
     except OSError as exc:
-        raise LivemigError(f"cannot read the peer key {path} ({exc.strerror}); a host's "
-                           f"CLI speaks to other hosts with its daemon's key") from exc
+        raise config.ConfigError(path, f"cannot read the peer key ({exc.strerror}); every "
+                                       f"host holds the same 32 random bytes there "
+                                       f"(docs/real-hosts.md)") from exc
+    if len(key) < frames.MIN_KEY_BYTES:
+        raise config.ConfigError(path, f"the peer key holds {len(key)} bytes, fewer than "
+                                       f"the {frames.MIN_KEY_BYTES} a key needs")
+    return key
 
 
-def client_context(here: config.HostConfig) -> tls.Contexts:
-    return tls.Contexts(keys.HostFiles.in_dir(here.tls_dir, here.name))
+def client_context(here: config.HostConfig) -> tls.Contexts | None:
+    """This host's TLS identity for calling others; None where it has no TLS files
+    (daemons started --insecure-plaintext)."""
+    files = keys.HostFiles.in_dir(here.tls_dir, here.name)
+    return None if files.missing() else tls.Contexts(files)
+
+
+async def vms_of(hosts: list[str], ask: Callable[[str], Awaitable[list[messages.VMInfo]]],
+                 ) -> tuple[list[messages.VMInfo], dict[str, LivemigError | OSError]]:
+    """What ``ask`` says each host runs, all asked at once; and the hosts that did not
+    answer, with why."""
+    answers = await asyncio.gather(*(ask(h) for h in hosts), return_exceptions=True)
+    vms: list[messages.VMInfo] = []
+    silent: dict[str, LivemigError | OSError] = {}
+    for host, answer in zip(hosts, answers, strict=True):
+        if isinstance(answer, LivemigError | OSError):
+            silent[host] = answer
+        elif isinstance(answer, BaseException):
+            raise answer
+        else:
+            vms += answer
+    return vms, silent
 
 
 async def call(here: config.HostConfig, key: bytes, contexts: tls.Contexts | None, host: str,

@@ -391,25 +391,14 @@ class Daemon:
                            f"({self.config.vm_pool}) are in use; stop a VM, or give one "
                            f"with --ip")
 
-    async def _peers_vms(self) -> tuple[list[messages.VMInfo], dict[str, str]]:
-        """The VMs every peer of the inventory runs, asked at once; and the peers that
-        did not answer, with why."""
+    async def _peers_vms(self) -> tuple[list[messages.VMInfo],
+                                        dict[str, LivemigError | OSError]]:
+        """The VMs every peer of the inventory runs, and the peers that did not answer."""
 
         async def ask(peer: str) -> list[messages.VMInfo]:
             return await remote.list_vms(self.config, self.key, self.tls, peer)
 
-        peers = sorted(self.config.peers)
-        answers = await asyncio.gather(*(ask(p) for p in peers), return_exceptions=True)
-        vms: list[messages.VMInfo] = []
-        silent = {}
-        for peer, answer in zip(peers, answers, strict=True):
-            if isinstance(answer, LivemigError | OSError):
-                silent[peer] = str(answer)
-            elif isinstance(answer, BaseException):
-                raise answer
-            else:
-                vms += answer
-        return vms, silent
+        return await remote.vms_of(sorted(self.config.peers), ask)
 
     async def _start_vm(self, request: messages.StartVM) -> messages.VMDone:
         workload = Workload(request.workload)
@@ -580,19 +569,6 @@ async def _answers(path: Path) -> bool:
     return True
 
 
-def _read_key(path: Path) -> bytes:
-    try:
-        key = path.read_bytes()
-    except OSError as exc:
-        raise config.ConfigError(path, f"cannot read the peer key ({exc.strerror}); every "
-                                       f"host holds the same 32 random bytes there "
-                                       f"(docs/real-hosts.md)") from exc
-    if len(key) < frames.MIN_KEY_BYTES:
-        raise config.ConfigError(path, f"the peer key holds {len(key)} bytes, fewer than "
-                                       f"the {frames.MIN_KEY_BYTES} a key needs")
-    return key
-
-
 def check_identity(here: config.HostConfig, files: keys.HostFiles) -> None:
     """The certificate must name the host the configuration names: peers know a daemon
     by its certificate, and would otherwise take it for another host."""
@@ -618,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     here = config.load(args.config)
     config.use(here)
-    key = _read_key(here.peer_key)
+    key = remote.read_key(here.peer_key)
     files = None
     if not args.insecure_plaintext:
         files = keys.HostFiles.in_dir(here.tls_dir, here.name).require()

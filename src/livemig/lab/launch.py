@@ -62,7 +62,7 @@ def ensure_pki() -> None:
             os.chmod(tls_dir, 0o700)
             keys.issue_host(ca_dir, node.name, [str(node.ip)], out=tls_dir)
         distribute_crl(files)
-        peer_key = testbed.lab_dir(node.name) / "etc" / "peer.key"
+        peer_key = testbed.lab_etc(node.name) / "peer.key"
         if not peer_key.is_file() or peer_key.read_bytes() != key:
             fd = os.open(peer_key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "wb") as f:
@@ -71,7 +71,7 @@ def ensure_pki() -> None:
 
 def host_tls_dir(host: str) -> Path:
     """``host``'s TLS directory, as the lab writes it (the host sees /etc/livemig/tls)."""
-    return testbed.lab_dir(host) / "etc" / "tls"
+    return testbed.lab_etc(host) / "tls"
 
 
 def distribute_crl(files: keys.HostFiles) -> None:
@@ -145,11 +145,8 @@ def ensure_daemons(*, plaintext: bool = False) -> None:
         argv += ["--insecure-plaintext"] if plaintext else []
         log = paths.host_dir(node.name) / "livemigd.log"
         with log.open("ab") as out:
-            # The lab's own settings stay out: the host has its configuration.
-            env = {k: v for k, v in os.environ.items()
-                   if k not in ("LIVEMIG_RUN", "LIVEMIG_DATA", "LIVEMIG_CONFIG")}
             subprocess.run(node.exec_argv(argv), stdin=subprocess.DEVNULL, stdout=out,
-                           stderr=out, check=True, env=env)
+                           stderr=out, check=True, env=testbed.host_environment())
         started.append(node.name)
     deadline = time.monotonic() + START_TIMEOUT_S
     for host in started:

@@ -117,8 +117,20 @@ def lab_dir(host: str) -> Path:
     return paths.run_dir() / "hosts" / host
 
 
+def lab_etc(host: str) -> Path:
+    """``host``'s /etc/livemig as the lab writes it: configuration, TLS files, peer key."""
+    return lab_dir(host) / "etc"
+
+
+def host_environment() -> dict[str, str]:
+    """This process's environment less the lab's own settings: inside a host, the
+    host's configuration says where things are."""
+    return {k: v for k, v in os.environ.items()
+            if k not in ("LIVEMIG_RUN", "LIVEMIG_DATA", "LIVEMIG_CONFIG")}
+
+
 def host_config(host: str) -> config.HostConfig:
-    path = lab_dir(host) / "etc" / CONFIG_FILE
+    path = lab_etc(host) / CONFIG_FILE
     try:
         st = path.stat()
         return _config_as_of(path, st.st_ino, st.st_mtime_ns)
@@ -141,7 +153,7 @@ def host_names() -> list[str]:
     """The hosts that are up (a namespace and a configuration), in the order made."""
     names = [ns.removeprefix(paths.netns_prefix()) for ns in existing_namespaces()]
     made = [n for n in names
-            if n not in _NOT_HOSTS and (lab_dir(n) / "etc" / CONFIG_FILE).is_file()]
+            if n not in _NOT_HOSTS and (lab_etc(n) / CONFIG_FILE).is_file()]
     return sorted(made, key=lambda n: host_config(n).address)
 
 
@@ -456,7 +468,7 @@ def _bed_network(wanted: ipaddress.IPv4Network | None,
 def _write_host_config(node: Node, network: ipaddress.IPv4Network, index: int,
                        peers: list[Node]) -> None:
     """``node``'s /etc/livemig: its configuration, its peers those of the bed."""
-    etc = lab_dir(node.name) / "etc"
+    etc = lab_etc(node.name)
     etc.mkdir(parents=True, exist_ok=True)
     os.chmod(etc, 0o700)
     (lab_dir(node.name) / "state").mkdir(parents=True, exist_ok=True)

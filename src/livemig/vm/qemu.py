@@ -77,7 +77,6 @@ from livemig import config, paths
 from livemig.errors import (
     AgentError,
     GuestTimeout,
-    LivemigError,
     QEMUCrashed,
     SetupError,
     VMError,
@@ -669,54 +668,6 @@ async def _end_process(
             if _exited(record, process):
                 return
             await asyncio.sleep(0.01)
-
-
-async def stop(name: str) -> VMRecord:
-    """Stop every copy of VM ``name`` on this machine."""
-    first = find(name)
-    for record in [r for r in records() if r.spec.name == name]:
-        await VM(record)._destroy(kill_pid=record.pid)
-    return first
-
-
-async def stop_all() -> list[str]:
-    names = sorted({r.spec.name for r in records()})
-    for name in names:
-        await stop(name)
-    return names
-
-
-def describe(record: VMRecord, state: str) -> dict[str, Any]:
-    return {
-        "name": record.spec.name,
-        "host": record.host,
-        "ip": str(record.spec.ip),
-        "mac": record.spec.mac,
-        "state": state,
-        "workload": str(record.spec.workload),
-        "mem_mib": record.spec.mem_mib,
-        "pid": record.pid,
-        "ram_file": str(record.ram_file),
-    }
-
-
-async def list_vms() -> list[dict[str, Any]]:
-    """Every VM copy with its live state from QMP (``dead`` if QEMU is gone)."""
-    listed = []
-    for record in records():
-        if not record.process_alive():
-            listed.append(describe(record, "dead"))
-            continue
-        try:
-            vm = await VM.attach(record)
-        except LivemigError:
-            listed.append(describe(record, "unreachable"))
-            continue
-        try:
-            listed.append(describe(record, await vm.status()))
-        finally:
-            await vm.close()
-    return listed
 
 
 def interface_counters(name: str) -> dict[str, int]:

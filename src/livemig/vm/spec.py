@@ -23,6 +23,14 @@ from livemig.units import PAGE_SIZE as PAGE_SIZE
 _MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 
 
+def unicast_mac(text: str) -> str:
+    """``text`` as a MAC in lower case, if it is one of a single NIC; else ValueError."""
+    mac = text.lower()
+    if not _MAC.fullmatch(mac) or int(mac[:2], 16) & 1:
+        raise ValueError(f"{text!r} is no unicast MAC address (like 52:54:00:12:34:56)")
+    return mac
+
+
 def default_mac(ip: IPv4Address) -> str:
     """52:54:00 is QEMU's locally administered prefix; the rest follows the IP."""
     _, b, c, d = ip.packed
@@ -99,10 +107,7 @@ class VMSpec:
         paths.check_name(self.name, "VM name")
         if not 0 < self.prefix < 32:
             raise ValueError(f"prefix length {self.prefix} is not one of an IPv4 LAN")
-        mac = (self.mac or default_mac(self.ip)).lower()
-        if not _MAC.fullmatch(mac) or int(mac[:2], 16) & 1:
-            raise ValueError(f"{self.mac!r} is no unicast MAC address (like 52:54:00:12:34:56)")
-        object.__setattr__(self, "mac", mac)
+        object.__setattr__(self, "mac", unicast_mac(self.mac or default_mac(self.ip)))
 
     @property
     def tap(self) -> str:
